@@ -1,0 +1,178 @@
+"""Declarative model adapters: where each supported family keeps what attnflow needs.
+
+One ``Adapter`` entry per family, keyed by ``config.model_type``; dispatch never looks at
+class names. Paths are dotted attribute paths from the loaded model object; several
+candidates cover the bare model and its ``*ForCausalLM``/``*ForConditionalGeneration``
+wrapper. Attention is read at one place for every family: the call of the attention
+interface inside ``self_attn.forward`` (transformers 5.x), whose inputs are
+``(module, query, key, value, mask)`` with keys already rotated and ``scaling`` as a kwarg.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import reduce
+
+from torch import nn
+
+
+class UnsupportedModelError(ValueError):
+    """The model's family has no adapter entry."""
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Where a family keeps its decoder layers, norm, unembedding and image tokens."""
+
+    family: str
+    layers: tuple[str, ...]
+    attention: str = "self_attn"
+    final_norm: tuple[str, ...] = ()
+    unembed: tuple[str, ...] = ("lm_head",)
+    image_token_field: str | None = None
+    causal: bool = True
+    multimodal: bool = False
+    # the op inside the attention module's forward whose inputs are (module, q, k, v, mask)
+    attention_call: str = "attention_interface_1"
+    text_config: str | None = "text_config"
+    notes: str = ""
+    extra_inputs: tuple[str, ...] = field(default_factory=tuple)
+
+
+_VLM_LM = dict(
+    layers=("model.language_model.layers",),
+    final_norm=("model.language_model.norm",),
+    image_token_field="image_token_id",
+    multimodal=True,
+)
+_DECODER = dict(layers=("model.layers", "layers"), final_norm=("model.norm", "norm"), text_config=None)
+
+ADAPTERS: dict[str, Adapter] = {
+    "llava": Adapter("llava", **_VLM_LM),
+    "llava_next": Adapter("llava_next", **_VLM_LM, extra_inputs=("image_sizes",)),
+    "llava_onevision": Adapter("llava_onevision", **_VLM_LM, extra_inputs=("image_sizes",)),
+    "qwen2_vl": Adapter("qwen2_vl", **_VLM_LM, extra_inputs=("image_grid_thw", "mm_token_type_ids")),
+    "qwen2_5_vl": Adapter("qwen2_5_vl", **_VLM_LM, extra_inputs=("image_grid_thw", "mm_token_type_ids")),
+    "gemma3": Adapter("gemma3", **_VLM_LM, extra_inputs=("token_type_ids",),
+                      notes="image tokens attend bidirectionally within an image"),
+    "paligemma": Adapter("paligemma", **_VLM_LM, extra_inputs=("token_type_ids",),
+                         notes="prefix-LM: the prompt attends bidirectionally"),
+    "idefics3": Adapter("idefics3", layers=("model.text_model.layers",),
+                        final_norm=("model.text_model.norm",), image_token_field="image_token_id",
+                        multimodal=True, extra_inputs=("pixel_attention_mask",)),
+    "smolvlm": Adapter("smolvlm", layers=("model.text_model.layers",),
+                       final_norm=("model.text_model.norm",), image_token_field="image_token_id",
+                       multimodal=True, extra_inputs=("pixel_attention_mask",)),
+    "llama": Adapter("llama", **_DECODER),
+    "qwen2": Adapter("qwen2", **_DECODER),
+    "mistral": Adapter("mistral", **_DECODER),
+    "gemma": Adapter("gemma", **_DECODER),
+    "bert": Adapter("bert", layers=("bert.encoder.layer", "encoder.layer"),
+                    attention="attention.self", unembed=(), causal=False, text_config=None),
+}
+
+HOW_TO_ADD = (
+    "To add a family, add an Adapter entry to attnflow.probes.adapters.ADAPTERS keyed by its "
+    "config.model_type (decoder-layer path, attention submodule, final norm, unembedding, "
+    "image-token config field)."
+)
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter of ``model``'s family, or a clear error naming the supported ones."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ADAPTERS:
+        raise UnsupportedModelError(
+            f"attnflow does not support model_type {model_type!r}. "
+            f"Supported: {', '.join(sorted(ADAPTERS))}. {HOW_TO_ADD}"
+        )
+    return ADAPTERS[model_type]
+
+
+def _resolve(root: nn.Module, candidates: tuple[str, ...]) -> tuple[str, nn.Module] | None:
+    for path in candidates:
+        try:
+            return path, reduce(getattr, path.split("."), root)
+        except AttributeError:
+            continue
+    return None
+
+
+def layers_path(model: nn.Module) -> str:
+    """Dotted path of the decoder-layer list (a ``ModuleList``) inside ``model``."""
+    adapter = adapter_for(model)
+    found = _resolve(model, adapter.layers)
+    if found is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} ({adapter.family}) has none of the layer paths "
+            f"{adapter.layers}; is it a headless or unusual wrapper?")
+    return found[0]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's decoder (or encoder) layers, in execution order."""
+    return reduce(getattr, layers_path(model).split("."), model)
+
+
+def final_norm(model: nn.Module) -> nn.Module | None:
+    """The norm applied after the last layer (None for post-norm encoders)."""
+    found = _resolve(model, adapter_for(model).final_norm)
+    return None if found is None else found[1]
+
+
+def unembedding(model: nn.Module) -> nn.Module | None:
+    """The output projection to the vocabulary, when the model has one."""
+    found = _resolve(model, adapter_for(model).unembed)
+    return None if found is None else found[1]
+
+
+def text_config(model: nn.Module):
+    """The config of the language model (the top config for text-only models)."""
+    cfg = model.config
+    name = adapter_for(model).text_config
+    return getattr(cfg, name, cfg) if name else cfg
+
+
+def image_token_id(model: nn.Module) -> int | None:
+    """The id of the image placeholder token, None for text-only families."""
+    field_name = adapter_for(model).image_token_field
+    return None if field_name is None else int(getattr(model.config, field_name))
+
+
+def dims(model: nn.Module) -> dict[str, int]:
+    """Layer, head and width counts of the language model."""
+    tc = text_config(model)
+    heads = int(tc.num_attention_heads)
+    return {
+        "num_layers": len(decoder_layers(model)),
+        "num_heads": heads,
+        "num_kv_heads": int(getattr(tc, "num_key_value_heads", None) or heads),
+        "hidden_size": int(tc.hidden_size),
+        "intermediate_size": int(getattr(tc, "intermediate_size", 4 * tc.hidden_size)),
+    }
+
+
+_VOLATILE = ("_name_or_path", "transformers_version", "_attn_implementation_autoset",
+             "_attn_implementation", "attn_implementation", "torch_dtype", "dtype",
+             "_commit_hash", "architectures")
+
+
+def _stable(obj):
+    if isinstance(obj, dict):
+        return {k: _stable(v) for k, v in obj.items() if k not in _VOLATILE}
+    return obj
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 of the model's config JSON (backend and dtype excluded): what a Trace or
+    Schedule was made for."""
+    blob = json.dumps(_stable(model.config.to_dict()), sort_keys=True, default=str).encode()
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+def attn_implementation(model: nn.Module) -> str:
+    """The attention backend the language model runs (eager, sdpa, flash_attention_2...)."""
+    return str(getattr(text_config(model), "_attn_implementation", None)
+               or getattr(model.config, "_attn_implementation", "eager"))
