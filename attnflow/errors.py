@@ -1,0 +1,8 @@
+"""The errors attnflow raises for bad input; the CLI prints them as one line."""
+
+from attnflow.models import ModelSpecError
+from attnflow.probes.adapters import UnsupportedModelError
+from attnflow.probes.inputs import InputError
+from attnflow.probes.io import TraceError
+
+USER_ERRORS: tuple[type[Exception], ...] = (ModelSpecError, UnsupportedModelError, InputError, TraceError)

@@ -1,0 +1,81 @@
+"""Load a model and its processor from a local path, or one of the bundled toys by name.
+
+``toy-vlm`` is the trained toy VLM shipped in data/; ``toy-<family>`` is a tiny random model
+of that family, saved once to a cache folder. Both then go through the same real
+``from_pretrained(path)`` code a user's checkpoint goes through. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText,
+                          AutoProcessor, AutoTokenizer)
+
+from attnflow.probes.adapters import ADAPTERS, HOW_TO_ADD, UnsupportedModelError
+
+
+class ModelSpecError(ValueError):
+    """The model spec names nothing attnflow can load."""
+
+
+def resolve(spec: str) -> Path:
+    """The local folder a model spec stands for."""
+    if spec == "toy-vlm":
+        path = Path(str(resources.files("attnflow.data") / "toy-vlm"))
+        if not (path / "config.json").is_file():
+            raise ModelSpecError(f"the bundled toy VLM is missing from {path}; rebuild it with `make toy-vlm`")
+        return path
+    if spec.startswith("toy-"):
+        from attnflow.toys import tiny
+        family = spec[len("toy-"):]
+        if family not in tiny.FAMILIES:
+            raise ModelSpecError(f"unknown toy {spec!r}; toys: toy-vlm, "
+                                 + ", ".join(f"toy-{f}" for f in tiny.FAMILIES))
+        return tiny.cached(family)
+    path = Path(spec)
+    if not (path / "config.json").is_file():
+        raise ModelSpecError(f"{spec!r} is neither a toy name (toy-vlm, toy-<family>) nor a local "
+                             "model folder with a config.json (nothing is downloaded)")
+    return path
+
+
+def load_model(spec: str | Path, *, attn_implementation: str | None = None,
+               dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, Any]:
+    """(model in eval mode, processor or tokenizer) for a local folder or a toy name."""
+    path = resolve(str(spec))
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if config.model_type not in ADAPTERS:
+        raise UnsupportedModelError(f"{path}: model_type {config.model_type!r} is not supported. "
+                                    f"Supported: {', '.join(sorted(ADAPTERS))}. {HOW_TO_ADD}")
+    adapter = ADAPTERS[config.model_type]
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if adapter.multimodal:
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    else:
+        auto = AutoModelForCausalLM if adapter.causal else AutoModel
+        model = auto.from_pretrained(path, **kwargs)
+        processor = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model.config._name_or_path = str(spec)
+    return model.eval(), processor
+
+
+def default_inputs(spec: str) -> Path:
+    """The inputs that go with a bundled model: the toy VLM's held-out set, or a toy's samples."""
+    if spec == "toy-vlm":
+        path = Path(str(resources.files("attnflow.data") / "toy-vqa" / "heldout.jsonl"))
+        if not path.is_file():
+            raise ModelSpecError(f"the bundled held-out set is missing from {path}")
+        return path
+    if spec.startswith("toy-"):
+        from attnflow.toys import tiny
+        return tiny.sample_inputs_file(spec[len("toy-"):])
+    raise ModelSpecError(f"--inputs is required for {spec!r} (only bundled models have default inputs)")

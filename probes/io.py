@@ -1,0 +1,49 @@
+"""Save and load Traces as netCDF (h5netcdf), atomically and with schema checks."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import xarray as xr
+
+from attnflow.probes.schema import SCHEMA_VERSION
+
+
+class TraceError(ValueError):
+    """A file is not a readable attnflow trace of the current schema."""
+
+
+def save_trace(trace: xr.Dataset, path: str | Path) -> Path:
+    """Write ``trace`` to ``path`` (.nc): a temp file in the same folder, then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".nc.tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        trace.to_netcdf(tmp, engine="h5netcdf")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_trace(path: str | Path) -> xr.Dataset:
+    """Read a trace fully into memory; a corrupt file or another schema is a TraceError."""
+    path = Path(path)
+    if not path.is_file():
+        raise TraceError(f"trace file {str(path)!r} does not exist")
+    try:
+        with xr.open_dataset(path, engine="h5netcdf") as ds:
+            trace = ds.load()
+    except Exception as exc:  # h5py/netCDF raise many types for a damaged file
+        raise TraceError(f"{str(path)!r} is not a readable attnflow trace (.nc): {exc}") from exc
+    version = trace.attrs.get("attnflow_trace")
+    if version is None:
+        raise TraceError(f"{str(path)!r} is a netCDF file but not an attnflow trace (no 'attnflow_trace' attr)")
+    if int(version) != SCHEMA_VERSION:
+        raise TraceError(f"{str(path)!r} uses trace schema {version}; this attnflow reads schema "
+                         f"{SCHEMA_VERSION}: record it again")
+    return trace

@@ -1,0 +1,253 @@
+"""record(): run a model on inputs under nnsight and reduce attention and residual
+statistics inside the trace into a Trace (see attnflow.probes.schema for the contract)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import nnsight
+import numpy as np
+import torch
+import xarray as xr
+from torch import nn
+from tqdm.auto import tqdm
+
+import attnflow
+from attnflow.probes import adapters
+from attnflow.probes.inputs import Example, as_examples, encode, file_sha256
+from attnflow.probes.schema import GROUPS, SCHEMA_VERSION
+from attnflow.probes.spans import Spans, token_spans
+from attnflow.probes.stats import Layout, attention_stats, hidden_stats
+
+HEAD_VARS = ("received", "last_row", "entropy")
+POS_VARS = ("uniform", "n_seen", "update_cos", "norm", "max_abs", "argmax_dim", "median_abs", "rms")
+
+
+def _submodule(envoy: Any, dotted: str) -> Any:
+    for name in dotted.split("."):
+        envoy = getattr(envoy, name)
+    return envoy
+
+
+def _bos_ids(processor: Any) -> set[int]:
+    tok = getattr(processor, "tokenizer", processor)
+    return {i for i in (getattr(tok, "bos_token_id", None), getattr(tok, "cls_token_id", None)) if i is not None}
+
+
+def _base_side(model: nn.Module) -> int | None:
+    vc = getattr(model.config, "vision_config", None)
+    size, patch = getattr(vc, "image_size", None), getattr(vc, "patch_size", None)
+    return int(size) // int(patch) if isinstance(size, int) and isinstance(patch, int) else None
+
+
+def _n_answer(processor: Any, examples: list[Example], with_answer: bool) -> list[int] | None:
+    if not with_answer:
+        return None
+    tok = getattr(processor, "tokenizer", processor)
+    return [len(tok(ex.answer, add_special_tokens=False)["input_ids"]) if ex.answer else 0 for ex in examples]
+
+
+def _trace_batch(nm: nnsight.NNsight, model: nn.Module, batch: dict, layout: Layout, *,
+                 level: str, full_layers: set[int], chunk: int, rank_max_tokens: int) -> list[dict]:
+    """One nnsight trace of one batch; returns per-layer dicts of reduced tensors."""
+    adapter = adapters.adapter_for(model)
+    eager = adapters.attn_implementation(model) == "eager"
+    envoys = _submodule(nm, adapters.layers_path(model))
+    results: list[dict] = []
+    with torch.no_grad(), nm.trace(**batch):
+        for i, layer in enumerate(envoys):
+            h_in = layer.inputs[0][0]
+            call = _submodule(layer, adapter.attention).source.attention_interface_1
+            args, kwargs = call.inputs
+            _, q, k, _, mask = args[:5]
+            weights = call.output[1] if eager else None
+            stats = attention_stats(
+                layout, weights=weights, q=None if eager else q, k=None if eager else k,
+                mask=mask, scaling=kwargs.get("scaling"), softcap=kwargs.get("softcap"),
+                chunk=chunk, keep_full=level == "full" and i in full_layers,
+                rank_max_tokens=rank_max_tokens)
+            out = layer.output
+            h_out = out[0] if isinstance(out, tuple) else out
+            stats.update(hidden_stats(h_in, h_out))
+            rows = torch.arange(h_in.shape[0], device=h_in.device)
+            stats["resid_in_last"] = h_in[rows, layout.last].float()
+            stats["resid_out_last"] = h_out[rows, layout.last].float()
+            results.append(nnsight.save({k_: v.detach().cpu() for k_, v in stats.items()}))
+    return results
+
+
+def _left_align(x: np.ndarray, real: np.ndarray, T: int, fill: Any) -> np.ndarray:
+    """Move each sample's real positions (last axis) to the front, padded to length T."""
+    out = np.full(x.shape[:-1] + (T,), fill, dtype=x.dtype)
+    for b in range(x.shape[0]):
+        idx = np.flatnonzero(real[b])
+        out[b, ..., : idx.size] = np.take(x[b], idx, axis=-1)
+    return out
+
+
+def _batch_dataset(per_layer: list[dict], spans: Spans, ids: np.ndarray, real: np.ndarray,
+                   tokens: list[list[str]], full_layers: list[int]) -> dict[str, np.ndarray]:
+    """Stack one batch's per-layer tensors into [B, L, ...] numpy arrays, positions left-aligned."""
+    T = int(real.sum(1).max())
+    arrays: dict[str, np.ndarray] = {}
+    for name in HEAD_VARS:  # [B, H, T] per layer -> [B, L, H, T]
+        arrays[name] = _left_align(np.stack([r[name].numpy() for r in per_layer], 1), real, T, np.nan)
+    for name in POS_VARS:
+        stacked = np.stack([r[name].numpy() for r in per_layer], 1)  # [B, L, T]
+        arrays[name] = _left_align(stacked, real, T, np.nan)
+    arrays["flow"] = np.stack([r["flow"].numpy() for r in per_layer], 1)
+    arrays["arank"] = np.stack([r["arank"].numpy() for r in per_layer], 1)
+    ins = np.stack([per_layer[0]["resid_in_last"].numpy()] + [r["resid_out_last"].numpy() for r in per_layer], 1)
+    arrays["resid_last"] = ins
+    if full_layers:
+        full = np.stack([per_layer[i]["attn"].numpy() for i in full_layers], 1)  # [B, Lf, H, T, T]
+        full = _left_align(full, real, T, np.nan)
+        arrays["attn"] = np.moveaxis(_left_align(np.moveaxis(full, -1, -2), real, T, np.nan), -1, -2)
+    arrays["modality"] = _left_align(spans.modality, real, T, "pad")
+    arrays["image"] = _left_align(spans.image, real, T, -1)
+    arrays["patch_row"] = _left_align(spans.patch_row, real, T, -1)
+    arrays["patch_col"] = _left_align(spans.patch_col, real, T, -1)
+    arrays["token_id"] = _left_align(ids, real, T, -1)
+    tok = np.array([t + [""] * (ids.shape[1] - len(t)) for t in tokens], dtype=object)
+    arrays["token"] = _left_align(tok, real, T, "")
+    arrays["length"] = real.sum(1)
+    return arrays
+
+
+def _pad_to(x: np.ndarray, T: int, axes: tuple[int, ...], fill: Any) -> np.ndarray:
+    widths = [(0, 0)] * x.ndim
+    for a in axes:
+        widths[a] = (0, T - x.shape[a])
+    if x.dtype == object:
+        out = np.full([s + w[1] for s, w in zip(x.shape, widths)], fill, dtype=object)
+        out[tuple(slice(0, s) for s in x.shape)] = x
+        return out
+    return np.pad(x, widths, constant_values=fill)
+
+
+def _fill(x: np.ndarray) -> Any:
+    if x.dtype == object:
+        return "pad" if x.ndim == 2 else ""
+    return np.nan if np.issubdtype(x.dtype, np.floating) else -1
+
+
+def record(
+    model: nn.Module,
+    inputs: str | Path | Iterable[Example | dict],
+    *,
+    processor: Any,
+    level: str = "summary",
+    layers: Iterable[int] | None = None,
+    batch_size: int = 8,
+    with_answer: bool = False,
+    chunk: int = 256,
+    rank_max_tokens: int = 512,
+    progress: bool = True,
+    model_path: str = "",
+) -> xr.Dataset:
+    """Record per-layer, per-head attention and residual statistics of ``model`` on ``inputs``.
+
+    ``level="summary"`` keeps O(L·H·n) numbers per sample, reduced inside the trace;
+    ``level="full"`` also keeps the n×n attention maps of ``layers`` (default: all).
+    Works with eager attention (reads the returned weights) and with SDPA/FlashAttention
+    (recomputes attention rows from q and k in chunks of ``chunk`` queries).
+    """
+    if level not in ("summary", "full"):
+        raise ValueError(f"level must be 'summary' or 'full', not {level!r}")
+    adapter = adapters.adapter_for(model)
+    examples = as_examples(inputs)
+    dims = adapters.dims(model)
+    L = dims["num_layers"]
+    full_layers = sorted(set(range(L) if layers is None else layers)) if level == "full" else []
+    bad = [i for i in full_layers if not 0 <= i < L]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: the model has {L} layers (0..{L - 1})")
+    nm = nnsight.NNsight(model)
+    tok = getattr(processor, "tokenizer", processor)
+    device = next(model.parameters()).device
+    chunks: list[dict[str, np.ndarray]] = []
+    starts = range(0, len(examples), batch_size)
+    for s in tqdm(starts, desc="record", unit="batch", disable=not progress):
+        group = examples[s:s + batch_size]
+        batch = encode(processor, group, with_answer=with_answer)
+        ids, am = batch["input_ids"], batch.get("attention_mask")
+        if am is None:
+            am = torch.ones_like(ids)
+            batch["attention_mask"] = am
+        spans = token_spans(
+            ids, am, image_token_id=adapters.image_token_id(model), bos_ids=_bos_ids(processor),
+            n_images=[len(ex.images) for ex in group], grid_thw=batch.get("image_grid_thw"),
+            merge_size=int(getattr(getattr(model.config, "vision_config", None), "spatial_merge_size", 1) or 1),
+            base_side=_base_side(model), n_answer=_n_answer(processor, group, with_answer))
+        real = am.bool()
+        positions = torch.arange(ids.shape[1]).expand_as(ids)
+        layout = Layout(valid=real.to(device), group=torch.as_tensor(spans.group_index()).to(device),
+                        last=torch.where(real, positions, -1).max(1).values.to(device),
+                        n_groups=len(GROUPS), causal=adapter.causal)
+        per_layer = _trace_batch(nm, model, {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()},
+                                 layout, level=level, full_layers=set(full_layers), chunk=chunk,
+                                 rank_max_tokens=rank_max_tokens)
+        tokens = [tok.convert_ids_to_tokens(row) for row in ids.tolist()]
+        chunks.append(_batch_dataset(per_layer, spans, ids.numpy(), real.numpy(), tokens, full_layers))
+    return _dataset(chunks, examples, model, processor, dims, level, full_layers, model_path, inputs)
+
+
+def _dataset(chunks, examples, model, processor, dims, level, full_layers, model_path, inputs) -> xr.Dataset:
+    T = max(int(c["length"].max()) for c in chunks)
+    pos_axes = {"received": (3,), "last_row": (3,), "entropy": (3,), "attn": (4, 5), "modality": (1,),
+                "image": (1,), "patch_row": (1,), "patch_col": (1,), "token_id": (1,), "token": (1,)}
+    pos_axes.update({n: (2,) for n in POS_VARS})
+    cat = {}
+    for name in chunks[0]:
+        parts = [c[name] for c in chunks]
+        if name in pos_axes:
+            parts = [_pad_to(p, T, pos_axes[name], _fill(p)) for p in parts]
+        cat[name] = np.concatenate(parts, 0)
+    sp = ("sample", "pos")
+    data_vars = {
+        "received": (("sample", "layer", "head", "pos"), cat["received"].astype(np.float32)),
+        "last_row": (("sample", "layer", "head", "pos"), cat["last_row"].astype(np.float32)),
+        "entropy": (("sample", "layer", "head", "pos"), cat["entropy"].astype(np.float32)),
+        "flow": (("sample", "layer", "head", "src", "dst"), cat["flow"].astype(np.float32)),
+        "arank": (("sample", "layer", "head"), cat["arank"].astype(np.float32)),
+        "resid_last": (("sample", "depth", "hidden"), cat["resid_last"].astype(np.float32)),
+    }
+    for name in POS_VARS:
+        data_vars[name] = (("sample", "layer", "pos"), cat[name].astype(np.float32))
+    if "attn" in cat:
+        data_vars["attn"] = (("sample", "layer_full", "head", "q", "k"), cat["attn"].astype(np.float32))
+    coords = {
+        "modality": (sp, cat["modality"].astype(str)),
+        "token": (sp, cat["token"].astype(str)),
+        "token_id": (sp, cat["token_id"].astype(np.int64)),
+        "image": (sp, cat["image"].astype(np.int64)),
+        "patch_row": (sp, cat["patch_row"].astype(np.int64)),
+        "patch_col": (sp, cat["patch_col"].astype(np.int64)),
+        "length": ("sample", cat["length"].astype(np.int64)),
+        "answer": ("sample", np.array([ex.answer or "" for ex in examples], dtype=str)),
+        "qtype": ("sample", np.array([ex.qtype or "" for ex in examples], dtype=str)),
+        "prompt": ("sample", np.array([ex.prompt for ex in examples], dtype=str)),
+        "sample": np.arange(len(examples)), "layer": np.arange(dims["num_layers"]),
+        "head": np.arange(dims["num_heads"]), "pos": np.arange(T), "src": list(GROUPS), "dst": list(GROUPS),
+        "depth": np.arange(dims["num_layers"] + 1),
+    }
+    if full_layers:
+        coords["layer_full"] = np.array(full_layers)
+    attrs = {
+        "attnflow_trace": SCHEMA_VERSION,
+        "model_path": str(model_path or getattr(model.config, "_name_or_path", "")),
+        "model_type": str(model.config.model_type),
+        **{k: int(v) for k, v in dims.items()},
+        "attn_implementation": adapters.attn_implementation(model),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "fingerprint": adapters.fingerprint(model),
+        "attnflow_version": attnflow.__version__,
+        "level": level,
+        "causal": int(adapters.adapter_for(model).causal),
+        "layers_full": json.dumps(full_layers),
+        "inputs_path": str(inputs) if isinstance(inputs, (str, Path)) else "",
+        "inputs_sha256": file_sha256(inputs) if isinstance(inputs, (str, Path)) else "",
+    }
+    return xr.Dataset(data_vars, coords=coords, attrs=attrs)

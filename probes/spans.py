@@ -1,0 +1,120 @@
+"""Token spans: each position's modality and, for visual tokens, its image and patch cell.
+
+Everything is derived from the input ids, the attention mask and the adapter's image-token
+id; nothing assumes an offset or a fixed token count. Rules, per sample:
+
+- ``pad``: attention_mask == 0.
+- ``bos``: the first real token when it is the tokenizer's BOS or CLS token.
+- ``visual``: the image placeholder id (after the processor expanded it).
+- ``system``: real tokens before the first visual token; ``text``: the rest.
+- ``answer``: the last ``n_answer`` real tokens when the answer was appended.
+
+Patch cells: Qwen-style ``image_grid_thw`` gives (rows, cols) per image; otherwise a
+contiguous run of n visual tokens is a square grid (n = s²), a CLS token plus a square grid
+(n = 1 + s²), or a square base grid of the vision tower's size followed by extra tiles
+(LLaVA-NeXT: only the base grid gets cells). Runs are grouped into images when an image
+expands to several runs (Idefics3 tiles).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from attnflow.probes.schema import GROUPS, NO_PATCH
+
+
+@dataclass
+class Spans:
+    """Per (sample, position) labels of one padded batch, as numpy arrays."""
+
+    modality: np.ndarray  # [B, T] str
+    image: np.ndarray  # [B, T] int, -1 if not visual
+    patch_row: np.ndarray
+    patch_col: np.ndarray
+
+    def group_index(self) -> np.ndarray:
+        """Index into GROUPS per position, -1 for pad."""
+        lookup = {g: i for i, g in enumerate(GROUPS)}
+        return np.vectorize(lambda m: lookup.get(m, -1), otypes=[np.int64])(self.modality)
+
+
+def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """Contiguous True runs as (start, length)."""
+    runs, start = [], None
+    for i, f in enumerate(flags.tolist() + [False]):
+        if f and start is None:
+            start = i
+        elif not f and start is not None:
+            runs.append((start, i - start))
+            start = None
+    return runs
+
+
+def _square_cells(n: int, base_side: int | None) -> list[tuple[int, int]]:
+    side = math.isqrt(n)
+    if side * side == n:
+        return [(j // side, j % side) for j in range(n)]
+    side = math.isqrt(n - 1)
+    if n > 1 and side * side == n - 1:
+        return [(NO_PATCH, NO_PATCH)] + [(j // side, j % side) for j in range(n - 1)]
+    if base_side and n > base_side * base_side:
+        base = base_side * base_side
+        return [(j // base_side, j % base_side) for j in range(base)] + [(NO_PATCH, NO_PATCH)] * (n - base)
+    return [(NO_PATCH, NO_PATCH)] * n
+
+
+def token_spans(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    image_token_id: int | None,
+    bos_ids: set[int],
+    n_images: list[int] | None = None,
+    grid_thw: torch.Tensor | None = None,
+    merge_size: int = 1,
+    base_side: int | None = None,
+    n_answer: list[int] | None = None,
+) -> Spans:
+    """Label every position of a padded batch (see the module docstring for the rules)."""
+    ids = input_ids.cpu().numpy()
+    B, T = ids.shape
+    real = np.ones_like(ids, dtype=bool) if attention_mask is None else attention_mask.cpu().numpy().astype(bool)
+    modality = np.full((B, T), "pad", dtype=object)
+    image = np.full((B, T), -1, dtype=np.int64)
+    rows = np.full((B, T), NO_PATCH, dtype=np.int64)
+    cols = np.full((B, T), NO_PATCH, dtype=np.int64)
+    grids = [] if grid_thw is None else [tuple(int(v) for v in g) for g in grid_thw.tolist()]
+    grid_cursor = 0
+    for b in range(B):
+        pos = np.flatnonzero(real[b])
+        if pos.size == 0:
+            continue
+        visual = real[b] & (ids[b] == image_token_id) if image_token_id is not None else np.zeros(T, bool)
+        modality[b, pos] = "text"
+        vis_pos = np.flatnonzero(visual)
+        if vis_pos.size:
+            modality[b, pos[pos < vis_pos[0]]] = "system"
+        if ids[b, pos[0]] in bos_ids:
+            modality[b, pos[0]] = "bos"
+        if n_answer is not None and n_answer[b]:
+            modality[b, pos[-n_answer[b]:]] = "answer"
+        runs = _runs(visual)
+        k = n_images[b] if n_images else len(runs)
+        per_image = len(runs) // k if k and len(runs) % k == 0 else 1
+        for r, (start, length) in enumerate(runs):
+            modality[b, start:start + length] = "visual"
+            image[b, start:start + length] = r // per_image
+            if grids and grid_cursor < len(grids):
+                t, h, w = grids[grid_cursor]
+                grid_cursor += 1
+                h, w = h // merge_size, w // merge_size
+                cells = [((j // w) % h, j % w) for j in range(length)]
+            else:
+                cells = _square_cells(length, base_side)
+            rows[b, start:start + length] = [c[0] for c in cells]
+            cols[b, start:start + length] = [c[1] for c in cells]
+    return Spans(modality, image, rows, cols)

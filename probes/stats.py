@@ -1,0 +1,147 @@
+"""Statistics reduced inside the trace, so that no n×n attention map outlives one layer.
+
+``attention_stats`` takes a layer's attention either as the weights an eager model returned
+or as (q, k, mask, scaling) to recompute under SDPA/FlashAttention, in query chunks with GQA
+expanded; both paths feed the same reduction. ``hidden_stats`` reduces a layer's residual
+input and output. All outputs are float32 tensors on the model's device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+
+@dataclass
+class Layout:
+    """Per-batch facts the reductions need: which positions are real and their groups."""
+
+    valid: torch.Tensor  # [B, T] bool, non-pad
+    group: torch.Tensor  # [B, T] long, index into GROUPS, -1 for pad
+    last: torch.Tensor  # [B] long, last non-pad position
+    n_groups: int
+    causal: bool
+
+
+def visibility(mask: torch.Tensor | None, layout: Layout, T: int) -> torch.Tensor:
+    """Bool [B, 1|H, T, T]: may query q attend to key k (as the model itself decides)."""
+    if mask is None:
+        vis = torch.ones(T, T, dtype=torch.bool, device=layout.valid.device)
+        if layout.causal:
+            vis = vis.tril()
+        vis = vis[None, None] & layout.valid[:, None, None, :]
+    elif mask.dtype == torch.bool:
+        vis = mask[..., -T:]
+    else:
+        vis = mask[..., -T:] > torch.finfo(mask.dtype).min / 2
+    return vis & layout.valid[:, None, :, None]
+
+
+def _chunks(T: int, size: int) -> Iterator[slice]:
+    for start in range(0, T, size):
+        yield slice(start, min(T, start + size))
+
+
+def _recomputed(q, k, vis, scaling: float, softcap: float | None, rows: slice) -> torch.Tensor:
+    scores = (q[:, :, rows].float() @ k.float().transpose(-1, -2)) * scaling
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~vis[:, :, rows], float("-inf"))
+    return scores.softmax(-1).nan_to_num(0.0)
+
+
+def attention_stats(
+    layout: Layout,
+    *,
+    weights: torch.Tensor | None = None,
+    q: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    chunk: int = 256,
+    keep_full: bool = False,
+    rank_max_tokens: int = 512,
+) -> dict[str, torch.Tensor]:
+    """received, uniform, n_seen, last_row, flow, entropy, arank (and attn if keep_full).
+
+    Give ``weights`` [B,H,T,T] (eager) or ``q`` [B,H,T,d], ``k`` [B,Hkv,T,d], ``mask``,
+    ``scaling`` (recomputed per query chunk, memory O(B·H·chunk·T)).
+    """
+    ref = weights if weights is not None else q
+    B, H, T = ref.shape[0], ref.shape[1], ref.shape[2]
+    if weights is None:
+        k = k.repeat_interleave(H // k.shape[1], dim=1)
+        scaling = q.shape[-1] ** -0.5 if scaling is None else scaling
+    vis = visibility(mask, layout, T)
+    validf = layout.valid.float()
+    onehot = torch.nn.functional.one_hot(layout.group.clamp(min=0), layout.n_groups).float()
+    onehot = onehot * validf[..., None]  # [B, T, G]
+    recv = torch.zeros(B, H, T, device=ref.device)
+    flow = torch.zeros(B, H, layout.n_groups, layout.n_groups, device=ref.device)
+    entropy = torch.zeros(B, H, T, device=ref.device)
+    last_row = torch.zeros(B, H, T, device=ref.device)
+    full = [] if keep_full or T <= rank_max_tokens else None
+    for rows in _chunks(T, chunk):
+        if weights is not None:
+            a = weights[:, :, rows].float().masked_fill(~vis[:, :, rows], 0.0)
+        else:
+            a = _recomputed(q, k, vis, scaling, softcap, rows)
+        a = a * validf[:, None, rows, None]
+        recv += a.sum(2)
+        mass = a @ onehot[:, None]  # [B, H, c, G]: attention each query pays to each group
+        flow += onehot[:, None, rows].transpose(-1, -2) @ mass
+        entropy[:, :, rows] = -(a * a.clamp_min(1e-30).log()).sum(-1)
+        hit = (layout.last >= rows.start) & (layout.last < rows.stop)
+        for b in torch.nonzero(hit).flatten().tolist():
+            last_row[b] = a[b, :, int(layout.last[b]) - rows.start]
+        if full is not None:
+            full.append(a)
+    visf = vis.float()  # [B, 1|H, T, T]
+    n_seen = visf.sum(2)[:, 0]  # [B, T]
+    row_count = visf.sum(3, keepdim=True).clamp_min(1)
+    uniform = (visf / row_count).sum(2)[:, 0] / n_seen.clamp_min(1)
+    n_src = onehot.sum(1)  # [B, G]
+    out = {
+        "received": recv / n_seen[:, None].clamp_min(1),
+        "uniform": uniform,
+        "n_seen": n_seen,
+        "last_row": last_row,
+        "flow": flow / n_src[:, None, :, None].clamp_min(1),
+        "entropy": entropy,
+    }
+    out["flow"] = out["flow"].masked_fill(n_src[:, None, :, None] == 0, float("nan"))
+    out["arank"] = _arank(torch.cat(full, 2), layout) if full is not None and T <= rank_max_tokens \
+        else torch.full((B, H), float("nan"), device=ref.device)
+    if keep_full:
+        out["attn"] = torch.cat(full, 2)
+    return out
+
+
+def _arank(a: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """γ-MoD ARank: numerical rank of each head's map over real tokens, diagonal zeroed."""
+    B, H = a.shape[:2]
+    out = torch.empty(B, H, device=a.device)
+    for b in range(B):
+        idx = torch.nonzero(layout.valid[b]).flatten()
+        sub = a[b][:, idx][:, :, idx].clone()
+        sub.diagonal(dim1=-2, dim2=-1).zero_()
+        out[b] = torch.linalg.matrix_rank(sub.double()).float()
+    return out
+
+
+def hidden_stats(h_in: torch.Tensor, h_out: torch.Tensor) -> dict[str, torch.Tensor]:
+    """update_cos of each token's residual update; norm, max|x|, its dim, median|x|, rms of the output."""
+    x = h_out.float()
+    ax = x.abs()
+    top = ax.max(-1)
+    return {
+        "update_cos": torch.nn.functional.cosine_similarity(h_in.float(), x, dim=-1),
+        "norm": x.norm(dim=-1),
+        "max_abs": top.values,
+        "argmax_dim": top.indices.float(),
+        "median_abs": ax.median(-1).values,
+        "rms": x.pow(2).mean(-1).sqrt(),
+    }
