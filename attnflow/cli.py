@@ -11,7 +11,19 @@ from rich.console import Console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="How attention flows through vision-language transformers, and faster models from it.")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
+
+
+@app.callback()
+def main() -> None:
+    """attnflow: record -> analyze -> schedule -> verify -> report, or all at once with `run`."""
+    import warnings
+
+    import transformers
+
+    warnings.filterwarnings("ignore", category=UserWarning, module="nnsight")
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
 
 
 def friendly(fn: Callable) -> Callable:

@@ -7,11 +7,13 @@ of that family, saved once to a cache folder. Both then go through the same real
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText,
                           AutoProcessor, AutoTokenizer)
 
@@ -61,7 +63,9 @@ def load_model(spec: str | Path, *, attn_implementation: str | None = None,
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     else:
-        auto = AutoModelForCausalLM if adapter.causal else AutoModel
+        arch = (config.architectures or [None])[0]
+        auto = getattr(transformers, arch, None) if arch else None
+        auto = auto or (AutoModelForCausalLM if adapter.causal else AutoModel)
         model = auto.from_pretrained(path, **kwargs)
         processor = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model.config._name_or_path = str(spec)
@@ -76,6 +80,25 @@ def default_inputs(spec: str) -> Path:
             raise ModelSpecError(f"the bundled held-out set is missing from {path}")
         return path
     if spec.startswith("toy-"):
-        from attnflow.toys import tiny
-        return tiny.sample_inputs_file(spec[len("toy-"):])
+        return _toy_inputs(resolve(spec))
     raise ModelSpecError(f"--inputs is required for {spec!r} (only bundled models have default inputs)")
+
+
+def _toy_inputs(folder: Path) -> Path:
+    """Write a tiny toy's sample prompts (and their images as PNG) as JSONL beside it, once."""
+    from attnflow.toys import tiny
+    from attnflow.toys.atomic import atomic_dir
+
+    family = folder.name.rsplit("-seed", 1)[0]
+    target = folder / "inputs"
+    if not (target / "inputs.jsonl").is_file():
+        with atomic_dir(target) as tmp:
+            lines = []
+            for i, ex in enumerate(tiny.sample_prompts(family)):
+                names = []
+                for j, image in enumerate(ex["images"]):
+                    names.append(f"{i}-{j}.png")
+                    image.save(tmp / names[-1])
+                lines.append(json.dumps({"prompt": ex["prompt"], "images": names}))
+            (tmp / "inputs.jsonl").write_text("\n".join(lines) + "\n")
+    return target / "inputs.jsonl"

@@ -196,7 +196,7 @@ def record(
 
 def _dataset(chunks, examples, model, processor, dims, level, full_layers, model_path, inputs) -> xr.Dataset:
     T = max(int(c["length"].max()) for c in chunks)
-    pos_axes = {"received": (3,), "last_row": (3,), "entropy": (3,), "attn": (4, 5), "modality": (1,),
+    pos_axes = {"received": (3,), "last_row": (3,), "entropy": (3,), "attn": (3, 4), "modality": (1,),
                 "image": (1,), "patch_row": (1,), "patch_col": (1,), "token_id": (1,), "token": (1,)}
     pos_axes.update({n: (2,) for n in POS_VARS})
     cat = {}

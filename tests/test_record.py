@@ -1,0 +1,95 @@
+"""record() against independent oracles: HF eager ``output_attentions`` for every family
+(recorded under SDPA and under eager, batched with padding), and TransformerLens."""
+
+import numpy as np
+import pytest
+import torch
+
+from attnflow.probes.inputs import encode, as_examples
+from attnflow.probes.record import record
+from attnflow.probes.schema import GROUPS
+from attnflow.toys import tiny
+
+TOL = 1e-5
+
+
+def _oracle(model, processor, example):
+    """Statistics of one unpadded sample computed from HF's eager attention maps."""
+    batch = encode(processor, as_examples([example]))
+    with torch.no_grad():
+        out = model(**batch, output_attentions=True, output_hidden_states=True)
+    return batch, [a[0].double() for a in out.attentions], out.hidden_states
+
+
+def _check_sample(trace, i, attns, groups):
+    T = len(groups)
+    assert int(trace.length[i]) == T
+    onehot = np.eye(len(GROUPS))[groups]  # [T, G]
+    for layer, A in enumerate(attns):
+        A = A.numpy()
+        vis = A > 0  # what the model let each query see, read off its own output
+        recv = (A * vis).sum(1) / vis.sum(1)
+        np.testing.assert_allclose(trace.received.values[i, layer, :, :T], recv, atol=TOL)
+        np.testing.assert_allclose(trace.last_row.values[i, layer, :, :T], A[:, -1], atol=TOL)
+        ent = -(A * np.log(np.clip(A, 1e-30, None))).sum(-1)
+        np.testing.assert_allclose(trace.entropy.values[i, layer, :, :T], ent, atol=1e-4)
+        mass = A @ onehot  # [H, T, G]
+        counts = onehot.sum(0)
+        flow = np.einsum("tg,htd->hgd", onehot, mass) / np.where(counts > 0, counts, 1)[None, :, None]
+        got = trace.flow.values[i, layer]
+        present = counts > 0
+        np.testing.assert_allclose(got[:, present], flow[:, present], atol=TOL)
+        assert np.isnan(got[:, ~present]).all()
+    assert np.isnan(trace.received.values[i, :, :, T:]).all()
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_summary_matches_hf_eager_attentions(family, impl):
+    model, processor = tiny.build(family, attn_implementation=impl)
+    oracle_model, _ = tiny.build(family, attn_implementation="eager")
+    examples = tiny.sample_prompts(family)
+    trace = record(model, examples, processor=processor, batch_size=len(examples), progress=False)
+    assert trace.attrs["attn_implementation"] == impl
+    lookup = {g: j for j, g in enumerate(GROUPS)}
+    for i, ex in enumerate(examples):
+        batch, attns, hidden = _oracle(oracle_model, processor, ex)
+        T = batch["input_ids"].shape[1]
+        groups = [lookup[m] for m in trace.modality.values[i, :T]]
+        _check_sample(trace, i, attns, groups)
+        for layer in range(len(attns) - 1):  # HF's last hidden state is after the final norm
+            cos = torch.nn.functional.cosine_similarity(hidden[layer][0], hidden[layer + 1][0], dim=-1)
+            np.testing.assert_allclose(trace.update_cos.values[i, layer, :T], cos.numpy(), atol=1e-4)
+            np.testing.assert_allclose(trace.norm.values[i, layer, :T], hidden[layer + 1][0].norm(dim=-1).numpy(),
+                                       rtol=1e-4, atol=1e-5)
+
+
+def test_full_level_keeps_only_chosen_maps():
+    model, processor = tiny.build("llama", attn_implementation="sdpa")
+    examples = tiny.sample_prompts("llama")
+    trace = record(model, examples, processor=processor, level="full", layers=[0], progress=False)
+    assert trace.attn.dims == ("sample", "layer_full", "head", "q", "k")
+    assert trace.layer_full.values.tolist() == [0]
+    _, attns, _ = _oracle(tiny.build("llama", attn_implementation="eager")[0], processor, examples[1])
+    T = attns[0].shape[-1]
+    np.testing.assert_allclose(trace.attn.values[1, 0, :, :T, :T], attns[0].numpy(), atol=TOL)
+    summary = record(model, examples, processor=processor, progress=False)
+    assert "attn" not in summary
+
+
+def test_received_matches_transformerlens_patterns():
+    from transformer_lens.model_bridge.sources import build_bridge_from_module
+
+    model, processor = tiny.build("llava", attn_implementation="eager")
+    example = tiny.sample_prompts("llava")[0]
+    batch = encode(processor, as_examples([example]))
+    bridge = build_bridge_from_module(model, "LlavaForConditionalGeneration", hf_config=model.config)
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(batch["input_ids"], pixel_values=batch["pixel_values"])
+    trace = record(tiny.build("llava", attn_implementation="sdpa")[0], [example], processor=processor,
+                   progress=False)
+    T = batch["input_ids"].shape[1]
+    for layer in range(trace.sizes["layer"]):
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0].double().numpy()
+        recv = pattern.sum(1) / np.arange(T, 0, -1)
+        np.testing.assert_allclose(trace.received.values[0, layer, :, :T], recv, atol=TOL)
