@@ -25,18 +25,19 @@ class Layout:
     causal: bool
 
 
-def visibility(mask: torch.Tensor | None, layout: Layout, T: int) -> torch.Tensor:
-    """Bool [B, 1|H, T, T]: may query q attend to key k (as the model itself decides)."""
+def visibility(mask: torch.Tensor | None, layout: Layout, rows: slice, T: int) -> torch.Tensor:
+    """Bool [B, 1|H, c, T] for the query rows ``rows``: may query q attend to key k, as the
+    model itself decides (its mask), restricted to real queries and keys."""
     if mask is None:
-        vis = torch.ones(T, T, dtype=torch.bool, device=layout.valid.device)
-        if layout.causal:
-            vis = vis.tril()
+        q = torch.arange(rows.start, rows.stop, device=layout.valid.device)[:, None]
+        k = torch.arange(T, device=layout.valid.device)[None, :]
+        vis = (k <= q) if layout.causal else torch.ones(q.shape[0], T, dtype=torch.bool, device=q.device)
         vis = vis[None, None] & layout.valid[:, None, None, :]
     elif mask.dtype == torch.bool:
-        vis = mask[..., -T:]
+        vis = mask[..., rows, -T:]
     else:
-        vis = mask[..., -T:] > torch.finfo(mask.dtype).min / 2
-    return vis & layout.valid[:, None, :, None]
+        vis = mask[..., rows, -T:] > torch.finfo(mask.dtype).min / 2
+    return vis & layout.valid[:, None, rows, None]
 
 
 def _chunks(T: int, size: int) -> Iterator[slice]:
@@ -48,7 +49,7 @@ def _recomputed(q, k, vis, scaling: float, softcap: float | None, rows: slice) -
     scores = (q[:, :, rows].float() @ k.float().transpose(-1, -2)) * scaling
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~vis[:, :, rows], float("-inf"))
+    scores = scores.masked_fill(~vis, float("-inf"))
     return scores.softmax(-1).nan_to_num(0.0)
 
 
@@ -75,7 +76,6 @@ def attention_stats(
     if weights is None:
         k = k.repeat_interleave(H // k.shape[1], dim=1)
         scaling = q.shape[-1] ** -0.5 if scaling is None else scaling
-    vis = visibility(mask, layout, T)
     validf = layout.valid.float()
     onehot = torch.nn.functional.one_hot(layout.group.clamp(min=0), layout.n_groups).float()
     onehot = onehot * validf[..., None]  # [B, T, G]
@@ -83,10 +83,16 @@ def attention_stats(
     flow = torch.zeros(B, H, layout.n_groups, layout.n_groups, device=ref.device)
     entropy = torch.zeros(B, H, T, device=ref.device)
     last_row = torch.zeros(B, H, T, device=ref.device)
+    n_seen = torch.zeros(B, T, device=ref.device)
+    uniform = torch.zeros(B, T, device=ref.device)
     full = [] if keep_full or T <= rank_max_tokens else None
     for rows in _chunks(T, chunk):
+        vis = visibility(mask, layout, rows, T)
+        visf = vis[:, 0].float()  # [B, c, T]
+        n_seen += visf.sum(1)
+        uniform += (visf / visf.sum(2, keepdim=True).clamp_min(1)).sum(1)
         if weights is not None:
-            a = weights[:, :, rows].float().masked_fill(~vis[:, :, rows], 0.0)
+            a = weights[:, :, rows].float().masked_fill(~vis, 0.0)
         else:
             a = _recomputed(q, k, vis, scaling, softcap, rows)
         a = a * validf[:, None, rows, None]
@@ -99,10 +105,7 @@ def attention_stats(
             last_row[b] = a[b, :, int(layout.last[b]) - rows.start]
         if full is not None:
             full.append(a)
-    visf = vis.float()  # [B, 1|H, T, T]
-    n_seen = visf.sum(2)[:, 0]  # [B, T]
-    row_count = visf.sum(3, keepdim=True).clamp_min(1)
-    uniform = (visf / row_count).sum(2)[:, 0] / n_seen.clamp_min(1)
+    uniform = uniform / n_seen.clamp_min(1)
     n_src = onehot.sum(1)  # [B, G]
     out = {
         "received": recv / n_seen[:, None].clamp_min(1),
