@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import xarray as xr
+
+from attnflow.fileio import atomic_path
 
 from attnflow.probes.schema import SCHEMA_VERSION
 
@@ -17,17 +17,9 @@ class TraceError(ValueError):
 
 def save_trace(trace: xr.Dataset, path: str | Path) -> Path:
     """Write ``trace`` to ``path`` (.nc): a temp file in the same folder, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".nc.tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         trace.to_netcdf(tmp, engine="h5netcdf")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 def load_trace(path: str | Path) -> xr.Dataset:
