@@ -1,0 +1,90 @@
+"""Where visual tokens stop mattering: the observational curves and the exit-layer rule.
+
+Observational (FastV's attention allocation, per layer): the share of attention that text
+queries pay to visual keys (the trace's ``flow[text, visual]``), the same for the last
+prompt position alone (``last_row`` summed over visual keys), and the cumulative profile.
+The causal curves (knockout, logit lens) come from ``knockout`` and ``lens``; this module
+turns any curve into an exit layer with one rule and assembles the ``exit`` section.
+
+Exit layer ``l`` means: from layer ``l`` on, visual tokens can go. ``l = L`` (the number of
+layers) when they matter up to the last layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from attnflow.analyses.arrays import listed, nanmean
+from attnflow.analyses.groups import has_visual
+from attnflow.analyses.thresholds import Thresholds
+
+
+def first_stable(ok: np.ndarray) -> int:
+    """The smallest index from which ``ok`` holds to the end (``len(ok)`` if it ends False)."""
+    bad = np.flatnonzero(~np.asarray(ok, dtype=bool))
+    return 0 if bad.size == 0 else int(bad[-1]) + 1
+
+
+def text_to_visual(trace: xr.Dataset) -> np.ndarray:
+    """Per layer, the mean share of attention text queries pay to visual keys."""
+    flow = trace["flow"].sel(src="text", dst="visual").transpose("sample", "layer", "head").values
+    return nanmean(flow, (0, 2))
+
+
+def last_to_visual(trace: xr.Dataset) -> np.ndarray:
+    """Per layer, the mean share of attention the last prompt position pays to visual keys."""
+    visual = (trace["modality"] == "visual").transpose("sample", "pos").values
+    rows = trace["last_row"].transpose("sample", "layer", "head", "pos").values
+    share = np.where(visual[:, None, None, :], np.nan_to_num(rows), 0.0).sum(-1)
+    return share.mean((0, 2))
+
+
+def cumulative(curve: np.ndarray) -> np.ndarray:
+    """Fraction of the curve's total reached by each layer (its cumulative profile)."""
+    total = np.nansum(curve)
+    return np.nancumsum(curve) / total if total > 0 else np.zeros_like(curve)
+
+
+def observational_exit(curve: np.ndarray, th: Thresholds) -> int:
+    """First layer after which ``curve`` stays below ``th.exit_share_tol`` x its peak."""
+    with np.errstate(invalid="ignore"):
+        return first_stable(np.nan_to_num(curve, nan=0.0) < th.exit_share_tol * np.nanmax(curve))
+
+
+def find_exit(trace: xr.Dataset, th: Thresholds, knockout: dict[str, Any] | None = None,
+              lens: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``exit`` section of Findings; ``knockout`` and ``lens`` are the results of the
+    model-based analyses (None without a model)."""
+    if not has_visual(trace):
+        return {"layer": None, "criterion": None, "applies": False,
+                "reason": "the trace has no visual tokens (text-only or encoder model): "
+                          "there is nothing to exit",
+                "layers": {}, "curves": {"observational": None, "knockout": None, "logit_lens": None}}
+    curve = text_to_visual(trace)
+    if np.isnan(curve).all():  # no text query after the image: fall back to the last position
+        curve = last_to_visual(trace)
+    layers = {"observational": {"layer": observational_exit(curve, th),
+                                "tolerance": th.exit_share_tol,
+                                "rule": "stays below tolerance x peak of text->visual share"}}
+    curves: dict[str, Any] = {"observational": listed(curve), "observational_last": listed(last_to_visual(trace)),
+                              "observational_cumulative": listed(cumulative(curve)),
+                              "knockout": None, "logit_lens": None}
+    if knockout is not None:
+        layers["knockout"] = {"layer": knockout["exit_layer"], "tolerance": th.knockout_tol,
+                              "metric": th.knockout_metric, "by_qtype": knockout["exit_by_qtype"],
+                              "rule": "smallest l such that cutting from every l' >= l on changes "
+                                      "the output by less than tolerance"}
+        curves["knockout"] = listed(knockout["curves"][th.knockout_metric])
+        curves["knockout_all"] = {k: listed(v) for k, v in knockout["curves"].items()}
+    if lens is not None:
+        layers["logit_lens"] = {"layer": lens["exit_layer"], "tolerance": th.lens_tol,
+                                "rule": "first depth from which the final token stays top-1 "
+                                        "in >= 1 - tolerance of samples"}
+        curves["logit_lens"] = listed(lens["curves"]["prob"])
+        curves["logit_lens_all"] = {k: listed(v) for k, v in lens["curves"].items()}
+    criterion = "knockout" if knockout is not None else "observational"
+    return {"layer": layers[criterion]["layer"], "criterion": criterion, "applies": True,
+            "layers": layers, "curves": curves}

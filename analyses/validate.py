@@ -1,0 +1,52 @@
+"""Checks that a Trace can be analysed, and analysed together with a given model.
+
+A trace from another schema version, one missing the summary variables, or one recorded
+from a different model than the one passed for interventions is refused with an error that
+names the problem: numbers computed from a mismatched pair would look valid and be wrong.
+"""
+
+from __future__ import annotations
+
+import xarray as xr
+from torch import nn
+
+from attnflow.probes import adapters
+from attnflow.probes.schema import SCHEMA_VERSION
+
+REQUIRED_VARIABLES = ("received", "uniform", "n_seen", "last_row", "flow", "update_cos",
+                      "max_abs", "argmax_dim", "median_abs", "rms", "resid_last")
+REQUIRED_COORDS = ("modality", "token")
+
+
+class TraceMismatchError(ValueError):
+    """The trace cannot be analysed (schema version, missing data, or another model)."""
+
+
+def check_trace(trace: xr.Dataset) -> None:
+    """Raise TraceMismatchError unless ``trace`` follows this version of the Trace contract."""
+    version = trace.attrs.get("attnflow_trace")
+    if version is None:
+        raise TraceMismatchError("not an attnflow trace: attr 'attnflow_trace' is missing")
+    if int(version) != SCHEMA_VERSION:
+        raise TraceMismatchError(
+            f"trace schema version {version} != {SCHEMA_VERSION} (this attnflow); "
+            "re-record it with `attnflow record`")
+    missing = [v for v in REQUIRED_VARIABLES if v not in trace.data_vars]
+    missing += [c for c in REQUIRED_COORDS if c not in trace.coords]
+    if missing:
+        raise TraceMismatchError(f"trace lacks {missing}; it was not recorded at summary level "
+                                 "or more")
+
+
+def check_model(trace: xr.Dataset, model: nn.Module) -> None:
+    """Raise TraceMismatchError unless ``trace`` was recorded from ``model``'s config."""
+    expected = adapters.fingerprint(model)
+    found = trace.attrs.get("fingerprint")
+    if found != expected:
+        raise TraceMismatchError(
+            f"trace was recorded from another model (fingerprint {found}, "
+            f"model {trace.attrs.get('model_path', '?')!r}) than the one passed "
+            f"(fingerprint {expected}); pass the model the trace was recorded from")
+    layers = len(adapters.decoder_layers(model))
+    if int(trace.attrs.get("num_layers", layers)) != layers:
+        raise TraceMismatchError(f"trace has {trace.attrs['num_layers']} layers, model {layers}")
