@@ -15,8 +15,6 @@ family's own image placeholder.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +56,8 @@ from transformers import (
     Qwen2VLProcessor,
     SiglipVisionConfig,
 )
+
+from attnflow.fileio import atomic_dir
 
 FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "idefics3", "gemma3", "llama",
                              "bert")
@@ -301,18 +301,9 @@ def cached(family: str, *, seed: int = 0) -> Path:
     a reader never sees a half-written model)."""
     _family(family)
     target = cache_dir(family, seed=seed)
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        save(family, tmp, seed=seed)
-        os.replace(tmp, target)
-    except OSError:
-        if not target.is_dir():  # another process did not win the race: a real failure
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not target.is_dir():
+        with atomic_dir(target) as tmp:
+            save(family, tmp, seed=seed)
     return target
 
 
