@@ -1,0 +1,64 @@
+"""Run a Hugging Face model under a Schedule: ``with apply(model, schedule): model.generate(...)``.
+
+The model object itself runs the schedule (plain ``forward``, ``generate`` with its KV cache,
+padded batches, pixel_values and every other input passed as usual): a pre-hook on the model
+labels each prompt's tokens, hooks on the decoder layers shorten them (reducers.shorten), and
+every hook is removed on exit, also when the body raises.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from torch import nn
+
+from attnflow.probes import adapters
+from attnflow.reducers.plan import Planner
+from attnflow.reducers.rank import attach_rankers
+from attnflow.reducers.schedule import Schedule, ScheduleError, load_schedule
+from attnflow.reducers.shorten import Shortener
+
+BACKENDS: tuple[str, ...] = ("eager", "sdpa")
+
+
+@contextmanager
+def apply(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path", *,
+          prompt_length: int | None = None) -> Iterator[Planner]:
+    """Run ``model`` under ``schedule`` inside the block; yields the Planner, which tells
+    after each forward which positions every layer processed.
+
+    ``prompt_length`` pins the ranking query to position ``prompt_length - 1`` when forwards
+    include generated tokens (a generation loop that recomputes the whole prefix each step);
+    by default it is the last position of each prefill.
+    """
+    sched = load_schedule(schedule)
+    sched.check_model(model)
+    adapter = adapters.adapter_for(model)
+    if not adapter.causal:
+        raise ScheduleError(f"{adapter.family} is not a causal decoder; reducers shorten decoders only")
+    backend = adapters.attn_implementation(model)
+    if backend not in BACKENDS:
+        raise ScheduleError(f"reducers run under attention backends {list(BACKENDS)}, not {backend!r}: "
+                            "load the model with attn_implementation='sdpa' or 'eager'")
+    layers = adapters.decoder_layers(model)
+    planner = Planner(sched, model, prompt_length=prompt_length)
+
+    def begin(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            raise ScheduleError("reducers.apply needs input_ids (not only inputs_embeds) to find the visual tokens")
+        past = kwargs.get("past_key_values")
+        planner.begin(input_ids, kwargs.get("attention_mask"), past is not None and past.get_seq_length() > 0)
+
+    shortener = Shortener(layers, planner, bool_mask=backend != "eager")
+    handles = [model.register_forward_pre_hook(begin, with_kwargs=True)]
+    try:
+        handles += attach_rankers(layers, planner, adapter.attention)
+        shortener.attach()
+        yield planner
+    finally:
+        shortener.detach()
+        for h in handles:
+            h.remove()

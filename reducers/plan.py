@@ -1,0 +1,200 @@
+"""The ops of a Schedule, as decisions on which positions survive at each decoder layer.
+
+``Planner`` turns a Schedule into one ``Cut`` per decoder-layer call for the shortening
+mechanism (reducers.shorten): ``visual_exit`` and ``skip_layers`` are fixed per prompt,
+``prune_visual`` at layer K is settled when layer K-1 has run and its last-row attention is
+known (``ranked``). Everything is per sample, so a padded batch is cut sample by sample: pads
+are dropped with the first cut, and when samples keep different counts the shorter ones carry
+filler (their pads first, then tokens they dropped) that the mask hides from every query.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from attnflow.probes import adapters
+from attnflow.probes.spans import token_spans
+from attnflow.reducers.schedule import Schedule, ScheduleError
+from attnflow.reducers.shorten import Cut
+
+
+def kept_count(keep: float, n: Tensor) -> Tensor:
+    """How many of ``n`` candidates a prune step with share ``keep`` keeps (rounded half up)."""
+    return torch.floor(keep * n.to(torch.float64) + 0.5).to(torch.long)
+
+
+def bos_ids(model: nn.Module) -> set[int]:
+    """The BOS ids the model's configs declare (the first real token is 'bos' when it is one)."""
+    configs = (model.config, adapters.text_config(model))
+    return {int(c.bos_token_id) for c in configs if getattr(c, "bos_token_id", None) is not None}
+
+
+def _rectangular(want: Tensor, pad: Tensor, min_width: int = 0) -> tuple[Tensor, Tensor]:
+    """Per sample, the slots where ``want`` holds, plus filler up to the batch's largest count
+    (at least ``min_width``; pads first, then the earliest other slots), in slot order.
+    Returns (slots, is_filler)."""
+    b, n = want.shape
+    width = max(min_width, int(want.sum(1).max()) if b else 0)
+    slot = torch.arange(n, device=want.device).expand(b, n)
+    priority = torch.where(want, 0, torch.where(pad, 1, 2)) * (n + 1) + slot
+    chosen = priority.topk(width, dim=1, largest=False).indices.sort(dim=1).values
+    return chosen, ~want.gather(1, chosen)
+
+
+class Planner:
+    """Which tokens each decoder layer processes under a schedule, for the current batch.
+
+    After a prefill, ``layer_tokens[l]`` is (positions [B, R], real [B, R]) of the tokens layer
+    ``l`` processed (original positions; ``real`` is False for pads and filler), ``positions``
+    and ``real`` describe the rows of the model's output, and ``scores[K]`` holds the
+    last-row attention used to rank visual tokens for the prune step at layer K (over the
+    positions ``layer_tokens[K - 1]``).
+    """
+
+    def __init__(self, schedule: Schedule, model: nn.Module, *, prompt_length: int | None = None) -> None:
+        self.num_layers = schedule.num_layers
+        self.image_token_id = adapters.image_token_id(model)
+        self.bos_ids = bos_ids(model)
+        self.prompt_length = prompt_length
+        self.sinks = schedule.protect["visual_sinks"]
+        self.exit = next((s["layer"] for s in schedule.steps_of("visual_exit")), None)
+        self.prunes = {s["layer"]: s["keep"] for s in schedule.steps_of("prune_visual")}
+        self.skips = {layer: s["tokens"] for s in schedule.steps_of("skip_layers") for layer in s["layers"]}
+        self.decoding = False
+        self.layer_tokens: dict[int, tuple[Tensor, Tensor]] = {}
+        self.scores: dict[int, Tensor] = {}
+
+    # ---- prompt bookkeeping -------------------------------------------------------------
+    def begin(self, input_ids: Tensor, attention_mask: Tensor | None, decoding: bool) -> None:
+        """Start a forward: a prefill labels the prompt's tokens; a decode step extends it."""
+        if decoding:
+            if not hasattr(self, "removed_at"):
+                raise ScheduleError("a decode step arrived without a prefill under this schedule: "
+                                    "run the whole generation inside `with reducers.apply(...)`")
+            self.decoding = True
+            self.seen += input_ids.shape[1]
+            return
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ScheduleError("reducers.apply needs a 2-D attention_mask (or none)")
+        if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+            raise ScheduleError("the batch is right-padded; reducers need left padding "
+                                "(tokenizer.padding_side = 'left') so every prompt ends at the last position")
+        b, n = input_ids.shape
+        if self.prompt_length is not None and not 0 < self.prompt_length <= n:
+            raise ScheduleError(f"prompt_length {self.prompt_length} does not fit a sequence of {n} tokens")
+        dev = input_ids.device
+        spans = token_spans(input_ids, attention_mask, image_token_id=self.image_token_id, bos_ids=self.bos_ids)
+        modality = spans.modality
+        self.pad = torch.as_tensor(modality == "pad", device=dev)
+        visual = torch.as_tensor(modality == "visual", device=dev)
+        index = visual.long().cumsum(1) - 1  # index among the sample's visual tokens
+        sink = visual & torch.isin(index, torch.tensor(self.sinks, dtype=torch.long, device=dev))
+        self.removable = visual & ~sink
+        self.removed_at = torch.full((b, n), self.num_layers, dtype=torch.long, device=dev)
+        if self.exit is not None:
+            self.removed_at[self.removable] = self.exit
+        n_removable = self.removable.sum(1)
+        self.n_keep = {k: kept_count(keep, n_removable) for k, keep in self.prunes.items()}
+        self.pos = torch.arange(n, device=dev).expand(b, n)
+        self.filler = torch.zeros(b, n, dtype=torch.bool, device=dev)
+        self.touched = False
+        self.cached: dict[int, tuple[Tensor, Tensor] | None] = {}
+        self.layer_tokens, self.scores = {}, {}
+        self.prompt_tokens = self.seen = n
+        self.decoding = False
+
+    @property
+    def query_position(self) -> int:
+        """The position whose attention row ranks tokens: the last prompt position."""
+        return (self.prompt_length or self.pad.shape[1]) - 1
+
+    @property
+    def positions(self) -> Tensor:
+        return self.pos
+
+    @property
+    def real(self) -> Tensor:
+        return ~self.filler & ~self.pad.gather(1, self.pos)
+
+    # ---- cuts ---------------------------------------------------------------------------
+    def __call__(self, layer: int, hidden: Tensor) -> Cut | None:
+        return self._decode_cut(layer, hidden) if self.decoding else self._prefill_cut(layer)
+
+    def _prefill_cut(self, layer: int) -> Cut | None:
+        pos_in = self.pos
+        pad_in = self.pad.gather(1, pos_in)
+        alive = self.removed_at.gather(1, pos_in) > layer
+        skip = self.skips.get(layer)
+        acts = skip is not None or bool((~alive & ~pad_in).any())
+        if not self.touched and not acts:
+            self.cached[layer] = None
+            self.layer_tokens[layer] = (pos_in, ~pad_in)
+            return None
+        self.touched = True
+        want = alive & ~pad_in & ~self.filler
+        keep, keep_filler = _rectangular(want, pad_in)
+        kept = pos_in.gather(1, keep)
+        kept_pad = self.pad.gather(1, kept)
+        if skip == "all":
+            run_want = torch.zeros_like(keep_filler)
+        elif skip == "visual":
+            run_want = ~keep_filler & ~self.removable.gather(1, kept)
+        else:
+            run_want = ~keep_filler
+        # a layer every token skips still runs one filler token: attention needs a non-empty query
+        put, run_filler = _rectangular(run_want, kept_pad, min_width=1)
+        take = keep.gather(1, put)
+        rows = pos_in.gather(1, take)
+        self.pos, self.filler = kept, keep_filler & ~kept_pad
+        self.cached[layer] = (rows, run_filler)
+        self.layer_tokens[layer] = (rows, ~run_filler)
+        same = put.shape[1] == keep.shape[1]
+        return Cut(take=take, rows=rows, row_keys=rows, cols=rows, blocked=run_filler,
+                   keep=None if same else keep, put=put, write=~run_filler)
+
+    def _decode_cut(self, layer: int, hidden: Tensor) -> Cut | None:
+        entry = self.cached.get(layer)
+        if entry is None:
+            return None
+        cached_rows, cached_blocked = entry
+        b, q = hidden.shape[:2]
+        dev = hidden.device
+        generated = torch.arange(self.prompt_tokens, self.seen, device=dev).expand(b, -1)
+        new_keys = generated[:, generated.shape[1] - q:]
+        slots = torch.arange(q, device=dev).expand(b, q)
+        cols = torch.cat([cached_rows, generated], 1)
+        if self.skips.get(layer) == "all":  # new tokens bypass it too: they run as filler, unwritten
+            return Cut(take=slots, rows=slots, row_keys=new_keys, cols=cols, blocked=torch.ones_like(cols, dtype=torch.bool),
+                       keep=slots, put=slots, write=torch.zeros_like(slots, dtype=torch.bool))
+        return Cut(take=slots, rows=slots, row_keys=new_keys, cols=cols,
+                   blocked=torch.cat([cached_blocked, torch.zeros_like(generated, dtype=torch.bool)], 1))
+
+    # ---- ranking ------------------------------------------------------------------------
+    def ranks_after(self, layer: int) -> bool:
+        """Whether a prune step needs layer ``layer``'s last-row attention in this forward."""
+        return not self.decoding and layer + 1 in self.prunes
+
+    def query_slots(self, layer: int) -> Tensor:
+        """Per sample, the slot of the ranking query among the tokens layer ``layer`` processes."""
+        rows, _ = self.layer_tokens[layer]
+        hit = rows == self.query_position
+        if not bool(hit.any(1).all()):
+            raise ScheduleError(f"the ranking query (position {self.query_position}) is not processed by "
+                                f"layer {layer}")
+        return hit.float().argmax(1)
+
+    def ranked(self, layer: int, scores: Tensor) -> None:
+        """Settle the prune step at ``layer + 1`` from the last-row attention ``scores`` [B, R]
+        over the tokens layer ``layer`` processed: keep the top ``n_keep`` unprotected visual
+        tokens per sample, remove the rest from ``layer + 1`` on."""
+        k = layer + 1
+        rows, real = self.layer_tokens[layer]
+        self.scores[k] = scores
+        candidate = real & self.removable.gather(1, rows) & (self.removed_at.gather(1, rows) > k)
+        order = scores.masked_fill(~candidate, float("-inf")).argsort(dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
+                                                .expand_as(order))
+        drop = candidate & (rank >= self.n_keep[k][:, None])
+        current = self.removed_at.gather(1, rows)
+        self.removed_at = self.removed_at.scatter(1, rows, torch.where(drop, torch.full_like(current, k), current))

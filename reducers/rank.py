@@ -1,0 +1,88 @@
+"""Rank tokens by the attention the last prompt position pays them (FastV / PyramidDrop).
+
+The head-mean attention row of one query is recomputed from that layer's own q/k: forward
+hooks keep the ``q_proj``/``k_proj`` outputs the layer computes anyway, and after the attention
+module has run the row is ``softmax(q_last · Kᵀ · scaling)`` with the family's own RoPE (and
+q/k norms, soft-capping and sliding window when it has them). It costs O(n·d) and works the same
+under eager and SDPA, which never return attention weights.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from attnflow.reducers.plan import Planner
+from attnflow.reducers.shorten import gather_seq
+
+
+def _rope(attn: nn.Module):
+    """The family's ``apply_rotary_pos_emb`` (the function its attention forward calls)."""
+    fn = getattr(importlib.import_module(type(attn).__module__), "apply_rotary_pos_emb", None)
+    if fn is None:
+        raise TypeError(f"{type(attn).__name__} has no apply_rotary_pos_emb next to it; attnflow cannot "
+                        "recompute its attention row for ranking")
+    return fn
+
+
+def last_row_attention(attn: nn.Module, q: Tensor, k: Tensor, position_embeddings: tuple[Tensor, Tensor],
+                       query_slot: Tensor, key_ok: Tensor) -> Tensor:
+    """Head-mean attention [B, R] of the query at ``query_slot`` [B] over the R keys of one
+    call of ``attn``, from its q/k projection outputs q [B, R, H·dh], k [B, R, Hkv·dh];
+    keys with ``key_ok`` False get none."""
+    b, r, _ = k.shape
+    dh = attn.head_dim
+    q_row = q[torch.arange(b, device=q.device), query_slot].view(b, 1, -1, dh)
+    keys = k.view(b, r, -1, dh)
+    if getattr(attn, "q_norm", None) is not None:
+        q_row, keys = attn.q_norm(q_row), attn.k_norm(keys)
+    q_row, keys = q_row.transpose(1, 2), keys.transpose(1, 2)
+    cos, sin = position_embeddings
+    rope = _rope(attn)
+    q_row = rope(q_row, q_row, gather_seq(cos, query_slot[:, None], -2), gather_seq(sin, query_slot[:, None], -2))[0]
+    keys = rope(keys, keys, cos, sin)[0]
+    keys = keys.repeat_interleave(q_row.shape[1] // keys.shape[1], dim=1)
+    logits = (q_row @ keys.transpose(-1, -2)).squeeze(2) * attn.scaling
+    softcap = getattr(getattr(attn, "config", None), "attn_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits.float().masked_fill(~key_ok[:, None, :].to(logits.device), float("-inf"))
+    return logits.softmax(-1).mean(1)
+
+
+def attach_rankers(layers: nn.ModuleList, planner: Planner, attention: str) -> list[RemovableHandle]:
+    """Hooks on the attention module of every layer whose last-row attention a prune step
+    needs; each hands its scores to ``planner.ranked``."""
+    handles: list[RemovableHandle] = []
+    for layer in sorted(k - 1 for k in planner.prunes):
+        attn = getattr(layers[layer], attention)
+        captured: dict[str, Tensor] = {}
+
+        def keep_output(name: str, layer: int = layer, captured: dict = captured):
+            def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+                if planner.ranks_after(layer):
+                    captured[name] = output
+            return hook
+
+        def rank(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any,
+                 layer: int = layer, captured: dict = captured) -> None:
+            if not planner.ranks_after(layer):
+                return
+            rows, real = planner.layer_tokens[layer]
+            slot = planner.query_slots(layer)
+            key_ok = real.clone()
+            window = getattr(module, "sliding_window", None)
+            if window:
+                key_ok &= rows > planner.query_position - window
+            scores = last_row_attention(module, captured.pop("q"), captured.pop("k"),
+                                        kwargs["position_embeddings"], slot, key_ok)
+            planner.ranked(layer, scores)
+
+        handles.append(attn.q_proj.register_forward_hook(keep_output("q")))
+        handles.append(attn.k_proj.register_forward_hook(keep_output("k")))
+        handles.append(attn.register_forward_hook(rank, with_kwargs=True))
+    return handles

@@ -1,0 +1,249 @@
+"""The Schedule contract (reducers, saved per model): which tokens each decoder layer keeps.
+
+JSON form (``attnflow_schedule: 1``)::
+
+    {"attnflow_schedule": 1,
+     "model": {"model_type": "llava", "fingerprint": "sha256:...", "num_layers": 6},
+     "positions": "keep_original",
+     "protect": {"modalities": ["bos", "system"], "visual_sinks": [0, 5]},
+     "steps": [{"op": "prune_visual", "layer": 2, "keep": 0.5, "rank_by": "last_row"},
+               {"op": "visual_exit", "layer": 5},
+               {"op": "skip_layers", "layers": [4], "tokens": "visual"}],
+     "derived_from": {...} | null, "predicted": {...}, "verified": {...}}
+
+Semantics. Layers are 0-indexed decoder layers. ``prune_visual`` removes visual tokens from
+``layer`` on, keeping ``round(keep * V)`` of each sample's V unprotected visual tokens (keep is
+a share of the *original* count, so PyramidDrop's 0.5/0.25/0.125 are written as they are),
+ranked by the head-mean attention the last prompt position pays them at ``layer - 1``.
+``visual_exit`` removes every unprotected visual token from ``layer`` on. ``skip_layers`` lets
+tokens bypass whole layers (``tokens: "all"``) or lets only the unprotected visual tokens bypass
+them (``"visual"``: their residual stream passes the layer unchanged, the other tokens do not
+see them there). Protected tokens are never removed: the listed modalities, and the visual
+tokens whose index among a sample's visual tokens (0-based, across its images) is listed in
+``visual_sinks`` (a list rather than DESIGN's ``true``, so that a schedule applies on its own,
+without the findings it came from). Kept tokens keep their original RoPE positions.
+
+No op may act on layer 0: transformers sizes the KV cache and the decode masks from layer 0,
+so layer 0 always sees every token (drop tokens from the input instead).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from attnflow.fileio import write_json
+from attnflow.probes import adapters
+
+SCHEDULE_VERSION = 1
+OPS: tuple[str, ...] = ("prune_visual", "visual_exit", "skip_layers")
+RANK_BY: tuple[str, ...] = ("last_row",)
+SKIP_TOKENS: tuple[str, ...] = ("all", "visual")
+PROTECTABLE: tuple[str, ...] = ("bos", "system", "text")
+POSITIONS: tuple[str, ...] = ("keep_original",)
+DEFAULT_PROTECT: dict[str, Any] = {"modalities": ["bos", "system"], "visual_sinks": []}
+_STEP_KEYS: dict[str, dict[str, Any]] = {  # op -> {key: default, or ... when required}
+    "prune_visual": {"layer": ..., "keep": ..., "rank_by": "last_row"},
+    "visual_exit": {"layer": ...},
+    "skip_layers": {"layers": ..., "tokens": "all"},
+}
+
+
+class ScheduleError(ValueError):
+    """A schedule is malformed, inconsistent, or made for another model."""
+
+
+@dataclass
+class Schedule:
+    """A per-model pruning schedule (see the module docstring for the JSON and semantics)."""
+
+    model: dict[str, Any]
+    steps: list[dict[str, Any]]
+    protect: dict[str, Any] = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_PROTECT)))
+    positions: str = "keep_original"
+    derived_from: dict[str, Any] | None = None
+    predicted: dict[str, Any] = field(default_factory=dict)
+    verified: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        checked = _validate(self.to_dict(), "schedule")
+        self.steps, self.protect = checked["steps"], checked["protect"]
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model["num_layers"])
+
+    @classmethod
+    def for_model(cls, model: nn.Module, steps: list[dict[str, Any]], *,
+                  protect: dict[str, Any] | None = None, **extra: Any) -> "Schedule":
+        """A schedule of ``steps`` stamped with ``model``'s type, fingerprint and depth."""
+        return cls(model=model_info(model), steps=steps,
+                   protect=protect if protect is not None else dict(DEFAULT_PROTECT), **extra)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "schedule") -> "Schedule":
+        """Validate a schedule's JSON form; every problem is a ScheduleError naming ``source``."""
+        d = _validate(data, source)
+        return cls(model=d["model"], steps=d["steps"], protect=d["protect"], positions=d["positions"],
+                   derived_from=d.get("derived_from"), predicted=dict(d.get("predicted") or {}),
+                   verified=dict(d.get("verified") or {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"attnflow_schedule": SCHEDULE_VERSION, "model": dict(self.model),
+                "positions": self.positions, "protect": dict(self.protect),
+                "steps": [dict(s) for s in self.steps], "derived_from": self.derived_from,
+                "predicted": dict(self.predicted), "verified": dict(self.verified)}
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a model other than the one the schedule was made for (type, config fingerprint)."""
+        info = model_info(model)
+        for key in ("model_type", "fingerprint", "num_layers"):
+            if info[key] != self.model[key]:
+                raise ScheduleError(
+                    f"this schedule was made for {self.model['model_type']} {self.model['fingerprint']} "
+                    f"({self.model['num_layers']} layers), not for this {info['model_type']} "
+                    f"{info['fingerprint']} ({info['num_layers']} layers): {key} differs. "
+                    "Derive a schedule for this model (attnflow schedule).")
+
+    def steps_of(self, op: str) -> list[dict[str, Any]]:
+        return [s for s in self.steps if s["op"] == op]
+
+
+def model_info(model: nn.Module) -> dict[str, Any]:
+    """The ``model`` section of a schedule for ``model``."""
+    return {"model_type": str(model.config.model_type), "fingerprint": adapters.fingerprint(model),
+            "num_layers": len(adapters.decoder_layers(model))}
+
+
+def load_schedule(source: "str | Path | dict[str, Any] | Schedule") -> Schedule:
+    """A Schedule from a Schedule, its dict, or the path of its JSON file."""
+    if isinstance(source, Schedule):
+        return source
+    if isinstance(source, dict):
+        return Schedule.from_dict(source)
+    path = Path(source)
+    if not path.is_file():
+        raise ScheduleError(f"schedule file {str(path)!r} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ScheduleError(f"{str(path)!r} is not valid JSON: {exc.msg} at line {exc.lineno}, "
+                            f"column {exc.colno}") from exc
+    return Schedule.from_dict(data, str(path))
+
+
+def save_schedule(schedule: Schedule, path: str | Path) -> Path:
+    """Write ``schedule`` as JSON, atomically."""
+    return write_json(path, schedule.to_dict())
+
+
+def _int(value: Any, where: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ScheduleError(f"{where} must be an integer in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _step(raw: Any, where: str, num_layers: int) -> dict[str, Any]:
+    if not isinstance(raw, dict) or "op" not in raw:
+        raise ScheduleError(f"{where} must be an object with an 'op' key, got {raw!r}")
+    op = raw["op"]
+    if op not in _STEP_KEYS:
+        raise ScheduleError(f"{where}: unknown op {op!r}; supported ops: {', '.join(OPS)}")
+    spec = _STEP_KEYS[op]
+    unknown = sorted(set(raw) - set(spec) - {"op"})
+    if unknown:
+        raise ScheduleError(f"{where} ({op}): unknown key(s) {unknown}; allowed: {sorted(spec)}")
+    missing = [k for k, v in spec.items() if v is ... and k not in raw]
+    if missing:
+        raise ScheduleError(f"{where} ({op}): missing key(s) {missing}")
+    step = {"op": op, **{k: raw.get(k, v) for k, v in spec.items()}}
+    last = num_layers - 1
+    if "layer" in step:
+        _int(step["layer"], f"{where} ({op}) layer", 1, last)
+    if op == "prune_visual":
+        keep = step["keep"]
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 <= keep <= 1.0:
+            raise ScheduleError(f"{where} (prune_visual) keep must be a number in [0, 1], got {keep!r}")
+        step["keep"] = float(keep)
+        if step["rank_by"] not in RANK_BY:
+            raise ScheduleError(f"{where} (prune_visual) rank_by {step['rank_by']!r} is not supported; "
+                                f"supported: {', '.join(RANK_BY)}")
+    if op == "skip_layers":
+        layers = step["layers"]
+        if not isinstance(layers, list) or not layers:
+            raise ScheduleError(f"{where} (skip_layers) layers must be a non-empty list, got {layers!r}")
+        step["layers"] = sorted({_int(x, f"{where} (skip_layers) layer", 1, last) for x in layers})
+        if step["tokens"] not in SKIP_TOKENS:
+            raise ScheduleError(f"{where} (skip_layers) tokens must be one of {list(SKIP_TOKENS)}, "
+                                f"got {step['tokens']!r}")
+    return step
+
+
+def _check_consistent(steps: list[dict[str, Any]], source: str) -> None:
+    """Cross-step rules: one exit, pruning before it, ranked layers present, shrinking keeps."""
+    exits = [s["layer"] for s in steps if s["op"] == "visual_exit"]
+    if len(exits) > 1:
+        raise ScheduleError(f"{source}: more than one visual_exit step (layers {exits})")
+    skipped: dict[int, str] = {}
+    for s in steps:
+        if s["op"] == "skip_layers":
+            for layer in s["layers"]:
+                if layer in skipped:
+                    raise ScheduleError(f"{source}: layer {layer} is listed by two skip_layers steps")
+                skipped[layer] = s["tokens"]
+    prunes = sorted((s for s in steps if s["op"] == "prune_visual"), key=lambda s: s["layer"])
+    for prev, cur in zip(prunes, prunes[1:]):
+        if cur["layer"] == prev["layer"]:
+            raise ScheduleError(f"{source}: two prune_visual steps at layer {cur['layer']}")
+        if cur["keep"] > prev["keep"]:
+            raise ScheduleError(f"{source}: prune_visual keep must not grow with depth "
+                                f"(layer {prev['layer']}: {prev['keep']}, layer {cur['layer']}: {cur['keep']})")
+    for s in prunes:
+        if exits and s["layer"] >= exits[0]:
+            raise ScheduleError(f"{source}: prune_visual at layer {s['layer']} comes at or after the "
+                                f"visual_exit at layer {exits[0]}: no visual token is left to prune")
+        if s["layer"] - 1 in skipped:
+            raise ScheduleError(f"{source}: prune_visual at layer {s['layer']} ranks tokens by the "
+                                f"attention of layer {s['layer'] - 1}, which visual tokens skip")
+
+
+def _validate(data: Any, source: str) -> dict[str, Any]:
+    """Check a schedule's JSON form and return it normalised (defaults filled in)."""
+    if not isinstance(data, dict):
+        raise ScheduleError(f"{source}: a schedule is a JSON object, got {type(data).__name__}")
+    version = data.get("attnflow_schedule")
+    if version != SCHEDULE_VERSION:
+        raise ScheduleError(f"{source}: 'attnflow_schedule' must be {SCHEDULE_VERSION}, got {version!r} "
+                            "(not an attnflow schedule, or from another version)")
+    model = data.get("model")
+    if not isinstance(model, dict) or any(k not in model for k in ("model_type", "fingerprint", "num_layers")):
+        raise ScheduleError(f"{source}: 'model' must hold model_type, fingerprint and num_layers, got {model!r}")
+    num_layers = _int(model["num_layers"], f"{source}: model.num_layers", 2, 1_000_000)
+    positions = data.get("positions", "keep_original")
+    if positions not in POSITIONS:
+        raise ScheduleError(f"{source}: positions {positions!r} is not supported; supported: {list(POSITIONS)}")
+    protect = data.get("protect", DEFAULT_PROTECT)
+    if not isinstance(protect, dict) or set(protect) - {"modalities", "visual_sinks"}:
+        raise ScheduleError(f"{source}: 'protect' takes 'modalities' and 'visual_sinks', got {protect!r}")
+    modalities = protect.get("modalities", [])
+    if not isinstance(modalities, list) or any(m not in PROTECTABLE for m in modalities):
+        raise ScheduleError(f"{source}: protect.modalities must be a list drawn from {list(PROTECTABLE)}, "
+                            f"got {modalities!r}")
+    sinks = protect.get("visual_sinks", [])
+    if not isinstance(sinks, list):
+        raise ScheduleError(f"{source}: protect.visual_sinks must be a list of visual-token indices")
+    sinks = sorted({_int(i, f"{source}: protect.visual_sinks entry", 0, 1_000_000) for i in sinks})
+    steps = data.get("steps")
+    if not isinstance(steps, list):
+        raise ScheduleError(f"{source}: 'steps' must be a list, got {steps!r}")
+    steps = [_step(s, f"{source}: steps[{i}]", num_layers) for i, s in enumerate(steps)]
+    _check_consistent(steps, source)
+    for key in ("predicted", "verified"):
+        if not isinstance(data.get(key) or {}, dict):
+            raise ScheduleError(f"{source}: {key!r} must be an object")
+    return {**data, "model": dict(model), "positions": positions, "steps": steps,
+            "protect": {"modalities": list(modalities), "visual_sinks": sinks}}

@@ -1,0 +1,150 @@
+"""The one shortening mechanism every reducer op shares: decoder-layer hooks that really
+drop tokens.
+
+A planner decides, for each call of each decoder layer, a ``Cut``: which slots of the incoming
+hidden states the layer processes, which of its keys are filler nobody may attend, and which
+slots continue to the next layer. The hooks here only execute cuts: a forward pre-hook (with
+kwargs) returns *new* args/kwargs with the hidden states, the position embeddings (cos/sin,
+sequence dim -2, any leading dims such as M-RoPE's kept), ``position_ids`` and the 4-D
+attention mask (bool or additive) gathered per sample; a forward hook writes the layer output
+back into the continuing residual stream when some tokens bypassed the layer. Nothing is
+masked instead of dropped, and no tensor passed in is edited in place. Each layer's KV cache
+therefore only ever holds the tokens that layer processed, so ``generate`` works unchanged;
+original positions are kept because the position tensors are gathered, never rebuilt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+
+@dataclass
+class Cut:
+    """How one call of one decoder layer is shortened; every tensor is [B, ·] per sample.
+
+    ``take`` [B, R]: slots of the incoming hidden states the layer processes.
+    ``rows`` [B, R]: their indices into the call's position tensors and mask rows.
+    ``row_keys`` [B, R]: the same tokens' indices into the mask's key dim.
+    ``cols`` [B, C]: indices into the mask's key dim of the layer's keys (cache included).
+    ``blocked`` [B, C]: filler keys (kept only to keep the batch rectangular): never attended.
+    ``keep`` [B, A] or None: incoming slots that continue after the layer; None means
+    exactly the processed ones (``take``), so the layer output continues as it is.
+    ``put`` [B, R] and ``write`` [B, R]: where in ``keep`` each processed slot's output goes,
+    and whether it is written (filler outputs are not).
+    """
+
+    take: Tensor
+    rows: Tensor
+    row_keys: Tensor
+    cols: Tensor
+    blocked: Tensor
+    keep: Tensor | None = None
+    put: Tensor | None = None
+    write: Tensor | None = None
+
+
+Planner = Callable[[int, Tensor], "Cut | None"]
+
+
+def gather_seq(x: Tensor, idx: Tensor, dim: int) -> Tensor:
+    """``x`` gathered along sequence dim ``dim`` with per-sample indices ``idx`` [B, R]; the
+    batch dim is the one just before ``dim`` and may be 1 (broadcast)."""
+    dim = dim % x.dim()
+    bdim = dim - 1
+    shape = list(x.shape)
+    shape[bdim] = idx.shape[0]
+    x = x.expand(shape)
+    view = [1] * x.dim()
+    view[bdim], view[dim] = idx.shape
+    index_shape = list(shape)
+    index_shape[dim] = idx.shape[1]
+    return x.gather(dim, idx.to(x.device).view(view).expand(index_shape))
+
+
+def _cut_mask(mask: Tensor | None, cut: Cut, use_bool: bool, dtype: torch.dtype) -> Tensor | None:
+    """The layer's 4-D mask: HF's rows and key columns gathered per sample, filler keys
+    blocked (each filler row keeps itself so no row is empty); None stays None when SDPA's
+    causal flag still says everything."""
+    any_blocked = bool(cut.blocked.any())
+    if mask is None and not any_blocked:
+        return None
+    if mask is None:
+        allowed = cut.cols[:, None, None, :] <= cut.row_keys[:, None, :, None]
+        mask = allowed if use_bool else torch.zeros(allowed.shape, dtype=dtype).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
+    else:
+        if mask.dim() != 4:
+            raise ValueError(f"attnflow reducers need a 4-D attention mask inside the decoder, got {mask.dim()}-D")
+        b = cut.rows.shape[0]
+        mask = mask.expand(b, *mask.shape[1:])
+        rows = cut.rows.to(mask.device)[:, None, :, None].expand(b, mask.shape[1], -1, mask.shape[3])
+        mask = mask.gather(2, rows)
+        cols = cut.cols.to(mask.device)[:, None, None, :].expand(b, mask.shape[1], mask.shape[2], -1)
+        mask = mask.gather(3, cols)
+    if any_blocked:
+        block = cut.blocked[:, None, None, :] & (cut.cols[:, None, None, :] != cut.row_keys[:, None, :, None])
+        block = block.to(mask.device)
+        mask = mask & ~block if mask.dtype == torch.bool else mask.masked_fill(block, torch.finfo(mask.dtype).min)
+    return mask
+
+
+class Shortener:
+    """Hooks on every decoder layer that execute the ``Cut`` a planner gives for each call."""
+
+    def __init__(self, layers: nn.ModuleList, planner: Planner, *, bool_mask: bool) -> None:
+        self.layers, self.planner, self.bool_mask = layers, planner, bool_mask
+        self._pending: dict[int, tuple[Cut, Tensor]] = {}
+        self._handles: list[RemovableHandle] = []
+
+    def attach(self) -> None:
+        for i, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_pre_hook(self._pre(i), with_kwargs=True))
+            self._handles.append(layer.register_forward_hook(self._post(i)))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._pending.clear()
+
+    def _pre(self, i: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+            positional = bool(args)
+            hidden = args[0] if positional else kwargs["hidden_states"]
+            cut = self.planner(i, hidden)
+            if cut is None:
+                return None
+            new_kwargs = dict(kwargs)
+            pe = kwargs.get("position_embeddings")
+            if pe is not None:
+                new_kwargs["position_embeddings"] = tuple(gather_seq(t, cut.rows, -2) for t in pe)
+            if kwargs.get("position_ids") is not None:
+                new_kwargs["position_ids"] = gather_seq(kwargs["position_ids"], cut.rows, -1)
+            new_kwargs["attention_mask"] = _cut_mask(kwargs.get("attention_mask"), cut, self.bool_mask,
+                                                     hidden.dtype)
+            new_hidden = gather_seq(hidden, cut.take, 1)
+            self._pending[i] = (cut, hidden)
+            if positional:
+                return (new_hidden, *args[1:]), new_kwargs
+            new_kwargs["hidden_states"] = new_hidden
+            return args, new_kwargs
+        return hook
+
+    def _post(self, i: int):
+        def hook(module: nn.Module, args: tuple, output: Any):
+            cut, incoming = self._pending.pop(i, (None, None))
+            if cut is None or cut.keep is None:
+                return None
+            out = output[0] if isinstance(output, tuple) else output
+            merged = gather_seq(incoming, cut.keep, 1)
+            if out.shape[1]:
+                current = merged.gather(1, cut.put[..., None].expand(-1, -1, merged.shape[-1]))
+                value = torch.where(cut.write[..., None], out, current)
+                merged = merged.scatter(1, cut.put[..., None].expand(-1, -1, merged.shape[-1]), value)
+            return (merged, *output[1:]) if isinstance(output, tuple) else merged
+        return hook

@@ -1,0 +1,200 @@
+"""Reducers held to their oracles on a tiny LLaVA, under eager and SDPA:
+
+- a schedule that removes nothing reproduces the model exactly;
+- drop == mask: for every op, the kept tokens' logits equal those of the unreduced model
+  (eager, explicit 4-D masks) with attention to the removed tokens masked from the same layer
+  on and bypassing tokens' residual restored;
+- the prune ranking equals the eager attention row of the last position at layer K-1;
+- generate with the KV cache equals a loop that recomputes the whole prefix every step;
+- a padded batch (one sample with two images) equals its samples run one at a time.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnflow.probes import adapters
+from attnflow.reducers import Schedule, apply
+from attnflow.toys import tiny
+
+BACKENDS = ("eager", "sdpa")
+STEPS = {
+    "prune": [{"op": "prune_visual", "layer": 1, "keep": 0.5}],
+    "pdrop": [{"op": "prune_visual", "layer": 1, "keep": 0.5}, {"op": "prune_visual", "layer": 2, "keep": 0.25}],
+    "exit": [{"op": "visual_exit", "layer": 2}],
+    "skip_visual": [{"op": "skip_layers", "layers": [1], "tokens": "visual"}],
+    "skip_all": [{"op": "skip_layers", "layers": [1], "tokens": "all"}],
+    "mixed": [{"op": "prune_visual", "layer": 1, "keep": 0.5}, {"op": "skip_layers", "layers": [2], "tokens": "visual"}],
+}
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    return {b: tiny.build("llava", attn_implementation=b) for b in BACKENDS}
+
+
+def prompts():
+    """The toy's prompts plus a long one, so that the two-image prompt is padded and, once
+    visual tokens leave, must carry some of its dropped tokens as filler."""
+    base = tiny.sample_prompts("llava")
+    words = "the cat is on the left of the house and the dog is on the right ."
+    return base + [{"prompt": f"<image> {words} {words} {words} what color is it ?", "images": base[0]["images"]}]
+
+
+def encode(processor, prompts):
+    return processor(text=[p["prompt"] for p in prompts], images=[p["images"] for p in prompts],
+                     padding=True, return_tensors="pt")
+
+
+def positions(batch):
+    """The position ids generate uses for a left-padded batch."""
+    am = batch["attention_mask"]
+    return (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
+
+
+def masked_oracle(model, batch, planner):
+    """Unreduced eager run in which layer l attends only to the tokens the reduced run
+    processed at l, and every other token's residual passes layer l unchanged."""
+    layers = adapters.decoder_layers(model)
+    b, n = batch["input_ids"].shape
+    processed = {}
+    for layer, (rows, real) in planner.layer_tokens.items():
+        mask = torch.zeros(b, n, dtype=torch.bool)
+        processed[layer] = mask.scatter(1, rows, real) if rows.shape[1] else mask
+    handles = []
+    for i, layer in enumerate(layers):
+        def pre(module, args, kwargs, i=i):
+            m = kwargs["attention_mask"]
+            kwargs = dict(kwargs, attention_mask=m.masked_fill(~processed[i][:, None, None, :], torch.finfo(m.dtype).min))
+            return args, kwargs
+
+        def post(module, args, output, i=i):
+            return torch.where(processed[i][..., None], output, args[0])
+        handles += [layer.register_forward_pre_hook(pre, with_kwargs=True), layer.register_forward_hook(post)]
+    try:
+        with torch.no_grad():
+            out = model(**batch, position_ids=positions(batch), output_attentions=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def reduced(model, steps, batch, **kw):
+    schedule = Schedule.for_model(model, steps)
+    with torch.no_grad(), apply(model, schedule, **kw) as planner:
+        logits = model(**batch, position_ids=positions(batch)).logits
+    return logits, planner
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_schedule_reproduces_logits_and_generation(models, backend):
+    model, processor = models[backend]
+    batch = encode(processor, prompts())
+    with torch.no_grad():
+        full = model(**batch).logits
+        gen = model.generate(**batch, max_new_tokens=4, do_sample=False)
+        with apply(model, Schedule.for_model(model, [])):
+            same = model(**batch).logits
+            same_gen = model.generate(**batch, max_new_tokens=4, do_sample=False)
+    assert torch.equal(full, same)
+    assert torch.equal(gen, same_gen)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", sorted(STEPS))
+def test_drop_equals_mask(models, backend, op):
+    model, processor = models[backend]
+    batch = encode(processor, prompts())
+    logits, planner = reduced(model, STEPS[op], batch)
+    oracle = masked_oracle(models["eager"][0], batch, planner).logits
+    want = oracle.gather(1, planner.positions[..., None].expand(-1, -1, oracle.shape[-1]))
+    real = planner.real
+    assert logits.shape[1] <= batch["input_ids"].shape[1]
+    if op not in ("skip_visual", "skip_all"):
+        assert logits.shape[1] < batch["input_ids"].shape[1]  # really shorter, not masked
+    torch.testing.assert_close(logits[real], want[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prune_keeps_the_top_of_the_last_row(models, backend):
+    model, processor = models[backend]
+    batch = encode(processor, prompts())
+    steps = STEPS["pdrop"]
+    _, planner = reduced(model, steps, batch)
+    oracle = masked_oracle(models["eager"][0], batch, planner)
+    visual = batch["input_ids"] == adapters.image_token_id(model)
+    for step in steps:
+        k, keep = step["layer"], step["keep"]
+        row = oracle.attentions[k - 1][:, :, -1, :].mean(1)  # [B, N] head mean of the last row
+        rows, real = planner.layer_tokens[k - 1]
+        torch.testing.assert_close(planner.scores[k][real], row.gather(1, rows)[real], atol=1e-5, rtol=1e-5)
+        kept_rows, kept_real = planner.layer_tokens[k]
+        for b in range(visual.shape[0]):
+            alive = rows[b][real[b] & visual[b, rows[b]]]
+            n_keep = int(keep * int(visual[b].sum()) + 0.5)
+            top = alive[row[b, alive].argsort(descending=True, stable=True)[:n_keep]]
+            kept = kept_rows[b][kept_real[b] & visual[b, kept_rows[b]]]
+            assert sorted(kept.tolist()) == sorted(top.tolist())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["pdrop", "exit", "skip_all", "mixed"])
+def test_generate_with_cache_equals_recomputing_the_prefix(models, backend, op):
+    model, processor = models[backend]
+    batch = encode(processor, prompts())
+    schedule = Schedule.for_model(model, STEPS[op])
+    steps, n = 5, batch["input_ids"].shape[1]
+    with torch.no_grad():
+        with apply(model, schedule):
+            out = model.generate(**batch, max_new_tokens=steps, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True, eos_token_id=None)
+        ids, am = batch["input_ids"], batch["attention_mask"]
+        for step in range(steps):
+            cur = dict(batch, input_ids=ids, attention_mask=am)
+            with apply(model, schedule, prompt_length=n):
+                last = model(**cur, position_ids=positions(cur), use_cache=False).logits[:, -1]
+            torch.testing.assert_close(out.logits[step], last, atol=1e-5, rtol=1e-5)
+            ids = torch.cat([ids, last.argmax(-1, keepdim=True)], 1)
+            am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
+    assert torch.equal(out.sequences, ids)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["pdrop", "exit", "mixed", "skip_all"])
+def test_padded_batch_equals_one_sample_at_a_time(models, backend, op):
+    model, processor = models[backend]
+    schedule = Schedule.for_model(model, STEPS[op])
+    batch = encode(processor, prompts())
+    assert not bool(batch["attention_mask"].all())  # really padded
+    logits, planner = reduced(model, STEPS[op], batch)
+    with torch.no_grad(), apply(model, schedule):
+        gen = model.generate(**batch, max_new_tokens=4, do_sample=False, eos_token_id=None)
+    for b, prompt in enumerate(prompts()):
+        one = encode(processor, [prompt])
+        alone, alone_planner = reduced(model, STEPS[op], one)
+        torch.testing.assert_close(logits[b, -1], alone[0, -1], atol=1e-5, rtol=1e-5)
+        offset = batch["input_ids"].shape[1] - one["input_ids"].shape[1]
+        kept = planner.positions[b][planner.real[b]] - offset
+        assert kept.tolist() == alone_planner.positions[0][alone_planner.real[0]].tolist()
+        torch.testing.assert_close(logits[b][planner.real[b]], alone[0][alone_planner.real[0]], atol=1e-5, rtol=1e-5)
+        with torch.no_grad(), apply(model, schedule):
+            gen_one = model.generate(**one, max_new_tokens=4, do_sample=False, eos_token_id=None)
+        assert gen[b, -4:].tolist() == gen_one[0, -4:].tolist()
+
+
+def test_hooks_are_removed_on_exit_and_on_error(models):
+    model, processor = models["sdpa"]
+    batch = encode(processor, tiny.sample_prompts("llava")[:1])
+    layers = adapters.decoder_layers(model)
+    with torch.no_grad():
+        full = model(**batch).logits
+        with pytest.raises(RuntimeError, match="boom"):
+            with apply(model, Schedule.for_model(model, STEPS["pdrop"])):
+                assert model(**batch).logits.shape[1] < full.shape[1]
+                raise RuntimeError("boom")
+        assert torch.equal(model(**batch).logits, full)
+    assert not any(layer._forward_pre_hooks or layer._forward_hooks for layer in layers)
+    assert not model._forward_pre_hooks
