@@ -1,0 +1,110 @@
+"""The cost model: FLOPs, visual-token equivalent and KV-cache bytes of a schedule.
+
+FLOPs of one decoder layer over n tokens (FastV's multiply-accumulate convention, SwiGLU
+MLP, methods.md §8.1) with the GQA correction: the q and o projections cost n·d·d_q each,
+k and v n·d·d_kv each (d_q = H·d_h, d_kv = H_kv·d_h; with d_q = d_kv = d this is the usual
+4nd²), attention 2n²·d_q, the MLP 3ndm. A schedule's predicted ratio is
+Σ_l F(n_l) / (L·F(n)) summed over prompts; T_eq = Σ_l n_visual(l) / L (visual tokens a layer
+processes); KV bytes = 2·Σ_l n_l·H_kv·d_h·bytes per prompt. Decode cost per new token at
+context c: 2d·d_q + 2d·d_kv + 2c·d_q + 3dm per layer. The counts n_l follow the schedule's
+semantics exactly (``layer_counts``); the apply tests check them against what really ran.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from attnflow.probes import adapters
+from attnflow.reducers.plan import kept_count
+from attnflow.reducers.schedule import Schedule
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The widths the cost model needs, read from the model's config."""
+
+    num_layers: int
+    hidden: int
+    q_width: int
+    kv_width: int
+    mlp: int
+    bytes_per_value: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "Shape":
+        d = adapters.dims(model)
+        head_dim = getattr(adapters.text_config(model), "head_dim", None) or d["hidden_size"] // d["num_heads"]
+        itemsize = next(model.parameters()).element_size()
+        return cls(d["num_layers"], d["hidden_size"], d["num_heads"] * head_dim, d["num_kv_heads"] * head_dim,
+                   d["intermediate_size"], itemsize)
+
+    def layer_flops(self, n: float) -> float:
+        """F(n): multiply-accumulates of one decoder layer over n tokens."""
+        d = self.hidden
+        return 2 * n * d * self.q_width + 2 * n * d * self.kv_width + 2 * n * n * self.q_width + 3 * n * d * self.mlp
+
+    def decode_flops(self, context: float) -> float:
+        """Multiply-accumulates of one decoder layer for one new token attending ``context`` keys."""
+        return self.layer_flops(1) - 2 * self.q_width + 2 * context * self.q_width
+
+
+@dataclass(frozen=True)
+class LayerCount:
+    """Tokens one layer processes for one prompt (all, and visual among them); ``bypassed``
+    when the whole layer is skipped (decode steps bypass it too)."""
+
+    tokens: int
+    visual: int
+    bypassed: bool = False
+
+
+def layer_counts(schedule: Schedule, n_tokens: int, n_visual: int) -> list[LayerCount]:
+    """Per layer, how many of a prompt's ``n_tokens`` real tokens (``n_visual`` visual) the
+    schedule lets the layer process."""
+    sinks = sum(1 for i in schedule.protect["visual_sinks"] if i < n_visual)
+    removable = n_visual - sinks
+    exit_layer = next((s["layer"] for s in schedule.steps_of("visual_exit")), None)
+    prunes = sorted((s["layer"], s["keep"]) for s in schedule.steps_of("prune_visual"))
+    skips = {layer: s["tokens"] for s in schedule.steps_of("skip_layers") for layer in s["layers"]}
+    out = []
+    for layer in range(schedule.num_layers):
+        left = removable
+        for k, keep in prunes:
+            if k <= layer:
+                left = int(kept_count(keep, torch.tensor(removable)))
+        if exit_layer is not None and layer >= exit_layer:
+            left = 0
+        tokens, visual = n_tokens - (removable - left), sinks + left
+        if skips.get(layer) == "all":
+            out.append(LayerCount(0, 0, bypassed=True))
+            continue
+        if skips.get(layer) == "visual":
+            tokens, visual = tokens - left, sinks
+        out.append(LayerCount(tokens, visual))
+    return out
+
+
+def predict(schedule: Schedule, shape: Shape, prompts: list[tuple[int, int]]) -> dict[str, float]:
+    """Predicted cost of ``schedule`` over ``prompts`` [(n_tokens, n_visual)], relative to the
+    unreduced model: FLOPs ratio, T_eq, KV-cache bytes (mean per prompt) and their ratio, and
+    the per-token decode FLOPs ratio of the first generated token."""
+    L = shape.num_layers
+    flops = full = kv = kv_full = dec = dec_full = t_eq = 0.0
+    for n, v in prompts:
+        counts = layer_counts(schedule, n, v)
+        flops += sum(shape.layer_flops(c.tokens) for c in counts)
+        full += L * shape.layer_flops(n)
+        kv += sum(c.tokens for c in counts)
+        kv_full += L * n
+        dec += sum(shape.decode_flops(c.tokens + 1) for c in counts if not c.bypassed)
+        dec_full += L * shape.decode_flops(n + 1)
+        t_eq += sum(c.visual for c in counts) / L
+    per_token = 2 * shape.kv_width * shape.bytes_per_value
+    m = len(prompts)
+    return {"flops_ratio": flops / full, "visual_tokens_equivalent": t_eq / m,
+            "visual_tokens": sum(v for _, v in prompts) / m,
+            "kv_bytes": kv * per_token / m, "kv_bytes_full": kv_full * per_token / m,
+            "kv_bytes_ratio": kv / kv_full, "decode_flops_ratio": dec / dec_full}

@@ -1,0 +1,63 @@
+"""The cost model against methods.md §8's worked LLaVA-1.5-7B values, and the predicted
+per-layer counts against the tokens the layers really processed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnflow.reducers import Schedule, apply
+from attnflow.reducers.cost import Shape, layer_counts, predict
+from attnflow.toys import tiny
+
+LLAVA_7B = Shape(num_layers=32, hidden=4096, q_width=4096, kv_width=4096, mlp=11008, bytes_per_value=2)
+PROMPT = (35 + 576 + 64, 576)  # system + visual + text tokens
+
+
+def paper_schedule(steps):
+    return Schedule(model={"model_type": "llava", "fingerprint": "sha256:x", "num_layers": 32}, steps=steps)
+
+
+def test_fastv_and_pdrop_match_the_worked_values():
+    fastv = predict(paper_schedule([{"op": "prune_visual", "layer": 2, "keep": 0.5}]), LLAVA_7B, [PROMPT])
+    assert fastv["flops_ratio"] == pytest.approx(0.594, abs=5e-4)  # SwiGLU variant, methods.md §8.1
+    assert fastv["visual_tokens_equivalent"] == pytest.approx((2 * 576 + 30 * 288) / 32)
+    fastv_144 = predict(paper_schedule([{"op": "prune_visual", "layer": 2, "keep": 0.25}]), LLAVA_7B, [PROMPT])
+    assert fastv_144["visual_tokens_equivalent"] == pytest.approx(171.0)  # methods.md §2.7
+    pdrop = predict(paper_schedule([{"op": "prune_visual", "layer": 8, "keep": 0.5},
+                                    {"op": "prune_visual", "layer": 16, "keep": 0.25},
+                                    {"op": "prune_visual", "layer": 24, "keep": 0.125}]), LLAVA_7B, [PROMPT])
+    assert pdrop["visual_tokens_equivalent"] == pytest.approx(270.0)  # methods.md §8.2
+    # 0.5 MiB of fp16 KV per token over all layers (methods.md §8.2)
+    assert pdrop["kv_bytes_full"] == pytest.approx(PROMPT[0] * 0.5 * 2**20)
+    assert pdrop["kv_bytes_ratio"] == pytest.approx(1 - (576 - 270) / PROMPT[0])
+
+
+def test_gqa_shrinks_only_the_kv_projections():
+    gqa = Shape(num_layers=1, hidden=64, q_width=64, kv_width=16, mlp=128, bytes_per_value=4)
+    mha = Shape(num_layers=1, hidden=64, q_width=64, kv_width=64, mlp=128, bytes_per_value=4)
+    n = 10
+    assert mha.layer_flops(n) == 4 * n * 64**2 + 2 * n * n * 64 + 3 * n * 64 * 128
+    assert mha.layer_flops(n) - gqa.layer_flops(n) == 2 * n * 64 * (64 - 16)
+
+
+@pytest.mark.parametrize("steps", [
+    [{"op": "prune_visual", "layer": 1, "keep": 0.4}, {"op": "skip_layers", "layers": [2], "tokens": "visual"}],
+    [{"op": "visual_exit", "layer": 2}, {"op": "skip_layers", "layers": [1], "tokens": "all"}],
+])
+def test_predicted_counts_are_what_ran(steps):
+    model, processor = tiny.build("llava")
+    prompts = tiny.sample_prompts("llava")
+    batch = processor(text=[p["prompt"] for p in prompts], images=[p["images"] for p in prompts],
+                      padding=True, return_tensors="pt")
+    schedule = Schedule.for_model(model, steps, protect={"modalities": ["bos", "system"], "visual_sinks": [1]})
+    with torch.no_grad(), apply(model, schedule) as planner:
+        model(**batch)
+    visual = batch["input_ids"] == model.config.image_token_id
+    for b in range(len(prompts)):
+        counts = layer_counts(schedule, int(batch["attention_mask"][b].sum()), int(visual[b].sum()))
+        for layer, count in enumerate(counts):
+            rows, real = planner.layer_tokens[layer]
+            ran = rows[b][real[b]]
+            assert count.tokens == len(ran)
+            assert count.visual == int(visual[b, ran].sum())
