@@ -1,0 +1,233 @@
+"""The report's content as plain data (sentences, tables, figure references) for the typst
+template: the template lays it out and never interprets it, so text from the files (token
+strings, paths, commands) reaches the PDF as text, never as markup.
+
+Shape: ``{title, subtitle, findings: [{head, text}], actions: [str], sections: [{title,
+paragraphs, figures: [{path, caption, skipped}], tables: [{caption, columns, rows}],
+skipped}]}``; every table cell is a string.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import platform
+from typing import Any
+
+from attnflow.reports import words
+from attnflow.reports.rundir import Run
+
+PACKAGES = ("attnflow", "torch", "transformers", "nnsight", "numpy", "xarray", "matplotlib", "seaborn", "typst")
+
+
+def _table(caption: str, columns: list[str], rows: list[list[Any]]) -> dict[str, Any]:
+    return {"caption": caption, "columns": columns, "rows": [[words.num(c) for c in row] for row in rows]}
+
+
+def _figure(figures: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
+    entry = figures[name]
+    return {"path": f"/figures/{entry['file']}" if entry["file"] else None, "caption": entry["caption"],
+            "skipped": entry["skipped"]}
+
+
+def _section(title: str, paragraphs: list[str], figures: list[dict[str, Any]] = (),
+             tables: list[dict[str, Any]] = (), skipped: str | None = None) -> dict[str, Any]:
+    return {"title": title, "paragraphs": paragraphs, "figures": list(figures), "tables": list(tables),
+            "skipped": skipped}
+
+
+def _has_visual(run: Run) -> bool:
+    return bool((run.trace["modality"] == "visual").any())
+
+
+def flow_section(run: Run, figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    flow = run.findings["flow"]
+    paragraphs = ["Each row is a layer; each column the share of a query group's attention that lands "
+                  "on a key group (rows of a query group sum to one)."]
+    tables = []
+    attribution = flow.get("attribution")
+    if attribution:
+        roll, mflow = attribution["rollout"]["by_modality"], attribution["maxflow"]["by_modality"]
+        groups = [g for g in roll if roll[g] or mflow.get(g)]
+        tables.append(_table(f"Attribution of the last prompt position to the input tokens "
+                             f"(mean over {attribution['samples']} samples; max-flow: "
+                             f"{attribution['maxflow']['note']})",
+                             ["method", *groups],
+                             [["attention rollout", *[roll[g] for g in groups]],
+                              ["attention flow (max-flow)", *[mflow[g] for g in groups]]]))
+    elif flow.get("attribution_note"):
+        paragraphs.append(f"Rollout and attention flow were not computed: {flow['attribution_note']}.")
+    return _section("Attention flow", paragraphs, [_figure(figures, "flow")], tables)
+
+
+def sinks_section(run: Run, figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    sinks = run.findings["sinks"]
+    th = run.findings["thresholds"]
+    paragraphs = [words.sinks_sentence(run.findings),
+                  f"A key is a sink in a layer when some head gives it at least {th['sink_ratio']:g}× what "
+                  f"uniform attention would (the causal-mask-corrected baseline) and at least "
+                  f"{words.pct(th['sink_share'])} of its attention, in at least {words.pct(th['sink_frequency'])} "
+                  "of the samples."]
+    rows = [[t["layer"], t["pos"], t["token"], t["modality"], words.pct(t["share"], 1),
+             f"{t.get('ratio', float('nan')):.2f}×", words.pct(t["frequency"]),
+             ", ".join(map(str, t.get("heads", [])))] for t in sinks["tokens"]]
+    tables = [_table("Attention sinks per layer", ["layer", "pos", "token", "modality", "share", "vs uniform",
+                                                   "samples", "heads"], rows)] if rows else []
+    return _section("Attention sinks", paragraphs, [_figure(figures, "received"), _figure(figures, "sink_heads")],
+                    tables)
+
+
+def patches_section(run: Run, figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    if not _has_visual(run):
+        return _section("Attention on the image", [], skipped=figures["patches"]["skipped"])
+    visual = run.findings["sinks"].get("visual", [])
+    rows = [[v["layer"], v["pos"], v["token"], " and ".join(v["by"]), words.pct(v["frequency"])] for v in visual]
+    tables = [_table("Visual sinks", ["layer", "pos", "token", "found by", "samples"], rows)] if rows else []
+    return _section("Attention on the image", [words.visual_sinks_sentence(run.findings)],
+                    [_figure(figures, "patches")], tables)
+
+
+def massive_section(run: Run, figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    massive = run.findings["sinks"]["massive"]
+    rows = [[m["layer"], m["pos"], m["token"], m["modality"], m["dim"], f"{m['ratio']:.0f}×",
+             words.pct(m["frequency"])] for m in massive]
+    tables = [_table("Massive activations", ["layer", "pos", "token", "modality", "dim", "max / median",
+                                             "samples"], rows)] if rows else []
+    return _section("Massive activations", [words.massive_sentence(run.findings)],
+                    [_figure(figures, "massive")], tables)
+
+
+def redundancy_section(run: Run, figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    red = run.findings["redundancy"]
+    bi = red["block_influence"]
+    angular = red["angular_distance"][0] if red.get("angular_distance") else [None] * len(bi["all"])
+    rank = red.get("attention_rank") or [None] * len(bi["all"])
+    rows = [[layer, bi["all"][layer], bi["text"][layer], bi["visual"][layer], angular[layer], rank[layer],
+             "yes" if layer in red["candidates"] else ""] for layer in range(len(bi["all"]))]
+    return _section("Redundant layers", [words.redundancy_sentence(run.findings)], [_figure(figures, "redundancy")],
+                    [_table("Redundancy per layer (Block Influence = 1 − mean cos(input, output); angular "
+                            "distance to the next layer's input, last token; attention rank)",
+                            ["layer", "BI all", "BI text", "BI visual", "angular d(ℓ, ℓ+1)", "ARank", "candidate"],
+                            rows)])
+
+
+def exit_section(run: Run, figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    ex = run.findings["exit"]
+    if not ex.get("applies", ex.get("layer") is not None):
+        return _section("Exit points", [], skipped=ex.get("reason", "no visual tokens"))
+    rows = [[name.replace("_", " "), info["layer"], info["tolerance"], info.get("rule", ""),
+             "chosen" if name == ex["criterion"] else ""] for name, info in ex["layers"].items()]
+    tables = [_table("Exit layer by criterion", ["criterion", "exit layer", "tolerance", "rule", ""], rows)]
+    by_qtype = (ex["layers"].get("knockout") or {}).get("by_qtype") or {}
+    if by_qtype:
+        tables.append(_table("Knockout exit layer per question type", ["question type", "exit layer"],
+                             [[q, layer] for q, layer in sorted(by_qtype.items())]))
+    paragraphs = [words.exit_sentence(run.findings), *ex.get("notes", [])]
+    return _section("Exit points", paragraphs, [_figure(figures, "exit")], tables)
+
+
+def schedule_section(run: Run, figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    schedule = run.schedule
+    if schedule is None:
+        return _section("Schedule", [], skipped="no schedule.json in the run (attnflow schedule derives one)")
+    rows = [[k + 1, s["op"], s.get("layer", ", ".join(map(str, s.get("layers", [])))),
+             words.pct(s["keep"]) if "keep" in s else "", words.step_words(s)] for k, s in enumerate(schedule["steps"])]
+    protect = schedule["protect"]
+    paragraphs = [words.schedule_sentence(schedule), words.verified_sentence(schedule),
+                  f"Protected (never removed): {', '.join(protect['modalities']) or 'nothing'} tokens"
+                  + (f", and visual tokens {', '.join(map(str, protect['visual_sinks']))} (visual sinks)"
+                     if protect["visual_sinks"] else "") + "."]
+    derived = schedule.get("derived_from") or {}
+    if derived.get("budget"):
+        paragraphs.append("Fidelity budget: " + ", ".join(f"{k} {words.num(v)}" for k, v in derived["budget"].items()) + ".")
+    reasons = derived.get("reasons") or derived.get("why")
+    if isinstance(reasons, list):
+        paragraphs.extend(str(r) for r in reasons)
+    elif isinstance(reasons, dict):
+        paragraphs.extend(f"{k}: {v}" for k, v in reasons.items())
+    tables = [_table("Schedule steps", ["step", "op", "layer(s)", "keep", "meaning"], rows)] if rows else []
+    numbers = {**{f"predicted {k}": v for k, v in (schedule.get("predicted") or {}).items()},
+               **{f"verified {k}": v for k, v in (schedule.get("verified") or {}).items()}}
+    if numbers:
+        tables.append(_table("Predicted and verified", ["quantity", "value"], [[k.replace("_", " "), v]
+                                                                             for k, v in numbers.items()]))
+    return _section("Schedule", paragraphs, [_figure(figures, "schedule")], tables)
+
+
+def provenance_section(run: Run) -> dict[str, Any]:
+    attrs = run.trace.attrs
+    meta = run.meta or {}
+    command = meta.get("command")
+    if isinstance(command, list):
+        command = " ".join(map(str, command))
+    rows = [["model", attrs.get("model_path") or "(not recorded)"], ["model type", attrs.get("model_type")],
+            ["config fingerprint", attrs.get("fingerprint")],
+            ["layers × heads", f"{attrs.get('num_layers')} × {attrs.get('num_heads')}"],
+            ["attention", f"{attrs.get('attn_implementation')}, {attrs.get('dtype')}"],
+            ["trace", f"schema {attrs.get('attnflow_trace')}, level {attrs.get('level')}, "
+                      f"{run.trace.sizes['sample']} samples"],
+            ["inputs", attrs.get("inputs_path") or "(in memory)"], ["inputs sha256", attrs.get("inputs_sha256") or ""],
+            ["command", command or "(no run.json: not recorded)"],
+            ["report built", _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")]]
+    versions = meta.get("versions") or {p: _version(p) for p in PACKAGES}
+    source = "of the run" if meta.get("versions") else "at report time"
+    versions = {**versions, **({"python": platform.python_version()} if "python" not in versions else {})}
+    thresholds = run.findings["thresholds"]
+    return _section("Provenance", [], tables=[
+        _table("Run", ["item", "value"], rows),
+        _table(f"Versions {source}", ["package", "version"], [[k, v] for k, v in versions.items()]),
+        _table("Analysis thresholds (findings.json)", ["threshold", "value"], [[k, v] for k, v in thresholds.items()])])
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def actions(run: Run) -> list[str]:
+    """What to do about the findings, most useful first."""
+    out = []
+    schedule = run.schedule
+    if schedule and schedule["steps"]:
+        out.append("Run the model under the derived schedule: `with attnflow.reducers.apply(model, "
+                   "\"schedule.json\"): model.generate(...)` (forward and generate, KV cache included).")
+    groups = words.sink_groups(run.findings["sinks"]["tokens"])
+    if groups:
+        names = ", ".join(f"“{g['token']}” (position {g['pos']})" for g in groups[:4])
+        out.append(f"Never prune or evict the sink token{'s' if len(groups) > 1 else ''} {names}: heads park "
+                   "attention there, and removing a sink changes every later layer.")
+    ex = run.findings["exit"]
+    if ex.get("applies") and ex["layer"] is not None and ex["layer"] < run.findings["model"]["num_layers"]:
+        out.append(f"Visual tokens can leave from layer {ex['layer']} on; pruning before that layer costs "
+                   "fidelity, so prune gradually before it (the schedule's prune steps) and drop them at it.")
+    if not _has_visual(run):
+        out.append("This model saw no visual tokens: the visual-token reductions do not apply; layer skipping "
+                   "of redundant layers is the reduction to try.")
+    candidates = run.findings["redundancy"]["candidates"]
+    if candidates:
+        out.append(f"Try skipping layer{'s' if len(candidates) > 1 else ''} {', '.join(map(str, candidates[:4]))} "
+                   "and check the output with attnflow verify.")
+    if not out:
+        out.append("Nothing to act on: no sinks, no exit point before the last layer and no redundant layer.")
+    return out
+
+
+def report_data(run: Run, figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Everything the template shows; ``figures`` is the figures index (see figures.py)."""
+    attrs = run.trace.attrs
+    model = attrs.get("model_path") or attrs.get("model_type")
+    findings = [{"head": "Attention sinks", "text": words.sinks_sentence(run.findings)},
+                {"head": "Massive activations", "text": words.massive_sentence(run.findings)},
+                {"head": "Exit point", "text": words.exit_sentence(run.findings)},
+                {"head": "Redundant layers", "text": words.redundancy_sentence(run.findings)},
+                {"head": "Schedule", "text": words.schedule_sentence(run.schedule)
+                 + (" " + words.verified_sentence(run.schedule) if run.schedule else "")}]
+    sections = [flow_section(run, figures), sinks_section(run, figures), patches_section(run, figures),
+                massive_section(run, figures), redundancy_section(run, figures), exit_section(run, figures),
+                schedule_section(run, figures), provenance_section(run)]
+    return {"title": f"attnflow report: {model}",
+            "subtitle": f"{attrs.get('model_type')} · {attrs.get('num_layers')} layers · "
+                        f"{run.trace.sizes['sample']} samples · {attrs.get('fingerprint', '')[:19]}…",
+            "findings": findings, "actions": actions(run), "sections": sections}

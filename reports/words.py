@@ -1,0 +1,163 @@
+"""What a run found and what to do about it, in sentences: one function per finding.
+
+Every sentence is made from the numbers in findings.json, schedule.json and verdict.json,
+so the report's first page says in words exactly what the files hold.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+
+def pct(x: float | None, digits: int = 0) -> str:
+    """0.421 -> '42%'; None -> 'n/a'."""
+    return "n/a" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def num(x: Any, digits: int = 3) -> str:
+    """A number with ``digits`` significant digits; None -> 'n/a'; others as text."""
+    if x is None:
+        return "n/a"
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return str(x)
+    return str(x) if isinstance(x, int) else f"{x:.{digits}g}"
+
+
+def layer_list(layers: list[int]) -> str:
+    """[1, 2, 3, 5] -> '1–3, 5'."""
+    out, run = [], []
+    for layer in sorted(set(layers)):
+        if run and layer != run[-1] + 1:
+            out.append(run)
+            run = []
+        run.append(layer)
+    if run:
+        out.append(run)
+    return ", ".join(f"{r[0]}–{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in out)
+
+
+def sink_groups(tokens: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Sinks grouped per (position, token): the layers where each is a sink and its strongest
+    numbers, strongest first."""
+    groups: dict[tuple[int, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for t in tokens:
+        groups[(t["pos"], t["token"], t["modality"])].append(t)
+    out = [{"pos": pos, "token": token, "modality": mod, "layers": sorted(t["layer"] for t in ts),
+            "share": max(t["share"] for t in ts), "ratio": max(t.get("ratio", 0.0) for t in ts),
+            "frequency": max(t["frequency"] for t in ts)} for (pos, token, mod), ts in groups.items()]
+    return sorted(out, key=lambda g: -g["ratio"])
+
+
+def sinks_sentence(findings: dict[str, Any]) -> str:
+    """The attention sinks, where and how strong, or that there are none (with the rule)."""
+    groups = sink_groups(findings["sinks"]["tokens"])
+    th = findings["thresholds"]
+    if not groups:
+        return (f"No attention sinks: no key received at least {th['sink_ratio']:g}× its uniform-attention "
+                f"share and {pct(th['sink_share'])} of a head's attention in {pct(th['sink_frequency'])} "
+                "or more of the samples.")
+    parts = [f"“{g['token']}” (position {g['pos']}, {g['modality']}) in layer{'s' if len(g['layers']) > 1 else ''} "
+             f"{layer_list(g['layers'])}, up to {g['ratio']:.1f}× its uniform share "
+             f"({pct(g['share'])} of a head's attention, in {pct(g['frequency'])} of samples)"
+             for g in groups[:4]]
+    more = f"; and {len(groups) - 4} more (see the table)" if len(groups) > 4 else ""
+    return f"{len(groups)} attention sink{'s' if len(groups) > 1 else ''}: " + "; ".join(parts) + more + "."
+
+
+def massive_sentence(findings: dict[str, Any]) -> str:
+    """Massive activations and the dimensions they sit in, or that there are none."""
+    dims, massive = findings["sinks"]["dims"], findings["sinks"]["massive"]
+    th = findings["thresholds"]
+    if not dims:
+        return (f"No massive activations: no hidden state has an entry {th['massive_ratio']:g}× its median "
+                "(small models often have none).")
+    where = sorted({(m["token"], m["modality"]) for m in massive})
+    on = ", ".join(f"“{t}” ({mod})" for t, mod in where[:4])
+    return (f"Massive activations in hidden dimension{'s' if len(dims) > 1 else ''} {', '.join(map(str, dims[:8]))}"
+            + (f", on {on}" if on else "") + ".")
+
+
+def visual_sinks_sentence(findings: dict[str, Any]) -> str:
+    """Visual tokens that act as sinks (they carry no image content and should be kept)."""
+    visual = findings["sinks"].get("visual", [])
+    if not visual:
+        return "No visual sinks: no visual token draws sink-level attention or a massive activation."
+    positions = sorted({v["pos"] for v in visual})
+    return (f"{len(positions)} visual sink position{'s' if len(positions) > 1 else ''} "
+            f"({', '.join(map(str, positions[:8]))}): keep them out of attention-based ranking.")
+
+
+def redundancy_sentence(findings: dict[str, Any]) -> str:
+    """The layers that change their input least, or that none is below the threshold."""
+    red, th = findings["redundancy"], findings["thresholds"]["redundant_bi"]
+    bi = red["block_influence"]["all"]
+    if not red["candidates"]:
+        lowest = min((v, i) for i, v in enumerate(bi) if v is not None)
+        return (f"No redundant layer: every layer's Block Influence exceeds {th:g} "
+                f"(lowest: layer {lowest[1]}, {lowest[0]:.3f}).")
+    cands = red["candidates"]
+    return (f"Layer{'s' if len(cands) > 1 else ''} {', '.join(map(str, cands))} change their input least "
+            f"(Block Influence ≤ {th:g}, most redundant first): candidates to skip.")
+
+
+def exit_sentence(findings: dict[str, Any]) -> str:
+    """The exit layer by the chosen criterion, the other criteria, or why it does not apply."""
+    ex = findings["exit"]
+    if not ex.get("applies", ex.get("layer") is not None):
+        return f"Exit analysis does not apply: {ex.get('reason', 'no visual tokens')}."
+    num_layers = findings["model"]["num_layers"]
+    chosen = ex["layers"][ex["criterion"]]
+    if ex["layer"] >= num_layers:
+        head = (f"Visual tokens matter up to the last layer (exit layer {ex['layer']} of {num_layers}, "
+                f"by {ex['criterion']}): no layer can drop them all.")
+    else:
+        head = (f"Exit layer {ex['layer']} of {num_layers} (by {ex['criterion'].replace('_', ' ')}, "
+                f"tolerance {chosen['tolerance']:g}): from layer {ex['layer']} on, visual tokens can go.")
+    others = [f"{k.replace('_', ' ')} says {v['layer']}" for k, v in ex["layers"].items() if k != ex["criterion"]]
+    return head + (f" Other criteria: {'; '.join(others)}." if others else "")
+
+
+def step_words(step: dict[str, Any]) -> str:
+    """One schedule step in words."""
+    if step["op"] == "prune_visual":
+        return (f"prune visual tokens at layer {step['layer']}, keeping {pct(step['keep'])} "
+                f"(ranked by the last position's attention at layer {step['layer'] - 1})")
+    if step["op"] == "visual_exit":
+        return f"all visual tokens exit at layer {step['layer']}"
+    who = "all tokens" if step["tokens"] == "all" else "visual tokens"
+    many = len(step["layers"]) > 1
+    return f"{who} skip layer{'s' if many else ''} {', '.join(map(str, step['layers']))}"
+
+
+def schedule_sentence(schedule: dict[str, Any] | None) -> str:
+    """The schedule's steps and its predicted cost, or that there is none."""
+    if schedule is None:
+        return "No schedule was derived (no schedule.json in the run)."
+    if not schedule["steps"]:
+        return "The derived schedule removes nothing: no reduction stayed within the fidelity budget."
+    pred = schedule.get("predicted") or {}
+    text = "Schedule: " + "; ".join(step_words(s) for s in schedule["steps"]) + "."
+    if pred.get("flops_ratio") is not None:
+        text += f" Predicted prefill FLOPs: {pct(pred['flops_ratio'])} of the full model"
+        if pred.get("visual_tokens_equivalent") is not None:
+            text += f" (T_eq {pred['visual_tokens_equivalent']:.1f} visual tokens)"
+        text += "."
+    return text
+
+
+def verified_sentence(schedule: dict[str, Any] | None) -> str:
+    """The schedule's verified fidelity and speed, or that it was not verified."""
+    ver = (schedule or {}).get("verified") or {}
+    if not ver:
+        return "Not verified (attnflow verify)."
+    parts = []
+    if ver.get("agreement") is not None:
+        parts.append(f"next-token agreement {pct(ver['agreement'], 1)}")
+    if ver.get("kl") is not None:
+        parts.append(f"KL {num(ver['kl'])} nats")
+    if ver.get("accuracy_delta") is not None:
+        parts.append(f"accuracy change {100 * ver['accuracy_delta']:+.1f} points")
+    if ver.get("prefill_speedup") is not None:
+        parts.append(f"prefill speedup {ver['prefill_speedup']:.2f}× ({ver.get('device', 'measured')})")
+    return "Verified: " + ", ".join(parts) + "."
