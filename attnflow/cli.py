@@ -71,3 +71,19 @@ def record(
     save_trace(trace, out)
     console.print(f"wrote {out}: {trace.sizes['sample']} samples × {trace.sizes['layer']} layers × "
                   f"{trace.sizes['head']} heads ({trace.attrs['attn_implementation']})")
+
+
+@app.command()
+@friendly
+def report(
+    run_dir: Path = typer.Argument(..., help="Run directory holding trace.nc and findings.json "
+                                             "(schedule.json, verdict.json and run.json when present)."),
+) -> None:
+    """Rebuild RUN_DIR/figures and RUN_DIR/report.pdf from the files in RUN_DIR."""
+    import time
+
+    from attnflow.reports.build import build
+
+    start = time.perf_counter()
+    pdf = build(run_dir)
+    console.print(f"wrote {pdf} and {run_dir / 'figures'}/ in {time.perf_counter() - start:.1f} s")
