@@ -18,7 +18,7 @@ import numpy as np
 import xarray as xr
 
 from attnflow.analyses.arrays import listed, nanmean
-from attnflow.analyses.groups import has_visual
+from attnflow.analyses.groups import has_visual, is_causal
 from attnflow.analyses.thresholds import Thresholds
 
 
@@ -48,10 +48,27 @@ def cumulative(curve: np.ndarray) -> np.ndarray:
     return np.nancumsum(curve) / total if total > 0 else np.zeros_like(curve)
 
 
-def observational_exit(curve: np.ndarray, th: Thresholds) -> int:
-    """First layer after which ``curve`` stays below ``th.exit_share_tol`` x its peak."""
-    with np.errstate(invalid="ignore"):
-        return first_stable(np.nan_to_num(curve, nan=0.0) < th.exit_share_tol * np.nanmax(curve))
+def uniform_to_visual(trace: xr.Dataset) -> float:
+    """The share text queries would pay to visual keys under uniform attention (the mean
+    fraction of the keys each text query sees that are visual)."""
+    modality = trace["modality"].transpose("sample", "pos").values
+    causal = is_causal(trace)
+    shares = []
+    for row in modality:
+        real = row != "pad"
+        visual = np.cumsum(row == "visual") if causal else np.full(len(row), (row == "visual").sum())
+        seen = np.cumsum(real) if causal else np.full(len(row), real.sum())
+        text = np.flatnonzero(row == "text")
+        shares.extend(visual[text] / seen[text])
+    return float(np.mean(shares)) if shares else float("nan")
+
+
+def observational_exit(curve: np.ndarray, uniform: float, th: Thresholds) -> int:
+    """First layer after which ``curve`` stays at most ``th.exit_share_tol`` x its peak, or x
+    the uniform-attention share when the peak is below it (a model whose text never reads
+    visual tokens exits at 0, not wherever noise peaks)."""
+    reference = np.nanmax(np.append(curve, uniform))
+    return first_stable(np.nan_to_num(curve, nan=0.0) <= th.exit_share_tol * reference)
 
 
 def find_exit(trace: xr.Dataset, th: Thresholds, knockout: dict[str, Any] | None = None,
@@ -66,9 +83,9 @@ def find_exit(trace: xr.Dataset, th: Thresholds, knockout: dict[str, Any] | None
     curve = text_to_visual(trace)
     if np.isnan(curve).all():  # no text query after the image: fall back to the last position
         curve = last_to_visual(trace)
-    layers = {"observational": {"layer": observational_exit(curve, th),
+    layers = {"observational": {"layer": observational_exit(curve, uniform_to_visual(trace), th),
                                 "tolerance": th.exit_share_tol,
-                                "rule": "stays below tolerance x peak of text->visual share"}}
+                                "rule": "text->visual share stays at most tolerance x max(peak, uniform share)"}}
     curves: dict[str, Any] = {"observational": listed(curve), "observational_last": listed(last_to_visual(trace)),
                               "observational_cumulative": listed(cumulative(curve)),
                               "knockout": None, "logit_lens": None}
