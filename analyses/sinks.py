@@ -9,7 +9,8 @@ is one head of four, which a head-mean would halve), and the same head must give
 raw share. Massive activations (Sun et al. 2024): hidden-state entries that dwarf the
 state's median; the dimensions they sit in are discovered from ``argmax_dim``. Visual sinks
 (Kang et al. 2025): visual positions that are attention sinks, or whose VAR score
-phi = max_{d in sink dims} |x_d| / rms(x) reaches tau.
+phi = max_{d in sink dims} |x_d| / rms(x) reaches a fixed fraction of its largest possible
+value sqrt(d).
 """
 
 from __future__ import annotations
@@ -136,15 +137,17 @@ def var_phi(trace: xr.Dataset, dims: list[int]) -> np.ndarray:
 
 def visual_sinks(trace: xr.Dataset, th: Thresholds, sinks: list[dict[str, Any]],
                  dims: list[int]) -> list[dict[str, Any]]:
-    """Visual positions that are sinks by attention (in ``sinks``) or by VAR's phi >= tau."""
+    """Visual positions that are sinks by attention (in ``sinks``) or by VAR's phi >= tau
+    (tau = ``th.var_tau_fraction`` x sqrt(hidden size), the largest phi possible)."""
     found: dict[tuple[int, int], dict[str, Any]] = {}
     for s in sinks:
         if s["modality"] == "visual":
             found[(s["layer"], s["pos"])] = {"layer": s["layer"], "pos": s["pos"], "token": s["token"],
                                              "by": ["attention"], "frequency": s["frequency"]}
     visual = (trace["modality"].transpose("sample", "pos") == "visual").values
+    tau = th.var_tau_fraction * np.sqrt(trace.sizes["hidden"])
     with np.errstate(invalid="ignore"):
-        high = (var_phi(trace, dims) >= th.var_tau) & visual[:, None, :]
+        high = (var_phi(trace, dims) >= tau) & visual[:, None, :]
     freq, chosen = _frequent(high, th)
     layers = trace["layer"].values
     for li, pos in chosen:

@@ -38,8 +38,10 @@ class Thresholds:
     # absolute "> 100": large against the layer's scale, not just within its own vector).
     massive_ratio: float = 1000.0
     massive_layer_ratio: float = 100.0
-    # VAR (Kang et al. 2025): phi = max_{d in sink dims} |x_d| / rms(x) >= var_tau.
-    var_tau: float = 20.0
+    # VAR (Kang et al. 2025): phi = max_{d in sink dims} |x_d| / rms(x) >= tau. phi can
+    # never exceed sqrt(hidden size), so tau is taken relative to it: VAR's tau = 20 at
+    # LLaMA-2's d = 4096 is 20 / 64 of the largest possible phi.
+    var_tau_fraction: float = 20.0 / 64.0
     # Redundancy: a layer is a candidate when its Block Influence (1 - mean cos between
     # its input and output, scale-free) is at most `redundant_bi` (cos >= 0.9).
     redundant_bi: float = 0.1
