@@ -74,6 +74,7 @@ class Planner:
                                     "run the whole generation inside `with reducers.apply(...)`")
             self.decoding = True
             self.seen += input_ids.shape[1]
+            self.decode_cuts: dict[tuple[int, bool], Cut] = {}
             return
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ScheduleError("reducers.apply needs a 2-D attention_mask (or none)")
@@ -98,7 +99,7 @@ class Planner:
         self.n_keep = {k: kept_count(keep, n_removable) for k, keep in self.prunes.items()}
         self.pos = torch.arange(n, device=dev).expand(b, n)
         self.filler = torch.zeros(b, n, dtype=torch.bool, device=dev)
-        self.touched = False
+        self.touched, self.steady = False, None
         self.cached: dict[int, tuple[Tensor, Tensor] | None] = {}
         self.layer_tokens, self.scores = {}, {}
         self.prompt_tokens = self.seen = n
@@ -124,16 +125,23 @@ class Planner:
     def _prefill_cut(self, layer: int) -> Cut | None:
         pos_in = self.pos
         pad_in = self.pad.gather(1, pos_in)
-        alive = self.removed_at.gather(1, pos_in) > layer
+        gone = (self.removed_at.gather(1, pos_in) <= layer) & ~pad_in & ~self.filler  # leave here
         skip = self.skips.get(layer)
-        acts = skip is not None or bool((~alive & ~pad_in).any())
-        if not self.touched and not acts:
+        changes = skip is not None or bool(gone.any())
+        if not self.touched and not changes:
             self.cached[layer] = None
             self.layer_tokens[layer] = (pos_in, ~pad_in)
             return None
-        self.touched = True
-        want = alive & ~pad_in & ~self.filler
-        keep, keep_filler = _rectangular(want, pad_in)
+        if not changes:  # as the previous layer: the same Cut object, so slices are reused
+            if self.steady is None:
+                blocked = pad_in | self.filler
+                self.steady = Cut(take=None, rows=pos_in, row_keys=pos_in, cols=pos_in, blocked=blocked)
+                self.steady_entry = (pos_in, blocked)
+            self.cached[layer] = self.steady_entry
+            self.layer_tokens[layer] = (pos_in, ~self.steady.blocked)
+            return self.steady
+        self.touched, self.steady = True, None
+        keep, keep_filler = _rectangular(~pad_in & ~self.filler & ~gone, pad_in)
         kept = pos_in.gather(1, keep)
         kept_pad = self.pad.gather(1, kept)
         if skip == "all":
@@ -157,6 +165,13 @@ class Planner:
         entry = self.cached.get(layer)
         if entry is None:
             return None
+        whole_skip = self.skips.get(layer) == "all"
+        memo = (id(entry), whole_skip)
+        if memo not in self.decode_cuts:  # layers that share a cache layout share one Cut
+            self.decode_cuts[memo] = self._new_decode_cut(entry, whole_skip, hidden)
+        return self.decode_cuts[memo]
+
+    def _new_decode_cut(self, entry: tuple[Tensor, Tensor], whole_skip: bool, hidden: Tensor) -> Cut:
         cached_rows, cached_blocked = entry
         b, q = hidden.shape[:2]
         dev = hidden.device
@@ -164,10 +179,11 @@ class Planner:
         new_keys = generated[:, generated.shape[1] - q:]
         slots = torch.arange(q, device=dev).expand(b, q)
         cols = torch.cat([cached_rows, generated], 1)
-        if self.skips.get(layer) == "all":  # new tokens bypass it too: they run as filler, unwritten
-            return Cut(take=slots, rows=slots, row_keys=new_keys, cols=cols, blocked=torch.ones_like(cols, dtype=torch.bool),
+        if whole_skip:  # new tokens bypass it too: they run as filler, unwritten
+            return Cut(take=None, rows=slots, row_keys=new_keys, cols=cols,
+                       blocked=torch.ones_like(cols, dtype=torch.bool),
                        keep=slots, put=slots, write=torch.zeros_like(slots, dtype=torch.bool))
-        return Cut(take=slots, rows=slots, row_keys=new_keys, cols=cols,
+        return Cut(take=None, rows=slots, row_keys=new_keys, cols=cols,
                    blocked=torch.cat([cached_blocked, torch.zeros_like(generated, dtype=torch.bool)], 1))
 
     # ---- ranking ------------------------------------------------------------------------

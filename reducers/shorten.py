@@ -27,7 +27,8 @@ from torch.utils.hooks import RemovableHandle
 class Cut:
     """How one call of one decoder layer is shortened; every tensor is [B, ·] per sample.
 
-    ``take`` [B, R]: slots of the incoming hidden states the layer processes.
+    ``take`` [B, R]: slots of the incoming hidden states the layer processes; None: all of
+    them, in order (a layer that changes nothing since the previous cut).
     ``rows`` [B, R]: their indices into the call's position tensors and mask rows.
     ``row_keys`` [B, R]: the same tokens' indices into the mask's key dim.
     ``cols`` [B, C]: indices into the mask's key dim of the layer's keys (cache included).
@@ -38,7 +39,7 @@ class Cut:
     and whether it is written (filler outputs are not).
     """
 
-    take: Tensor
+    take: Tensor | None
     rows: Tensor
     row_keys: Tensor
     cols: Tensor
@@ -100,6 +101,9 @@ class Shortener:
         self.layers, self.planner, self.bool_mask = layers, planner, bool_mask
         self._pending: dict[int, tuple[Cut, Tensor]] = {}
         self._handles: list[RemovableHandle] = []
+        # layers share HF's position and mask tensors, and consecutive layers often share a
+        # cut: the last (cut, inputs) -> sliced tensors is reused instead of gathered again
+        self._memo: tuple[tuple, dict[str, Any]] | None = None
 
     def attach(self) -> None:
         for i, layer in enumerate(self.layers):
@@ -111,6 +115,21 @@ class Shortener:
             h.remove()
         self._handles.clear()
         self._pending.clear()
+        self._memo = None
+
+    def _sliced(self, cut: Cut, kwargs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+        """The position embeddings, position ids and mask of ``kwargs`` cut by ``cut``."""
+        pe, ids, mask = kwargs.get("position_embeddings"), kwargs.get("position_ids"), kwargs.get("attention_mask")
+        key = (cut, *(pe or (None, None)), ids, mask)
+        if self._memo is not None and all(a is b for a, b in zip(self._memo[0], key)):
+            return self._memo[1]
+        out: dict[str, Any] = {"attention_mask": _cut_mask(mask, cut, self.bool_mask, dtype)}
+        if pe is not None:
+            out["position_embeddings"] = tuple(gather_seq(t, cut.rows, -2) for t in pe)
+        if ids is not None:
+            out["position_ids"] = gather_seq(ids, cut.rows, -1)
+        self._memo = (key, out)
+        return out
 
     def _pre(self, i: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
@@ -119,15 +138,8 @@ class Shortener:
             cut = self.planner(i, hidden)
             if cut is None:
                 return None
-            new_kwargs = dict(kwargs)
-            pe = kwargs.get("position_embeddings")
-            if pe is not None:
-                new_kwargs["position_embeddings"] = tuple(gather_seq(t, cut.rows, -2) for t in pe)
-            if kwargs.get("position_ids") is not None:
-                new_kwargs["position_ids"] = gather_seq(kwargs["position_ids"], cut.rows, -1)
-            new_kwargs["attention_mask"] = _cut_mask(kwargs.get("attention_mask"), cut, self.bool_mask,
-                                                     hidden.dtype)
-            new_hidden = gather_seq(hidden, cut.take, 1)
+            new_kwargs = {**kwargs, **self._sliced(cut, kwargs, hidden.dtype)}
+            new_hidden = hidden if cut.take is None else gather_seq(hidden, cut.take, 1)
             self._pending[i] = (cut, hidden)
             if positional:
                 return (new_hidden, *args[1:]), new_kwargs
@@ -142,9 +154,7 @@ class Shortener:
                 return None
             out = output[0] if isinstance(output, tuple) else output
             merged = gather_seq(incoming, cut.keep, 1)
-            if out.shape[1]:
-                current = merged.gather(1, cut.put[..., None].expand(-1, -1, merged.shape[-1]))
-                value = torch.where(cut.write[..., None], out, current)
-                merged = merged.scatter(1, cut.put[..., None].expand(-1, -1, merged.shape[-1]), value)
+            put = cut.put[..., None].expand(-1, -1, merged.shape[-1])
+            merged = merged.scatter(1, put, torch.where(cut.write[..., None], out, merged.gather(1, put)))
             return (merged, *output[1:]) if isinstance(output, tuple) else merged
         return hook
