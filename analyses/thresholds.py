@@ -80,5 +80,22 @@ class Thresholds:
             raise TypeError(f"unknown threshold(s) {unknown}; known: {sorted(known)}")
         return cls(**overrides)
 
+    @classmethod
+    def parse(cls, items: list[str]) -> "Thresholds":
+        """Defaults with ``NAME=VALUE`` overrides (command-line form), each value read as the
+        type of its field."""
+        types = {f.name: type(f.default) for f in fields(cls)}
+        overrides: dict[str, Any] = {}
+        for item in items:
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"threshold override {item!r} is not NAME=VALUE")
+            kind = types.get(name.strip(), str)
+            try:
+                overrides[name.strip()] = kind(value.strip())
+            except ValueError:
+                raise ValueError(f"threshold {name.strip()} takes a {kind.__name__}, not {value!r}") from None
+        return cls.from_kwargs(**overrides)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -11,6 +11,7 @@ import xarray as xr
 from torch import nn
 
 from attnflow.probes import adapters
+from attnflow.probes.io import TraceError
 from attnflow.probes.schema import SCHEMA_VERSION
 
 REQUIRED_VARIABLES = ("received", "uniform", "n_seen", "last_row", "flow", "update_cos",
@@ -18,8 +19,9 @@ REQUIRED_VARIABLES = ("received", "uniform", "n_seen", "last_row", "flow", "upda
 REQUIRED_COORDS = ("modality", "token")
 
 
-class TraceMismatchError(ValueError):
-    """The trace cannot be analysed (schema version, missing data, or another model)."""
+class TraceMismatchError(TraceError):
+    """The trace cannot be analysed (schema version, missing data, or another model or
+    inputs than the ones passed). A TraceError, so the CLI reports it as bad input."""
 
 
 def check_trace(trace: xr.Dataset) -> None:

@@ -75,6 +75,37 @@ def record(
 
 @app.command()
 @friendly
+def analyze(
+    trace: Path = typer.Argument(..., help="Trace (.nc) written by `attnflow record`."),
+    model: Optional[str] = typer.Option(None, help="The model the trace was recorded from (local folder, toy-vlm, "
+                                                   "toy-<family>): enables knockout, logit lens and rollout/flow."),
+    inputs: Optional[Path] = typer.Option(None, help="The trace's inputs (JSONL); default: the file it was recorded from."),
+    out: Path = typer.Option(Path("findings.json"), help="Where to write the findings (JSON)."),
+    threshold: list[str] = typer.Option([], "--threshold", "-t", help="Override a threshold, NAME=VALUE (repeatable)."),
+    batch_size: int = typer.Option(8, min=1),
+) -> None:
+    """Find sinks, redundant layers, the visual exit layer and cross-modal flow in TRACE."""
+    from attnflow.analyses import Thresholds
+    from attnflow.analyses import analyze as run_analyses
+    from attnflow.models import load_model
+
+    try:
+        overrides = Thresholds.parse(threshold).to_dict()
+    except (TypeError, ValueError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--threshold") from None
+    m, processor = load_model(model) if model else (None, None)
+    findings = run_analyses(trace, m, inputs, processor=processor, batch_size=batch_size, **overrides)
+    findings.save(out)
+    ex = findings.exit
+    exit_text = (f"layer {ex['layer']} by {ex['criterion']}" if ex["applies"] else "does not apply (no visual tokens)")
+    console.print(f"wrote {out}: {len(findings.sinks['tokens'])} sink(s), massive dims {findings.sinks['dims']}, "
+                  f"redundant layers {findings.redundancy['candidates']}, visual exit {exit_text}")
+    for note in ex.get("notes", []):
+        console.print(f"note: {note}")
+
+
+@app.command()
+@friendly
 def report(
     run_dir: Path = typer.Argument(..., help="Run directory holding trace.nc and findings.json "
                                              "(schedule.json, verdict.json and run.json when present)."),
