@@ -40,13 +40,15 @@ def last_row_attention(attn: nn.Module, q: Tensor, k: Tensor, position_embedding
     keys = k.view(b, r, -1, dh)
     if getattr(attn, "q_norm", None) is not None:
         q_row, keys = attn.q_norm(q_row), attn.k_norm(keys)
-    q_row, keys = q_row.transpose(1, 2), keys.transpose(1, 2)
+    q_row, keys = q_row.transpose(1, 2), keys.transpose(1, 2)  # [B, H, 1, dh], [B, Hkv, R, dh]
     cos, sin = position_embeddings
     rope = _rope(attn)
-    q_row = rope(q_row, q_row, gather_seq(cos, query_slot[:, None], -2), gather_seq(sin, query_slot[:, None], -2))[0]
-    keys = rope(keys, keys, cos, sin)[0]
-    keys = keys.repeat_interleave(q_row.shape[1] // keys.shape[1], dim=1)
-    logits = (q_row @ keys.transpose(-1, -2)).squeeze(2) * attn.scaling
+    q_row = rope(q_row, q_row[:, :1], gather_seq(cos, query_slot[:, None], -2),
+                 gather_seq(sin, query_slot[:, None], -2))[0]
+    keys = rope(keys[:, :1], keys, cos, sin)[1]
+    heads, kv_heads = q_row.shape[1], keys.shape[1]
+    grouped = q_row.reshape(b, kv_heads, heads // kv_heads, dh)  # GQA: query heads grouped by KV head
+    logits = (grouped @ keys.transpose(-1, -2)).reshape(b, heads, r) * attn.scaling
     softcap = getattr(getattr(attn, "config", None), "attn_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap

@@ -98,6 +98,10 @@ class Schedule:
                 "steps": [dict(s) for s in self.steps], "derived_from": self.derived_from,
                 "predicted": dict(self.predicted), "verified": dict(self.verified)}
 
+    def save(self, path: str | Path) -> Path:
+        """Write the schedule's JSON to ``path``, atomically."""
+        return save_schedule(self, path)
+
     def check_model(self, model: nn.Module) -> None:
         """Refuse a model other than the one the schedule was made for (type, config fingerprint)."""
         info = model_info(model)

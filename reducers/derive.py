@@ -1,0 +1,348 @@
+"""Derive a model's schedule from its Findings under a fidelity budget, then verify it.
+
+Evidence (methods.md §9), each turned into a starting point:
+
+- visual exit: the Findings' knockout exit layer (``exit.layers.knockout``, else
+  ``exit.layer``): from there on cutting text->visual attention barely changes the output;
+- first pruning layer K: the first layer after the peak of the observational text->visual
+  curve where it falls below ``fade`` x its peak, or the layer after the peak when it never
+  fades (the image has been read at the peak; attention from there ranks tokens best);
+- keep share: the smallest share of visual tokens whose last-row attention at layer K-1
+  covers ``coverage`` of the visual mass (measured on the inputs, mean over prompts);
+- layers to skip: ``redundancy.candidates`` (most redundant first), tried one at a time;
+- protected visual sinks: ``sinks.visual`` positions, mapped to visual-token indices.
+
+Then a greedy search under the budget, each trial checked on the inputs (next-token KL and
+top-1 agreement against the unreduced model): the earliest exit within budget, the smallest
+keep within budget, then every skip that stays within budget. Finally ``verify`` runs on all
+inputs; while the verified schedule is outside the budget it backs off (drop the last skip,
+raise keep, move the exit later) and verifies again. Every choice is written to
+``derived_from.reasons``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from attnflow.probes import adapters
+from attnflow.probes.inputs import Example, as_examples, encode
+from attnflow.reducers.apply import apply
+from attnflow.reducers.schedule import DEFAULT_PROTECT, Schedule, ScheduleError, model_info
+from attnflow.reducers.verify import verify
+
+DEFAULT_MAX_KL = 0.01  # nats; used when a budget names neither bound
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The fidelity a derived schedule must keep against the unreduced model on the inputs:
+    mean next-token KL(full || reduced) at most ``max_kl`` (nats) and/or top-1 agreement at
+    least ``min_agreement``; with neither, ``max_kl`` = DEFAULT_MAX_KL."""
+
+    max_kl: float | None = None
+    min_agreement: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_kl is None and self.min_agreement is None:
+            object.__setattr__(self, "max_kl", DEFAULT_MAX_KL)
+        if self.max_kl is not None and not self.max_kl >= 0:
+            raise ScheduleError(f"budget max_kl must be >= 0, got {self.max_kl}")
+        if self.min_agreement is not None and not 0 <= self.min_agreement <= 1:
+            raise ScheduleError(f"budget min_agreement must lie in [0, 1], got {self.min_agreement}")
+
+    @classmethod
+    def of(cls, budget: "Budget | dict[str, float]") -> "Budget":
+        if isinstance(budget, Budget):
+            return budget
+        if not isinstance(budget, dict) or set(budget) - {"max_kl", "min_agreement"}:
+            raise ScheduleError(f"a budget takes max_kl and/or min_agreement, got {budget!r}")
+        return cls(**budget)
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: v for k, v in (("max_kl", self.max_kl), ("min_agreement", self.min_agreement)) if v is not None}
+
+    def holds(self, measured: dict[str, float]) -> bool:
+        return ((self.max_kl is None or measured["kl"] <= self.max_kl)
+                and (self.min_agreement is None or measured["agreement"] >= self.min_agreement))
+
+
+@dataclass
+class Settings:
+    """Knobs of the derivation (defaults from methods.md §9)."""
+
+    coverage: float = 0.9  # share of last-row visual attention the kept tokens must cover
+    fade: float = 0.5  # the text->visual curve has faded below this share of its peak
+    max_examples: int = 64  # prompts used for the search's fidelity checks
+    batch_size: int = 16
+    max_backoffs: int = 20
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One point of the search: an exit layer, a prune step and skipped layers."""
+
+    exit: int | None
+    prune_layer: int | None
+    keep: float | None
+    skips: tuple[tuple[int, str], ...] = ()
+
+    def steps(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        if self.prune_layer is not None and self.keep is not None and self.keep < 1.0:
+            out.append({"op": "prune_visual", "layer": self.prune_layer, "keep": round(self.keep, 4)})
+        if self.exit is not None:
+            out.append({"op": "visual_exit", "layer": self.exit})
+        out += [{"op": "skip_layers", "layers": [layer], "tokens": tokens} for layer, tokens in self.skips]
+        return out
+
+
+@dataclass
+class _Search:
+    """The state of one derivation: the model, the probe batches, the budget and the log."""
+
+    model: nn.Module
+    batches: list[dict]
+    full: list[torch.Tensor]
+    budget: Budget
+    protect: dict[str, Any]
+    reasons: list[str] = field(default_factory=list)
+    trials: list[dict[str, Any]] = field(default_factory=list)
+
+    def schedule(self, cand: Candidate) -> Schedule:
+        return Schedule.for_model(self.model, cand.steps(), protect=self.protect)
+
+    def fidelity(self, cand: Candidate) -> dict[str, float]:
+        """Mean next-token KL(full || reduced) and top-1 agreement at the last prompt position."""
+        kls, agree = [], []
+        with torch.no_grad(), apply(self.model, self.schedule(cand)):
+            for batch, full in zip(self.batches, self.full):
+                red = self.model(**batch).logits[:, -1].double().log_softmax(-1)
+                kls.append((full.exp() * (full - red)).sum(-1).clamp_min(0))
+                agree.append((full.argmax(-1) == red.argmax(-1)).double())
+        return {"kl": float(torch.cat(kls).mean()), "agreement": float(torch.cat(agree).mean())}
+
+    def ok(self, cand: Candidate) -> bool:
+        """Whether ``cand`` is a valid schedule within budget on the probe inputs (logged once)."""
+        try:
+            self.schedule(cand)
+        except ScheduleError:
+            return False
+        for trial in self.trials:
+            if trial["steps"] == cand.steps():
+                return trial["within_budget"]
+        measured = self.fidelity(cand)
+        passed = self.budget.holds(measured)
+        self.trials.append({"steps": cand.steps(), **measured, "within_budget": passed})
+        return passed
+
+
+def _findings(findings: Any) -> tuple[dict[str, Any], str]:
+    """Findings as a dict, from a Findings object, its dict, or a JSON path; and its source."""
+    if isinstance(findings, (str, Path)):
+        path = Path(findings)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ScheduleError(f"cannot read findings {str(path)!r}: {exc}") from exc
+        return data, str(path)
+    if hasattr(findings, "to_dict"):
+        return findings.to_dict(), "<Findings>"
+    if isinstance(findings, dict):
+        return findings, "<dict>"
+    raise ScheduleError(f"findings must be a Findings, its dict or a JSON path, not {type(findings).__name__}")
+
+
+def exit_evidence(findings: dict[str, Any], num_layers: int) -> tuple[int | None, str]:
+    """The exit layer the Findings give (knockout preferred), clamped to [1, L]; None: no exit."""
+    section = findings.get("exit") or {}
+    if not section.get("applies", section.get("layer") is not None):
+        return None, "the findings say the exit analysis does not apply (no visual tokens)"
+    layers = section.get("layers") or {}
+    criterion = "knockout" if (layers.get("knockout") or {}).get("layer") is not None else section.get("criterion")
+    layer = (layers.get(criterion) or {}).get("layer", section.get("layer"))
+    if layer is None:
+        return None, "the findings give no exit layer"
+    tol = (layers.get(criterion) or {}).get("tolerance")
+    why = (f"exit layer {layer} by the {criterion} criterion"
+           + (f" (tolerance {tol})" if tol is not None else "") + " in the findings")
+    return (None if layer >= num_layers else max(1, int(layer))), why
+
+
+def first_prune_layer(curve: list[float | None] | None, num_layers: int, fade: float) -> tuple[int, str]:
+    """First pruning layer from the observational text->visual curve (see the module docstring)."""
+    values = np.array([np.nan if v is None else v for v in (curve or [])], dtype=float)
+    if values.size == 0 or np.isnan(values).all():
+        layer = max(1, min(2, num_layers - 1))
+        return layer, f"no observational curve: FastV's K = {layer}"
+    peak = int(np.nanargmax(values))
+    below = [layer for layer in range(peak + 1, len(values)) if values[layer] <= fade * values[peak]]
+    if below:
+        layer = below[0]
+        why = (f"text->visual attention peaks at layer {peak} ({values[peak]:.3f}) and falls below "
+               f"{fade} x peak at layer {layer} ({values[layer]:.3f})")
+    else:
+        layer = peak + 1
+        why = (f"text->visual attention peaks at layer {peak} ({values[peak]:.3f}) and never falls below "
+               f"{fade} x peak: prune right after the peak")
+    return max(1, min(layer, num_layers - 1)), why
+
+
+def visual_sink_indices(findings: dict[str, Any], examples: list[Example], processor: Any,
+                        model: nn.Module) -> tuple[list[int], str]:
+    """Visual-token indices of the Findings' visual sinks: each trace position (left-aligned)
+    mapped through the prompts' own layouts; kept when it is visual in most prompts."""
+    sinks = (findings.get("sinks") or {}).get("visual") or []
+    positions = sorted({int(s["pos"]) for s in sinks})
+    if not positions:
+        return [], "no visual sinks in the findings"
+    image_id = adapters.image_token_id(model)
+    hits: dict[int, Counter] = {p: Counter() for p in positions}
+    for ex in examples:
+        ids = encode(processor, [ex])["input_ids"][0]
+        visual = (ids == image_id).long()
+        index = visual.cumsum(0) - 1
+        for p in positions:
+            if p < len(ids) and visual[p]:
+                hits[p][int(index[p])] += 1
+    chosen = sorted({c.most_common(1)[0][0] for p, c in hits.items()
+                     if c and c.most_common(1)[0][1] * 2 >= len(examples)})
+    return chosen, (f"visual sinks at trace positions {positions} -> visual-token indices {chosen}, "
+                    "protected (never pruned, out of the ranking)")
+
+
+def keep_share(search: _Search, layer: int, coverage: float) -> tuple[float, str]:
+    """Mean smallest share of visual tokens covering ``coverage`` of the last-row visual
+    attention at ``layer - 1``, measured by ranking with keep 1.0 (nothing removed)."""
+    probe = Schedule.for_model(search.model, [{"op": "prune_visual", "layer": layer, "keep": 1.0}],
+                               protect=search.protect)
+    shares = []
+    with torch.no_grad(), apply(search.model, probe) as planner:
+        for batch in search.batches:
+            search.model(**batch)
+            rows, real = planner.layer_tokens[layer - 1]
+            visual = real & planner.removable.gather(1, rows)
+            scores = planner.scores[layer].masked_fill(~visual, 0)
+            for b in range(scores.shape[0]):
+                s = scores[b][visual[b]].sort(descending=True).values
+                if s.numel() and float(s.sum()) > 0:
+                    k = int((s.cumsum(0) / s.sum() < coverage).sum()) + 1
+                    shares.append(min(k, s.numel()) / s.numel())
+    if not shares:
+        return 1.0, "no visual tokens to rank"
+    share = float(np.mean(shares))
+    return share, (f"the top {share:.0%} of visual tokens (mean over {len(shares)} prompts) cover {coverage:.0%} "
+                   f"of the last position's visual attention at layer {layer - 1}")
+
+
+def _greedy(search: _Search, start: Candidate, num_layers: int, keep0: float,
+            skips: list[int]) -> Candidate:
+    """Earliest exit, then smallest keep, then every skip that stays within budget."""
+    cand = replace(start, prune_layer=None, keep=None)
+    if cand.exit is not None:
+        while cand.exit is not None and not search.ok(cand):  # back off towards no exit
+            cand = replace(cand, exit=cand.exit + 1 if cand.exit + 1 < num_layers else None)
+        while cand.exit is not None and cand.exit > 1 and search.ok(replace(cand, exit=cand.exit - 1)):
+            cand = replace(cand, exit=cand.exit - 1)
+        search.reasons.append(f"visual_exit: layer {cand.exit} is the earliest within budget" if cand.exit
+                              else "visual_exit: none within budget")
+    if start.prune_layer is not None and (cand.exit is None or start.prune_layer < cand.exit):
+        keep = keep0
+        while keep < 1.0 and not search.ok(replace(cand, prune_layer=start.prune_layer, keep=keep)):
+            keep = min(1.0, keep * 1.5)
+        if keep < 1.0:
+            cand = replace(cand, prune_layer=start.prune_layer, keep=keep)
+            search.reasons.append(f"prune_visual: keep {keep:.3f} at layer {start.prune_layer} is the smallest "
+                                  f"tried within budget (from {keep0:.3f}, x1.5 per step)")
+        else:
+            search.reasons.append(f"prune_visual: no keep below 1 at layer {start.prune_layer} stays within budget")
+    for layer in skips:
+        for tokens in ("all", "visual"):
+            if tokens == "visual" and cand.exit is not None and layer >= cand.exit:
+                continue  # visual tokens have left already
+            trial = replace(cand, skips=cand.skips + ((layer, tokens),))
+            if search.ok(trial):
+                cand = trial
+                search.reasons.append(f"skip_layers: layer {layer} ({tokens}) from redundancy.candidates stays "
+                                      "within budget")
+                break
+    return cand
+
+
+def _relax(cand: Candidate, num_layers: int) -> Candidate | None:
+    """The next more conservative candidate: drop the last skip, raise keep, move the exit later."""
+    if cand.skips:
+        return replace(cand, skips=cand.skips[:-1])
+    if cand.keep is not None:
+        keep = cand.keep * 1.5
+        return replace(cand, keep=keep) if keep < 1.0 else replace(cand, keep=None, prune_layer=None)
+    if cand.exit is not None:
+        return replace(cand, exit=cand.exit + 1 if cand.exit + 1 < num_layers else None)
+    return None
+
+
+def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
+           budget: "Budget | dict[str, float] | None" = None, *, settings: Settings | None = None,
+           verify_options: dict[str, Any] | None = None) -> Schedule:
+    """A schedule for ``model`` from ``findings`` (a Findings, its dict or a JSON path) whose
+    verified fidelity on ``inputs`` is within ``budget``; ``derived_from`` says why each step
+    was chosen, ``predicted`` and ``verified`` hold the final verification."""
+    cfg = settings or Settings()
+    budget = Budget.of(budget or Budget())
+    data, source = _findings(findings)
+    info = model_info(model)
+    if (data.get("model") or {}).get("fingerprint") not in (None, info["fingerprint"]):
+        raise ScheduleError(f"the findings ({source}) were made for model {data['model'].get('fingerprint')}, "
+                            f"not this one ({info['fingerprint']})")
+    examples = as_examples(inputs)
+    num_layers = info["num_layers"]
+    tok = getattr(processor, "tokenizer", processor)
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        probe = examples[:cfg.max_examples]
+        device = next(model.parameters()).device
+        batches = [encode(processor, probe[i:i + cfg.batch_size]).to(device)
+                   for i in range(0, len(probe), cfg.batch_size)]
+        sinks, sink_why = visual_sink_indices(data, probe, processor, model)
+    finally:
+        tok.padding_side = side
+    with torch.no_grad():
+        full = [model(**b).logits[:, -1].double().log_softmax(-1) for b in batches]
+    protect = {"modalities": list(DEFAULT_PROTECT["modalities"]), "visual_sinks": sinks}
+    search = _Search(model, batches, full, budget, protect)
+    exit_layer, exit_why = exit_evidence(data, num_layers)
+    curve = ((data.get("exit") or {}).get("curves") or {}).get("observational")
+    prune_layer, prune_why = first_prune_layer(curve, num_layers, cfg.fade)
+    keep0, keep_why = keep_share(search, prune_layer, cfg.coverage)
+    candidates = [int(c) for c in (data.get("redundancy") or {}).get("candidates") or [] if 0 < int(c) < num_layers]
+    search.reasons += [exit_why, prune_why, keep_why, sink_why,
+                       f"redundancy candidates (most redundant first): {candidates}"]
+    cand = _greedy(search, Candidate(exit_layer, prune_layer, keep0), num_layers, keep0, candidates)
+    options = {"new_tokens": 4, "repeats": 3, **(verify_options or {})}
+    for _ in range(cfg.max_backoffs + 1):
+        schedule = search.schedule(cand)
+        verdict = verify(model, schedule, examples, processor, **options)
+        measured = verdict.verified()
+        if budget.holds(measured):
+            break
+        search.reasons.append(f"verified kl {measured['kl']:.4g}, agreement {measured['agreement']:.3f} on "
+                              f"{verdict.n_examples} prompts: outside the budget, backing off from {cand.steps()}")
+        relaxed = _relax(cand, num_layers)
+        if relaxed is None:
+            break
+        cand = relaxed
+    schedule.derived_from = {"findings": source, "budget": budget.to_dict(), "reasons": search.reasons,
+                             "evidence": {"exit_layer": exit_layer, "first_prune_layer": prune_layer,
+                                          "keep_share": keep0, "coverage": cfg.coverage, "fade": cfg.fade,
+                                          "visual_sinks": sinks, "skip_candidates": candidates},
+                             "trials": search.trials}
+    schedule.predicted = verdict.predicted()
+    schedule.verified = {**verdict.verified(), "within_budget": budget.holds(verdict.verified())}
+    return schedule

@@ -1,0 +1,112 @@
+"""derive() and verify(): a planted visual exit is found and verified whatever exit the
+findings claim; the Verdict's fidelity and cost are self-consistent; evidence helpers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from attnflow.probes.inputs import Example
+from attnflow.reducers import Schedule, ScheduleError
+from attnflow.reducers.cost import Shape, predict
+from attnflow.reducers.derive import Budget, derive, first_prune_layer, visual_sink_indices
+from attnflow.reducers.verify import fastv, pdrop, verify
+from attnflow.toys import planted, tiny
+
+PLANTED_EXIT = 2
+
+
+@pytest.fixture(scope="module")
+def exit_vlm():
+    return planted.exit_vlm(PLANTED_EXIT, num_layers=4, samples=6)
+
+
+def findings_claiming(exit_layer: int, num_layers: int) -> dict:
+    """Findings whose knockout says ``exit_layer`` and whose text->visual curve fades at it."""
+    curve = [0.9 if layer < exit_layer else 0.0 for layer in range(num_layers)]
+    return {"exit": {"applies": True, "layer": exit_layer, "criterion": "knockout",
+                     "layers": {"knockout": {"layer": exit_layer, "tolerance": 0.01}},
+                     "curves": {"observational": curve}},
+            "redundancy": {"candidates": []}, "sinks": {"visual": []}}
+
+
+@pytest.mark.parametrize("claimed", [1, 3])
+def test_derive_finds_the_planted_exit_whatever_the_findings_claim(exit_vlm, claimed):
+    budget = Budget(max_kl=1e-3)
+    schedule = derive(findings_claiming(claimed, 4), exit_vlm.model, exit_vlm.examples, exit_vlm.processor,
+                      budget, verify_options={"repeats": 1, "new_tokens": 2})
+    exits = [s["layer"] for s in schedule.steps if s["op"] == "visual_exit"]
+    assert exits == [PLANTED_EXIT]
+    assert schedule.verified["kl"] <= 1e-3 and schedule.verified["within_budget"]
+    assert schedule.predicted["flops_ratio"] < 1
+    derived = schedule.derived_from
+    assert derived["budget"] == {"max_kl": 1e-3}
+    assert derived["evidence"]["exit_layer"] == claimed
+    assert any(f"exit layer {claimed} by the knockout criterion" in r for r in derived["reasons"])
+    tried = {json.dumps(t["steps"]): t["within_budget"] for t in derived["trials"]}
+    assert tried[json.dumps([{"op": "visual_exit", "layer": PLANTED_EXIT - 1}])] is False
+    assert tried[json.dumps([{"op": "visual_exit", "layer": PLANTED_EXIT}])] is True
+    Schedule.from_dict(json.loads(json.dumps(schedule.to_dict())))  # a valid, JSON-clean schedule
+
+
+def test_budget_and_findings_errors(exit_vlm):
+    with pytest.raises(ScheduleError, match="max_kl must be >= 0"):
+        Budget(max_kl=-1.0)
+    with pytest.raises(ScheduleError, match="takes max_kl and/or min_agreement"):
+        Budget.of({"max_lk": 0.1})
+    assert Budget().to_dict() == {"max_kl": 0.01}
+    other = dict(findings_claiming(2, 4), model={"fingerprint": "sha256:another"})
+    with pytest.raises(ScheduleError, match="made for model sha256:another"):
+        derive(other, exit_vlm.model, exit_vlm.examples, exit_vlm.processor, Budget())
+
+
+def test_first_prune_layer_reads_the_curve():
+    assert first_prune_layer([0.2, 0.8, 0.7, 0.3, 0.1], 5, 0.5)[0] == 3  # first below half the peak
+    assert first_prune_layer([0.2, 0.8, 0.7, 0.6, 0.6], 5, 0.5)[0] == 2  # never fades: after the peak
+    assert first_prune_layer(None, 6, 0.5)[0] == 2  # no curve: FastV's K
+
+
+def test_visual_sinks_map_to_visual_token_indices():
+    model, processor = tiny.build("llava")
+    image = tiny.sample_prompts("llava")[0]["images"]
+    first = Example("<image> what color is the square ?", image)  # bos, then 16 visual tokens
+    later = Example("look at this <image> ?", image)  # bos + 3 words, then visual tokens
+    findings = {"sinks": {"visual": [{"layer": 1, "pos": 5}]}}
+    indices, _ = visual_sink_indices(findings, [first, first, later], processor, model)
+    assert indices == [4]
+    indices, _ = visual_sink_indices(findings, [first, later, later], processor, model)
+    assert indices == [1]
+
+
+def test_verdict_is_self_consistent():
+    model, processor = tiny.build("llava")
+    prompts = tiny.sample_prompts("llava")
+    examples = [Example(p["prompt"], p["images"]) for p in prompts]
+    with torch.no_grad():
+        # the unreduced model's own greedy first word is the "answer": its accuracy is 1
+        batch = processor(text=[e.prompt for e in examples[:1]], images=[e.images for e in examples[:1]],
+                          return_tensors="pt")
+        word = processor.tokenizer.decode(model.generate(**batch, max_new_tokens=1, do_sample=False)[0, -1:])
+    examples[0].answer = word.strip()
+    verdict = verify(model, Schedule.for_model(model, []), examples, processor, new_tokens=3, repeats=1,
+                     batch_size=2)
+    empty = verdict.row("schedule")
+    assert empty.agreement == 1.0 and empty.kl == 0.0 and empty.generation_agreement == 1.0
+    assert empty.flops_ratio == 1.0 and empty.accuracy == verdict.unreduced["accuracy"] == 1.0
+    assert empty.accuracy_delta == 0.0
+    assert [r.name for r in verdict.rows] == ["schedule", "fastv", "fastv_equal_flops", "pdrop"]
+    ids = [processor(text=e.prompt, images=e.images, return_tensors="pt")["input_ids"][0] for e in examples]
+    layouts = [(len(i), int((i == model.config.image_token_id).sum())) for i in ids]
+    shape = Shape.of(model)
+    assert verdict.row("fastv").flops_ratio == pytest.approx(predict(fastv(model), shape, layouts)["flops_ratio"])
+    assert verdict.row("pdrop").steps == pdrop(model).steps
+    front = {p["name"] for p in verdict.to_dict()["pareto"]}
+    for r in verdict.rows:
+        dominated = any(o.flops_ratio <= r.flops_ratio and o.fidelity >= r.fidelity
+                        and (o.flops_ratio, o.fidelity) != (r.flops_ratio, r.fidelity) for o in verdict.rows)
+        assert (r.name in front) == (not dominated) == r.pareto
+    data = json.loads(json.dumps(verdict.to_dict()))
+    assert data["attnflow_verdict"] == 1 and data["model"]["num_layers"] == 3
+    assert set(verdict.verified()) >= {"agreement", "kl", "accuracy_delta", "prefill_speedup", "device"}
