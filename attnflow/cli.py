@@ -118,3 +118,67 @@ def report(
     start = time.perf_counter()
     pdf = build(run_dir)
     console.print(f"wrote {pdf} and {run_dir / 'figures'}/ in {time.perf_counter() - start:.1f} s")
+
+
+@app.command()
+@friendly
+def schedule(
+    findings: Path = typer.Argument(..., help="Findings (JSON) written by `attnflow analyze`."),
+    out: Path = typer.Option(Path("schedule.json"), help="Where to write the schedule (JSON)."),
+    model: Optional[str] = typer.Option(None, help="The model the findings describe (local folder, toy-vlm, "
+                                                   "toy-<family>); default: the one their trace was recorded from."),
+    inputs: Optional[Path] = typer.Option(None, help="JSONL the schedule is searched and verified on; default: "
+                                                     "the trace's inputs."),
+    max_kl: Optional[float] = typer.Option(None, help="Fidelity budget: max mean KL(full || reduced), nats."),
+    min_agreement: Optional[float] = typer.Option(None, help="Fidelity budget: min next-token top-1 agreement."),
+    batch_size: int = typer.Option(8, min=1),
+) -> None:
+    """Derive a pruning schedule from FINDINGS under a fidelity budget (default --max-kl 0.01), verified."""
+    import json
+
+    from attnflow.models import default_inputs, load_model
+    from attnflow.reducers.derive import Budget, derive
+
+    try:
+        provenance = json.loads(findings.read_text()).get("trace") or {}
+    except (OSError, json.JSONDecodeError, AttributeError) as exc:
+        raise typer.BadParameter(f"cannot read findings {str(findings)!r}: {exc}", param_hint="FINDINGS") from None
+    model = model or provenance.get("model_path")
+    if not model:
+        raise typer.BadParameter("the findings do not name their model: pass --model", param_hint="--model")
+    inputs = inputs or (Path(provenance["inputs_path"]) if provenance.get("inputs_path") else default_inputs(model))
+    m, processor = load_model(model)
+    result = derive(findings, m, inputs, processor, Budget(max_kl=max_kl, min_agreement=min_agreement),
+                    verify_options={"batch_size": batch_size})
+    result.save(out)
+    ver, pred = result.verified, result.predicted
+    console.print(f"wrote {out}: {len(result.steps)} step(s), predicted FLOPs ratio {pred['flops_ratio']:.3f}, "
+                  f"verified KL {ver['kl']:.4g}, agreement {ver['agreement']:.3f}"
+                  + ("" if ver["within_budget"] else " (outside the budget: nothing smaller fits it)"))
+
+
+@app.command()
+@friendly
+def verify(
+    schedule: Path = typer.Option(..., help="Schedule (JSON) written by `attnflow schedule`."),
+    model: str = typer.Option("toy-vlm", help="Local HF model folder, toy-vlm, or toy-<family>."),
+    inputs: Optional[Path] = typer.Option(None, help="JSONL inputs; default: the model's bundled inputs."),
+    out: Path = typer.Option(Path("verdict.json"), help="Where to write the verdict (JSON)."),
+    new_tokens: int = typer.Option(8, min=1, help="Greedy tokens generated per prompt."),
+    repeats: int = typer.Option(5, min=1, help="Timing repeats (medians are reported)."),
+    batch_size: int = typer.Option(8, min=1),
+) -> None:
+    """Verify SCHEDULE on MODEL: fidelity and cost against the unreduced model, FastV and PyramidDrop."""
+    from attnflow.models import default_inputs, load_model
+    from attnflow.reducers.verify import verify as run_verify
+
+    m, processor = load_model(model)
+    verdict = run_verify(m, schedule, inputs or default_inputs(model), processor, new_tokens=new_tokens,
+                         batch_size=batch_size, repeats=repeats)
+    verdict.save(out)
+    console.print(f"wrote {out} ({verdict.n_examples} prompts, {verdict.device}, {verdict.backend})")
+    for r in verdict.rows:
+        acc = "" if r.accuracy is None else f", accuracy {r.accuracy:.3f} ({100 * r.accuracy_delta:+.1f} pts)"
+        console.print(f"{r.name:>18}: FLOPs {r.flops_ratio:.3f}, T_eq {r.visual_tokens_equivalent:.1f}, agreement "
+                      f"{r.agreement:.3f}, KL {r.kl:.4g}{acc}, prefill {r.prefill_speedup:.2f}x, decode "
+                      f"{r.decode_speedup:.2f}x{' (Pareto)' if r.pareto else ''}")

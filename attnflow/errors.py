@@ -4,5 +4,7 @@ from attnflow.models import ModelSpecError
 from attnflow.probes.adapters import UnsupportedModelError
 from attnflow.probes.inputs import InputError
 from attnflow.probes.io import TraceError
+from attnflow.reducers.schedule import ScheduleError
 
-USER_ERRORS: tuple[type[Exception], ...] = (ModelSpecError, UnsupportedModelError, InputError, TraceError)
+USER_ERRORS: tuple[type[Exception], ...] = (ModelSpecError, UnsupportedModelError, InputError, TraceError,
+                                            ScheduleError)

@@ -1,6 +1,9 @@
 """Reducers: per-model pruning schedules derived from findings, applied for real and verified."""
 
 from attnflow.reducers.apply import apply
+from attnflow.reducers.derive import Budget, derive
 from attnflow.reducers.schedule import Schedule, ScheduleError, load_schedule, save_schedule
+from attnflow.reducers.verify import Verdict, verify
 
-__all__ = ["Schedule", "ScheduleError", "apply", "load_schedule", "save_schedule"]
+__all__ = ["Budget", "Schedule", "ScheduleError", "Verdict", "apply", "derive", "load_schedule", "save_schedule",
+           "verify"]

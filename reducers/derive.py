@@ -15,9 +15,10 @@ Evidence (methods.md §9), each turned into a starting point:
 Then a greedy search under the budget, each trial checked on the inputs (next-token KL and
 top-1 agreement against the unreduced model): the earliest exit within budget, the smallest
 keep within budget, then every skip that stays within budget. Finally ``verify`` runs on all
-inputs; while the verified schedule is outside the budget it backs off (drop the last skip,
-raise keep, move the exit later) and verifies again. Every choice is written to
-``derived_from.reasons``.
+inputs: while the schedule's fidelity on all of them is outside the budget it backs off (drop
+the last skip, raise keep, move the exit later), then ``verify`` measures the result (the
+same KL and agreement, plus generation, accuracy, FLOPs and wall-clock, beside the
+baselines). Every choice is written to ``derived_from.reasons``.
 """
 
 from __future__ import annotations
@@ -104,13 +105,41 @@ class Candidate:
         return out
 
 
+class _Probe:
+    """Prompts, encoded in left-padded batches, with the unreduced model's next-token
+    log-probabilities, against which a schedule's fidelity is measured."""
+
+    def __init__(self, model: nn.Module, processor: Any, examples: list[Example], batch_size: int) -> None:
+        self.model, self.examples = model, examples
+        tok = getattr(processor, "tokenizer", processor)
+        side, tok.padding_side = tok.padding_side, "left"
+        try:
+            device = next(model.parameters()).device
+            self.batches = [encode(processor, examples[i:i + batch_size]).to(device)
+                            for i in range(0, len(examples), batch_size)]
+        finally:
+            tok.padding_side = side
+        with torch.no_grad():
+            self.full = [model(**b).logits[:, -1].double().log_softmax(-1) for b in self.batches]
+
+    def fidelity(self, schedule: Schedule) -> dict[str, float]:
+        """Mean next-token KL(full || reduced) and top-1 agreement at the last prompt position
+        (what ``verify`` reports as ``kl`` and ``agreement``)."""
+        kls, agree = [], []
+        with torch.no_grad(), apply(self.model, schedule):
+            for batch, full in zip(self.batches, self.full):
+                red = self.model(**batch).logits[:, -1].double().log_softmax(-1)
+                kls.append((full.exp() * (full - red)).sum(-1).clamp_min(0))
+                agree.append((full.argmax(-1) == red.argmax(-1)).double())
+        return {"kl": float(torch.cat(kls).mean()), "agreement": float(torch.cat(agree).mean())}
+
+
 @dataclass
 class _Search:
-    """The state of one derivation: the model, the probe batches, the budget and the log."""
+    """The state of one derivation: the model, the probe prompts, the budget and the log."""
 
     model: nn.Module
-    batches: list[dict]
-    full: list[torch.Tensor]
+    probe: _Probe
     budget: Budget
     protect: dict[str, Any]
     reasons: list[str] = field(default_factory=list)
@@ -118,16 +147,6 @@ class _Search:
 
     def schedule(self, cand: Candidate) -> Schedule:
         return Schedule.for_model(self.model, cand.steps(), protect=self.protect)
-
-    def fidelity(self, cand: Candidate) -> dict[str, float]:
-        """Mean next-token KL(full || reduced) and top-1 agreement at the last prompt position."""
-        kls, agree = [], []
-        with torch.no_grad(), apply(self.model, self.schedule(cand)):
-            for batch, full in zip(self.batches, self.full):
-                red = self.model(**batch).logits[:, -1].double().log_softmax(-1)
-                kls.append((full.exp() * (full - red)).sum(-1).clamp_min(0))
-                agree.append((full.argmax(-1) == red.argmax(-1)).double())
-        return {"kl": float(torch.cat(kls).mean()), "agreement": float(torch.cat(agree).mean())}
 
     def ok(self, cand: Candidate) -> bool:
         """Whether ``cand`` is a valid schedule within budget on the probe inputs (logged once)."""
@@ -138,7 +157,7 @@ class _Search:
         for trial in self.trials:
             if trial["steps"] == cand.steps():
                 return trial["within_budget"]
-        measured = self.fidelity(cand)
+        measured = self.probe.fidelity(self.schedule(cand))
         passed = self.budget.holds(measured)
         self.trials.append({"steps": cand.steps(), **measured, "within_budget": passed})
         return passed
@@ -225,7 +244,7 @@ def keep_share(search: _Search, layer: int, coverage: float) -> tuple[float, str
                                protect=search.protect)
     shares = []
     with torch.no_grad(), apply(search.model, probe) as planner:
-        for batch in search.batches:
+        for batch in search.probe.batches:
             search.model(**batch)
             rows, real = planner.layer_tokens[layer - 1]
             visual = real & planner.removable.gather(1, rows)
@@ -303,20 +322,10 @@ def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
                             f"not this one ({info['fingerprint']})")
     examples = as_examples(inputs)
     num_layers = info["num_layers"]
-    tok = getattr(processor, "tokenizer", processor)
-    side, tok.padding_side = tok.padding_side, "left"
-    try:
-        probe = examples[:cfg.max_examples]
-        device = next(model.parameters()).device
-        batches = [encode(processor, probe[i:i + cfg.batch_size]).to(device)
-                   for i in range(0, len(probe), cfg.batch_size)]
-        sinks, sink_why = visual_sink_indices(data, probe, processor, model)
-    finally:
-        tok.padding_side = side
-    with torch.no_grad():
-        full = [model(**b).logits[:, -1].double().log_softmax(-1) for b in batches]
+    probe = _Probe(model, processor, examples[:cfg.max_examples], cfg.batch_size)
+    sinks, sink_why = visual_sink_indices(data, probe.examples, processor, model)
     protect = {"modalities": list(DEFAULT_PROTECT["modalities"]), "visual_sinks": sinks}
-    search = _Search(model, batches, full, budget, protect)
+    search = _Search(model, probe, budget, protect)
     exit_layer, exit_why = exit_evidence(data, num_layers)
     curve = ((data.get("exit") or {}).get("curves") or {}).get("observational")
     prune_layer, prune_why = first_prune_layer(curve, num_layers, cfg.fade)
@@ -325,19 +334,17 @@ def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
     search.reasons += [exit_why, prune_why, keep_why, sink_why,
                        f"redundancy candidates (most redundant first): {candidates}"]
     cand = _greedy(search, Candidate(exit_layer, prune_layer, keep0), num_layers, keep0, candidates)
-    options = {"new_tokens": 4, "repeats": 3, **(verify_options or {})}
-    for _ in range(cfg.max_backoffs + 1):
-        schedule = search.schedule(cand)
-        verdict = verify(model, schedule, examples, processor, **options)
-        measured = verdict.verified()
-        if budget.holds(measured):
-            break
-        search.reasons.append(f"verified kl {measured['kl']:.4g}, agreement {measured['agreement']:.3f} on "
-                              f"{verdict.n_examples} prompts: outside the budget, backing off from {cand.steps()}")
+    every = probe if len(examples) <= cfg.max_examples else _Probe(model, processor, examples, cfg.batch_size)
+    for _ in range(cfg.max_backoffs):  # the budget must hold on every prompt, not only the probe ones
+        measured = every.fidelity(search.schedule(cand))
         relaxed = _relax(cand, num_layers)
-        if relaxed is None:
+        if budget.holds(measured) or relaxed is None:
             break
+        search.reasons.append(f"kl {measured['kl']:.4g}, agreement {measured['agreement']:.3f} on all "
+                              f"{len(examples)} prompts: outside the budget, backing off from {cand.steps()}")
         cand = relaxed
+    schedule = search.schedule(cand)
+    verdict = verify(model, schedule, examples, processor, **{"new_tokens": 4, "repeats": 3, **(verify_options or {})})
     schedule.derived_from = {"findings": source, "budget": budget.to_dict(), "reasons": search.reasons,
                              "evidence": {"exit_layer": exit_layer, "first_prune_layer": prune_layer,
                                           "keep_share": keep0, "coverage": cfg.coverage, "fade": cfg.fade,
