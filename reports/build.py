@@ -24,10 +24,11 @@ from attnflow.reports.rundir import ReportError, load_run
 PDF = "report.pdf"
 
 
-def build(run_dir: str | Path) -> Path:
-    """Redraw the figures of ``run_dir`` and typeset ``run_dir/report.pdf``; returns its path."""
+def build(run_dir: str | Path, *, svg: bool = False) -> Path:
+    """Redraw the figures of ``run_dir`` (also as SVG with ``svg``) and typeset
+    ``run_dir/report.pdf``; returns its path."""
     run = load_run(run_dir)
-    figures = write_figures(run)
+    figures = write_figures(run, ("png", "svg") if svg else ("png",))
     work = Path(tempfile.mkdtemp(prefix=".report-", dir=run.dir))
     try:
         shutil.copyfile(resources.files("attnflow.reports") / "template.typ", work / "report.typ")

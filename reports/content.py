@@ -129,7 +129,7 @@ def exit_section(run: Run, figures: dict[str, dict[str, Any]]) -> dict[str, Any]
 def schedule_section(run: Run, figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
     schedule = run.schedule
     if schedule is None:
-        return _section("Schedule", [], skipped="no schedule.json in the run (attnflow schedule derives one)")
+        return _section("Schedule", [], skipped=run.why_missing("schedule", "schedule.json"))
     rows = [[k + 1, s["op"], s.get("layer", ", ".join(map(str, s.get("layers", [])))),
              words.pct(s["keep"]) if "keep" in s else "", words.step_words(s)] for k, s in enumerate(schedule["steps"])]
     protect = schedule["protect"]
@@ -139,19 +139,57 @@ def schedule_section(run: Run, figures: dict[str, dict[str, Any]]) -> dict[str, 
                      if protect["visual_sinks"] else "") + "."]
     derived = schedule.get("derived_from") or {}
     if derived.get("budget"):
-        paragraphs.append("Fidelity budget: " + ", ".join(f"{k} {words.num(v)}" for k, v in derived["budget"].items()) + ".")
-    reasons = derived.get("reasons") or derived.get("why")
-    if isinstance(reasons, list):
-        paragraphs.extend(str(r) for r in reasons)
-    elif isinstance(reasons, dict):
-        paragraphs.extend(f"{k}: {v}" for k, v in reasons.items())
+        budget = ", ".join(f"{k} {words.num(v)}" for k, v in derived["budget"].items())
+        paragraphs.append(f"Fidelity budget: {budget}.")
     tables = [_table("Schedule steps", ["step", "op", "layer(s)", "keep", "meaning"], rows)] if rows else []
+    if derived.get("reasons"):
+        tables.append(_table("How the schedule was derived (reducers.derive)", ["", "evidence and choice"],
+                             [[k + 1, str(r)] for k, r in enumerate(derived["reasons"])]))
+    if derived.get("trials"):
+        tables.append(_table("Candidates tried on the inputs", ["steps", "KL", "agreement", "within budget"],
+                             [[words.steps_short(t["steps"]), t["kl"], words.pct(t["agreement"], 1),
+                               "yes" if t["within_budget"] else "no"] for t in derived["trials"]]))
     numbers = {**{f"predicted {k}": v for k, v in (schedule.get("predicted") or {}).items()},
                **{f"verified {k}": v for k, v in (schedule.get("verified") or {}).items()}}
     if numbers:
         tables.append(_table("Predicted and verified", ["quantity", "value"], [[k.replace("_", " "), v]
                                                                              for k, v in numbers.items()]))
     return _section("Schedule", paragraphs, [_figure(figures, "schedule")], tables)
+
+
+def verification_section(run: Run, figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    verdict = run.verdict
+    if verdict is None:
+        return _section("Verification against the baselines", [], skipped=run.why_missing("verify", "verdict.json"))
+    rows, full = verdict["rows"], verdict["unreduced"]
+    paragraphs = [words.verdict_sentence(verdict),
+                  f"Measured on {verdict['n_examples']} prompts with {verdict['new_tokens']} greedy tokens each, on "
+                  f"{verdict['device']} ({verdict['backend']}, {verdict['dtype']}); wall-clock times are medians of "
+                  f"{verdict['repeats']} interleaved repeats on a batch of {verdict['timing_batch']} in one process. "
+                  "FLOPs are the cost model's prediction for the prefill."]
+    fidelity = _table("Pareto table: fidelity against the unreduced model",
+                      ["configuration", "steps", "FLOPs", "T_eq", "agreement", "KL", "gen. agr.", "accuracy", "Δ acc.",
+                       "Pareto"],
+                      [[words.config_name(r["name"]), words.steps_short(r["steps"]), words.pct(r["flops_ratio"], 1),
+                        f"{r['visual_tokens_equivalent']:.1f}", words.pct(r["agreement"], 1), r["kl"],
+                        words.pct(r["generation_agreement"], 1), words.pct(r["accuracy"], 1),
+                        "n/a" if r["accuracy_delta"] is None else f"{100 * r['accuracy_delta']:+.1f}",
+                        "yes" if r["pareto"] else ""] for r in rows])
+    speed = _table("Cost and measured speed",
+                   ["configuration", "FLOPs", "KV cache", "prefill ms", "prefill ×", "decode ms/token", "decode ×"],
+                   [["unreduced model", "100%", "100%", full["prefill_ms"], "1.00", full["decode_ms_per_token"],
+                     "1.00"]]
+                   + [[words.config_name(r["name"]), words.pct(r["flops_ratio"], 1), words.pct(r["kv_bytes_ratio"], 1),
+                       r["prefill_ms"], f"{r['prefill_speedup']:.2f}", r["decode_ms_per_token"],
+                       f"{r['decode_speedup']:.2f}"] for r in rows])
+    tables = [fidelity, speed]
+    types = sorted(full.get("accuracy_by_type") or {})
+    if types:
+        tables.append(_table("Accuracy per question type", ["question type", "unreduced",
+                                                            *[words.config_name(r["name"]) for r in rows]],
+                             [[q, words.pct(full["accuracy_by_type"][q], 1),
+                               *[words.pct(r["accuracy_by_type"].get(q), 1) for r in rows]] for q in types]))
+    return _section("Verification against the baselines", paragraphs, [_figure(figures, "pareto")], tables)
 
 
 def provenance_section(run: Run) -> dict[str, Any]:
@@ -168,6 +206,8 @@ def provenance_section(run: Run) -> dict[str, Any]:
                       f"{run.trace.sizes['sample']} samples"],
             ["inputs", attrs.get("inputs_path") or "(in memory)"], ["inputs sha256", attrs.get("inputs_sha256") or ""],
             ["command", command or "(no run.json: not recorded)"],
+            *[[f"{stage} (s)", seconds] for stage, seconds in (meta.get("seconds") or {}).items()],
+            *[[key, value] for key, value in (meta.get("machine") or {}).items()],
             ["report built", _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")]]
     versions = meta.get("versions") or {p: _version(p) for p in PACKAGES}
     source = "of the run" if meta.get("versions") else "at report time"
@@ -223,10 +263,11 @@ def report_data(run: Run, figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 {"head": "Exit point", "text": words.exit_sentence(run.findings)},
                 {"head": "Redundant layers", "text": words.redundancy_sentence(run.findings)},
                 {"head": "Schedule", "text": words.schedule_sentence(run.schedule)
-                 + (" " + words.verified_sentence(run.schedule) if run.schedule else "")}]
+                 + (" " + words.verified_sentence(run.schedule) if run.schedule else "")},
+                {"head": "Baselines", "text": words.verdict_sentence(run.verdict)}]
     sections = [flow_section(run, figures), sinks_section(run, figures), patches_section(run, figures),
                 massive_section(run, figures), redundancy_section(run, figures), exit_section(run, figures),
-                schedule_section(run, figures), provenance_section(run)]
+                schedule_section(run, figures), verification_section(run, figures), provenance_section(run)]
     return {"title": f"attnflow report: {model}",
             "subtitle": f"{attrs.get('model_type')} · {attrs.get('num_layers')} layers · "
                         f"{run.trace.sizes['sample']} samples · {attrs.get('fingerprint', '')[:19]}…",

@@ -1,5 +1,6 @@
 """The report's figures: one function per figure, each returning a matplotlib Figure, and
-``save_figures`` writing them all as PNG and SVG into ``run_dir/figures`` in one atomic swap.
+``save_figures`` writing them all as PNG (and SVG on request, for papers) into
+``run_dir/figures`` in one atomic swap.
 
 A figure whose data the run does not have (no visual tokens, no exit analysis, no schedule
 or verdict) raises ``NotApplicable`` with the reason; ``save_figures`` records that reason in
@@ -26,12 +27,13 @@ from attnflow.analyses.groups import has_visual
 from attnflow.analyses.sinks import sink_scores
 from attnflow.fileio import atomic_dir, write_json
 from attnflow.probes.schema import GROUPS
-from attnflow.reports.rundir import Run, load_run
-from attnflow.reports.style import (DIVERGING, MARK, MODALITY_COLORS, SEQUENTIAL, SERIES_COLORS,
-                                    new_figure)
+from attnflow.reports.rundir import ReportError, Run, load_run
+from attnflow.reports.style import (DIVERGING, MARK, MODALITY_COLORS, PALETTE_BASELINES, SEQUENTIAL,
+                                    SERIES_COLORS, new_figure)
 from attnflow.reports.tokens import tokens_per_layer
+from attnflow.reports.words import config_name, fidelity_name
 
-FORMATS = ("png", "svg")
+FORMATS = ("png", "svg")  # PNG is what the PDF embeds; SVG doubles the drawing time
 MAX_LOG2 = 6.0  # colour scale of received/uniform saturates at 64x (planted sinks reach 2^60)
 INDEX = "index.json"
 
@@ -185,49 +187,59 @@ def _first_visual_sample(trace: xr.Dataset) -> int:
     return int(np.flatnonzero(visual.any(1))[0])
 
 
+def _patch_grid(sample: xr.Dataset, values: np.ndarray) -> tuple[np.ndarray, dict[int, tuple[int, int]]]:
+    """``values`` [pos] of the sample's first image's visual tokens on its patch grid (the
+    mean where several tokens share a cell, as image tiles do), and each position's cell."""
+    on = (sample["modality"].values == "visual") & (sample["image"].values == 0) & (sample["patch_row"].values >= 0)
+    pos = np.flatnonzero(on)
+    rows, cols = sample["patch_row"].values[pos].astype(int), sample["patch_col"].values[pos].astype(int)
+    grid, count = np.zeros((rows.max() + 1, cols.max() + 1)), np.zeros((rows.max() + 1, cols.max() + 1))
+    np.add.at(grid, (rows, cols), values[pos])
+    np.add.at(count, (rows, cols), 1)
+    return grid / np.maximum(count, 1), {int(p): (int(r), int(c)) for p, r, c in zip(pos, rows, cols)}
+
+
 def patch_attention(trace: xr.Dataset, findings: dict[str, Any], image: Image.Image | None = None) -> Figure:
     """The last prompt position's attention (head mean) over the patch grid of the first
-    sample's first image at a few layers, drawn over the image, visual sinks outlined."""
+    sample's first image at a few layers, beside the image itself (on the same grid) when it
+    is given; visual sinks outlined."""
     if not has_visual(trace):
         raise NotApplicable("the model saw no visual tokens (text-only or encoder model)")
     s = _first_visual_sample(trace)
     sample = trace.isel(sample=s)
-    on = (sample["modality"].values == "visual") & (sample["image"].values == 0) & (sample["patch_row"].values >= 0)
-    pos = np.flatnonzero(on)
-    rows, cols = sample["patch_row"].values[pos].astype(int), sample["patch_col"].values[pos].astype(int)
-    shape = (rows.max() + 1, cols.max() + 1)
     layers = trace["layer"].values
-    shown = sorted({int(i) for i in np.linspace(0, len(layers) - 1, min(4, len(layers))).round()})
+    n_layers = min(3 if image is not None else 4, len(layers))
+    shown = sorted({int(i) for i in np.linspace(0, len(layers) - 1, n_layers).round()})
     last = sample["last_row"].transpose("layer", "head", "pos").values.mean(1)  # [layer, pos]
-    grids = []
-    for li in shown:
-        grid, count = np.zeros(shape), np.zeros(shape)
-        np.add.at(grid, (rows, cols), last[li, pos])
-        np.add.at(count, (rows, cols), 1)
-        grids.append(grid / np.maximum(count, 1))
-    sink_pos = {v["pos"] for v in findings["sinks"].get("visual", [])}
-    sink_pos |= {t["pos"] for t in findings["sinks"]["tokens"] if t["modality"] == "visual"}
-    fig, axes = new_figure(2.2, 1, len(shown))
-    vmax = max(float(np.max(grids)), 1e-12)
+    grids = [_patch_grid(sample, last[li]) for li in shown]
+    cells = grids[0][1]
+    sinks = {v["pos"] for v in findings["sinks"].get("visual", [])}
+    sinks |= {t["pos"] for t in findings["sinks"]["tokens"] if t["modality"] == "visual"}
+    shape = grids[0][0].shape
     extent = (-0.5, shape[1] - 0.5, shape[0] - 0.5, -0.5)
-    for ax, li, grid in zip(axes[0], shown, grids):
-        if image is not None:
-            ax.imshow(image, extent=extent, interpolation="bilinear")
-        heat = ax.imshow(grid, cmap=SEQUENTIAL, vmin=0.0, vmax=vmax, alpha=0.6 if image is not None else 1.0,
-                         extent=extent, interpolation="nearest")
-        for p, r, c in zip(pos, rows, cols):
-            if p in sink_pos:
-                ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor=MARK, lw=2))
+    fig, axes = new_figure(2.2, 1, len(shown) + (image is not None))
+    panels = list(axes[0])
+    if image is not None:
+        ax = panels.pop(0)
+        ax.imshow(image, extent=extent)
+        ax.set_title(f"sample {s}: the image")
+    vmax = max(max(float(g.max()) for g, _ in grids), 1e-12)
+    for ax, li, (grid, _) in zip(panels, shown, grids):
+        heat = ax.imshow(grid, cmap=SEQUENTIAL, vmin=0.0, vmax=vmax, extent=extent, interpolation="nearest")
         ax.set_title(f"layer {int(layers[li])}")
-        ax.set_xticks(range(0, shape[1], max(1, shape[1] // 8)))
-        ax.set_yticks(range(0, shape[0], max(1, shape[0] // 8)))
+    for ax in axes[0]:
+        for p in sinks & set(cells):
+            r, c = cells[p]
+            ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor=MARK, lw=2))
+        ax.set_xticks(range(0, shape[1], max(1, shape[1] // 6)))
+        ax.set_yticks(range(0, shape[0], max(1, shape[0] // 6)))
         ax.set_xlabel("patch column")
         ax.grid(False)
     axes[0, 0].set_ylabel("patch row")
-    what = "over the image" if image is not None else "(no image file recorded with the trace: patch grid only)"
-    fig.suptitle(f"Last-position attention on the patch grid of sample {s} {what}"
-                 + ("; visual sinks outlined" if sink_pos else ""))
-    fig.colorbar(heat, ax=list(axes[0]), label="attention share per patch", shrink=0.8)
+    what = "" if image is not None else " (no image file recorded with the trace: patch grid only)"
+    fig.suptitle(f"Last-position attention on the patch grid{what}"
+                 + ("; visual sinks outlined" if sinks & set(cells) else ""))
+    fig.colorbar(heat, ax=panels, label="attention share per patch", shrink=0.8)
     return fig
 
 
@@ -277,10 +289,9 @@ def redundancy(findings: dict[str, Any]) -> Figure:
         ax.bar(np.arange(n) + (k - (len(groups) - 1) / 2) * width, values, width, color=SERIES_COLORS[g],
                label=f"{g} tokens")
     ax.axhline(th, color="black", ls=":", label=f"candidate threshold ({th:g})")
-    for layer in red["candidates"]:
-        ax.axvspan(layer - 0.45, layer + 0.45, color=MARK, alpha=0.15, lw=0)
-    if red["candidates"]:
-        ax.bar([], [], color=MARK, alpha=0.3, label="candidate layer")
+    for k, layer in enumerate(red["candidates"]):
+        ax.axvspan(layer - 0.45, layer + 0.45, color=MARK, alpha=0.15, lw=0,
+                   label="candidate layer" if k == 0 else None)
     ax.set_xticks(range(n))
     ax.set_xlabel("layer")
     ax.set_ylabel("Block Influence (1 − cos)")
@@ -367,6 +378,40 @@ def schedule_tokens(trace: xr.Dataset, schedule: dict[str, Any] | None) -> Figur
     return fig
 
 
+def pareto(verdict: dict[str, Any] | None) -> Figure:
+    """Fidelity (accuracy, else next-token agreement) and KL against predicted prefill FLOPs
+    for the derived schedule, the baselines and the unreduced model; the Pareto front joined."""
+    if verdict is None:
+        raise NotApplicable("no verdict.json in the run (attnflow verify)")
+    key = "accuracy" if fidelity_name(verdict) == "accuracy" else "agreement"
+    full = verdict["unreduced"].get("accuracy") if key == "accuracy" else 1.0
+    rows = verdict["rows"]
+    fig, axes = new_figure(2.8, 1, 2)
+    panels = ((axes[0, 0], key, fidelity_name(verdict)), (axes[0, 1], "kl", "KL(full ‖ reduced), nats"))
+    for ax, field, label in panels:
+        ax.scatter([1.0], [full if field == key else 0.0], marker="s", s=40, color=SERIES_COLORS["full"],
+                   label="unreduced model", zorder=3)
+        for k, r in enumerate(rows):
+            derived = r["name"] == "schedule"
+            ax.scatter(r["flops_ratio"], r[field], s=90 if derived else 40, zorder=4,
+                       marker="*" if derived else "o",
+                       color=SERIES_COLORS["derived"] if derived else PALETTE_BASELINES[k % len(PALETTE_BASELINES)],
+                       label=config_name(r["name"]))
+        if field == key:
+            front = sorted([(r["flops_ratio"], r[key]) for r in rows if r.get("pareto")] + [(1.0, full)])
+            ax.plot(*zip(*front), color="black", lw=0.8, ls="--", label="Pareto front", zorder=2)
+        ax.set_xlabel("predicted prefill FLOPs (share of unreduced)")
+        ax.set_ylabel(label)
+    values = [full] + [r[key] for r in rows]
+    axes[0, 0].set_ylim(max(0.0, min(values) - 0.05), 1.02)
+    axes[0, 1].set_ylim(bottom=0.0)
+    axes[0, 1].ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=3, frameon=False)
+    fig.suptitle(f"Fidelity vs cost on {verdict['n_examples']} prompts ({verdict['device']}, {verdict['backend']})")
+    return fig
+
+
 @dataclass(frozen=True)
 class FigureSpec:
     """A figure of the report: its file name, caption and how to draw it from a Run."""
@@ -394,6 +439,8 @@ FIGURES: tuple[FigureSpec, ...] = (
                "lens, with the exit layer each criterion gives.", lambda r: exit_curves(r.findings)),
     FigureSpec("schedule", "The derived schedule as tokens processed per layer and modality.",
                lambda r: schedule_tokens(r.trace, r.schedule)),
+    FigureSpec("pareto", "Fidelity and KL against predicted prefill FLOPs: the derived schedule (star) "
+               "and the fixed baselines, with the Pareto front.", lambda r: pareto(r.verdict)),
 )
 
 
@@ -401,10 +448,15 @@ def _image_of(trace: xr.Dataset) -> Image.Image | None:
     return sample_image(trace, _first_visual_sample(trace), 0) if has_visual(trace) else None
 
 
-def write_figures(run: Run) -> dict[str, dict[str, Any]]:
+def write_figures(run: Run, formats: tuple[str, ...] = ("png",)) -> dict[str, dict[str, Any]]:
     """Draw every figure of ``run`` and replace ``run.dir/figures`` with them in one atomic swap:
-    PNG and SVG per figure and ``index.json``. Returns the index: per figure its caption, its
-    PNG file name (None when left out) and why it was left out (None when drawn)."""
+    each figure in ``formats`` (PNG always: the PDF embeds it) and ``index.json``. Returns the
+    index: per figure its caption, its PNG file name (None when left out) and why it was left
+    out (None when drawn)."""
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ReportError(f"figure formats {unknown} are not supported; supported: {', '.join(FORMATS)}")
+    formats = ("png", *[f for f in formats if f != "png"])
     index: dict[str, dict[str, Any]] = {}
     with atomic_dir(run.dir / "figures") as tmp:
         for spec in FIGURES:
@@ -413,16 +465,16 @@ def write_figures(run: Run) -> dict[str, dict[str, Any]]:
             except NotApplicable as why:
                 index[spec.name] = {"caption": spec.caption, "file": None, "skipped": str(why)}
                 continue
-            for fmt in FORMATS:
-                fig.savefig(tmp / f"{spec.name}.{fmt}", format=fmt, bbox_inches="tight")
+            for fmt in formats:
+                fig.savefig(tmp / f"{spec.name}.{fmt}", format=fmt)
             index[spec.name] = {"caption": spec.caption, "file": f"{spec.name}.png", "skipped": None}
         write_json(tmp / INDEX, index)
     return index
 
 
-def save_figures(run_dir: str | Path) -> dict[str, Path]:
+def save_figures(run_dir: str | Path, formats: tuple[str, ...] = ("png",)) -> dict[str, Path]:
     """Draw the figures of the run in ``run_dir`` into ``run_dir/figures`` (see write_figures);
     returns the PNG path of each figure drawn."""
     run = load_run(run_dir)
-    index = write_figures(run)
+    index = write_figures(run, formats)
     return {name: run.dir / "figures" / entry["file"] for name, entry in index.items() if entry["file"]}

@@ -18,6 +18,7 @@ import xarray as xr
 from attnflow.analyses.findings import Findings, FindingsError
 from attnflow.probes.io import load_trace
 from attnflow.reducers.schedule import ScheduleError, load_schedule
+from attnflow.reducers.verify import VERDICT_VERSION
 
 TRACE, FINDINGS, SCHEDULE, VERDICT, RUN = "trace.nc", "findings.json", "schedule.json", "verdict.json", "run.json"
 
@@ -36,6 +37,12 @@ class Run:
     schedule: dict[str, Any] | None = None
     verdict: dict[str, Any] | None = None
     meta: dict[str, Any] | None = None
+
+    def why_missing(self, stage: str, file: str) -> str:
+        """Why the run has no ``file``: the reason run.json gives for skipping ``stage``, else
+        that the file is absent and which command makes it."""
+        reason = ((self.meta or {}).get("skipped") or {}).get(stage)
+        return reason or f"no {file} in the run (attnflow {stage} makes it)"
 
 
 def _json(path: Path) -> dict[str, Any] | None:
@@ -66,11 +73,13 @@ def load_run(run_dir: str | Path) -> Run:
         schedule = load_schedule(folder / SCHEDULE).to_dict() if (folder / SCHEDULE).is_file() else None
     except (FindingsError, ScheduleError) as exc:
         raise ReportError(str(exc)) from exc
-    model = findings.get("model") or {}
-    if model.get("fingerprint") and trace.attrs.get("fingerprint") != model["fingerprint"]:
-        raise ReportError(f"{str(folder)!r}: findings.json was made from another model "
-                          f"({model['fingerprint']}) than trace.nc ({trace.attrs.get('fingerprint')})")
-    if schedule is not None and schedule["model"]["fingerprint"] != trace.attrs.get("fingerprint"):
-        raise ReportError(f"{str(folder)!r}: schedule.json was made for another model "
-                          f"({schedule['model']['fingerprint']}) than trace.nc ({trace.attrs.get('fingerprint')})")
-    return Run(folder, trace, findings, schedule, _json(folder / VERDICT), _json(folder / RUN))
+    verdict = _json(folder / VERDICT)
+    if verdict is not None and verdict.get("attnflow_verdict") != VERDICT_VERSION:
+        raise ReportError(f"{str(folder / VERDICT)!r} is not an attnflow verdict of version {VERDICT_VERSION} "
+                          f"(found {verdict.get('attnflow_verdict')!r}): run attnflow verify again")
+    for name, data in ((FINDINGS, findings), (SCHEDULE, schedule), (VERDICT, verdict)):
+        made_for = (data or {}).get("model", {}).get("fingerprint")
+        if data is not None and made_for != trace.attrs.get("fingerprint"):
+            raise ReportError(f"{str(folder)!r}: {name} was made for another model ({made_for}) "
+                              f"than trace.nc ({trace.attrs.get('fingerprint')})")
+    return Run(folder, trace, findings, schedule, verdict, _json(folder / RUN))

@@ -22,7 +22,8 @@ MODALITY_COLORS: dict[str, tuple[float, float, float]] = {
 SERIES_COLORS: dict[str, tuple[float, float, float]] = {
     "all": PALETTE[7], "text": PALETTE[0], "visual": PALETTE[1],
     "observational": PALETTE[0], "knockout": PALETTE[3], "logit_lens": PALETTE[2],
-    "derived": PALETTE[3], "baseline": PALETTE[0], "full": PALETTE[7]}
+    "derived": PALETTE[3], "full": PALETTE[7]}
+PALETTE_BASELINES = [PALETTE[0], PALETTE[4], PALETTE[9], PALETTE[5]]  # never the derived schedule's colour
 SEQUENTIAL = "rocket_r"  # perceptually uniform and monotone in lightness: reads in grey too
 DIVERGING = "vlag"  # blue-white-red, centred on "as uniform attention would give"
 MARK = PALETTE[2]  # sink markers: green stands out on both maps

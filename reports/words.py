@@ -161,3 +161,42 @@ def verified_sentence(schedule: dict[str, Any] | None) -> str:
     if ver.get("prefill_speedup") is not None:
         parts.append(f"prefill speedup {ver['prefill_speedup']:.2f}× ({ver.get('device', 'measured')})")
     return "Verified: " + ", ".join(parts) + "."
+
+
+CONFIG_NAMES = {"schedule": "derived schedule", "fastv": "FastV (K=2, R=50%)",
+                "fastv_equal_flops": "FastV K=2 at equal FLOPs", "pdrop": "PyramidDrop (scaled)"}
+
+
+def config_name(name: str) -> str:
+    """A verdict row's name as the report shows it."""
+    return CONFIG_NAMES.get(name, name.replace("_", " "))
+
+
+def steps_short(steps: list[dict[str, Any]]) -> str:
+    """Steps in a table cell: 'prune@2 keep 50% · exit@5 · skip 4 (visual)'."""
+    parts = []
+    for s in steps:
+        if s["op"] == "prune_visual":
+            parts.append(f"prune@{s['layer']} keep {pct(s['keep'], 1 if 100 * s['keep'] % 1 else 0)}")
+        elif s["op"] == "visual_exit":
+            parts.append(f"exit@{s['layer']}")
+        else:
+            parts.append(f"skip {', '.join(map(str, s['layers']))} ({s['tokens']})")
+    return " · ".join(parts) or "nothing removed"
+
+
+def fidelity_name(verdict: dict[str, Any]) -> str:
+    """What the verdict's fidelity axis is: task accuracy when the inputs had answers."""
+    return "accuracy" if verdict["unreduced"].get("accuracy") is not None else "next-token agreement"
+
+
+def verdict_sentence(verdict: dict[str, Any] | None) -> str:
+    """The derived schedule against the baselines at their FLOPs, and the Pareto front."""
+    if verdict is None:
+        return "No verification against the baselines (no verdict.json in the run)."
+    key = "accuracy" if fidelity_name(verdict) == "accuracy" else "agreement"
+    rows = ", ".join(f"{config_name(r['name'])} {pct(r[key], 1)} at {pct(r['flops_ratio'])} FLOPs"
+                     for r in verdict["rows"])
+    front = ", ".join(config_name(p["name"]) for p in verdict.get("pareto", []))
+    return (f"Against the baselines on {verdict['n_examples']} prompts ({fidelity_name(verdict)}): {rows}. "
+            f"On the Pareto front of {fidelity_name(verdict)} vs FLOPs: {front or 'none'}.")
