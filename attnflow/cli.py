@@ -109,6 +109,7 @@ def analyze(
 def report(
     run_dir: Path = typer.Argument(..., help="Run directory holding trace.nc and findings.json "
                                              "(schedule.json, verdict.json and run.json when present)."),
+    svg: bool = typer.Option(False, "--svg", help="Also write every figure as SVG (for papers)."),
 ) -> None:
     """Rebuild RUN_DIR/figures and RUN_DIR/report.pdf from the files in RUN_DIR."""
     import time
@@ -116,7 +117,7 @@ def report(
     from attnflow.reports.build import build
 
     start = time.perf_counter()
-    pdf = build(run_dir)
+    pdf = build(run_dir, svg=svg)
     console.print(f"wrote {pdf} and {run_dir / 'figures'}/ in {time.perf_counter() - start:.1f} s")
 
 
