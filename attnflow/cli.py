@@ -123,6 +123,39 @@ def report(
 
 @app.command()
 @friendly
+def run(
+    model: str = typer.Option("toy-vlm", help="Local HF model folder, toy-vlm, or toy-<family>."),
+    inputs: Optional[Path] = typer.Option(None, help="JSONL inputs; default: the model's bundled inputs."),
+    out: Path = typer.Option(Path("runs/latest"), help="Run folder to write."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
+    max_kl: Optional[float] = typer.Option(None, help="Fidelity budget: max KL(full || reduced)."),
+    min_agreement: Optional[float] = typer.Option(None, help="Fidelity budget: min next-token agreement."),
+    batch_size: int = typer.Option(16, min=1),
+) -> None:
+    """Record -> analyze -> schedule -> verify -> report, and print what was found."""
+    import sys
+
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from attnflow.pipeline import STAGES, run as run_pipeline, summarize
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("loading", total=len(STAGES))
+
+        def on_stage(name: str) -> None:
+            bar.update(task, description=f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name}",
+                       completed=STAGES.index(name))
+
+        result = run_pipeline(model, inputs, out, force=force, max_kl=max_kl, min_agreement=min_agreement,
+                              batch_size=batch_size, command="attnflow " + " ".join(sys.argv[1:]),
+                              on_stage=on_stage)
+    console.print(summarize(result.out))
+    console.print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
+
+
+@app.command()
+@friendly
 def schedule(
     findings: Path = typer.Argument(..., help="Findings (JSON) written by `attnflow analyze`."),
     out: Path = typer.Option(Path("schedule.json"), help="Where to write the schedule (JSON)."),
@@ -183,3 +216,40 @@ def verify(
         console.print(f"{r.name:>18}: FLOPs {r.flops_ratio:.3f}, T_eq {r.visual_tokens_equivalent:.1f}, agreement "
                       f"{r.agreement:.3f}, KL {r.kl:.4g}{acc}, prefill {r.prefill_speedup:.2f}x, decode "
                       f"{r.decode_speedup:.2f}x{' (Pareto)' if r.pareto else ''}")
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Speed and memory benchmarks (benchmarks/ of a source checkout).")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("probe")
+def bench_probe(
+    tokens: int = typer.Option(600, min=3, help="Prompt length: BOS + one image's visual tokens + text."),
+    repeats: int = typer.Option(5, min=1, help="Timing rounds (methods alternated within each)."),
+    memory: bool = typer.Option(True, help="Also measure each method's peak memory (CPU: a fresh process each)."),
+    threads: int = typer.Option(1, min=1, help="torch CPU threads."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (top-level summary_ratio)."),
+) -> None:
+    """Time attnflow's summary recording against a plain forward, HF output_attentions and TransformerLens."""
+    import importlib.util
+    import json
+    import sys
+
+    import torch
+
+    if importlib.util.find_spec("benchmarks") is None and (Path.cwd() / "benchmarks" / "__init__.py").is_file():
+        sys.path.insert(0, str(Path.cwd()))  # benchmarks/ ships with the source, not the package
+    try:
+        from benchmarks import probe, report
+        from benchmarks.machine import describe
+    except ImportError:
+        console.print("[bold red]error:[/] `attnflow bench` needs the benchmarks/ folder of a source checkout: "
+                      "run it from the repository root")
+        raise typer.Exit(2) from None
+    torch.set_num_threads(threads)
+    result = probe.run(tokens, repeats=repeats, measure_memory=memory, threads=threads)
+    if as_json:
+        typer.echo(json.dumps({**result, "machine": describe()}))
+    else:
+        typer.echo(report.probe_table([result]))
+        typer.echo(f"summary_ratio {result['summary_ratio']:.2f} (target <= {probe.SUMMARY_TARGET})")

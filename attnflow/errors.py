@@ -6,5 +6,7 @@ from attnflow.probes.inputs import InputError
 from attnflow.probes.io import TraceError
 from attnflow.reducers.schedule import ScheduleError
 
+from attnflow.pipeline import RunExistsError
+
 USER_ERRORS: tuple[type[Exception], ...] = (ModelSpecError, UnsupportedModelError, InputError, TraceError,
-                                            ScheduleError)
+                                            RunExistsError, ScheduleError)

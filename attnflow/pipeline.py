@@ -1,0 +1,167 @@
+"""``attnflow run``: record -> analyze -> derive a schedule -> verify -> report, in one call.
+
+The run is built in a temporary folder beside ``out`` and swapped in whole at the end, so an
+interrupted run leaves no half-written file (and, with ``force``, the previous run intact).
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import transformers
+
+import attnflow
+from attnflow.fileio import atomic_dir, write_json
+from attnflow.models import default_inputs, load_model
+from attnflow.probes import adapters
+from attnflow.probes.io import save_trace
+from attnflow.probes.record import record
+
+STAGES: tuple[str, ...] = ("record", "analyze", "schedule", "verify", "report")
+
+
+class RunExistsError(FileExistsError):
+    """The output folder already holds a run and ``force`` was not given."""
+
+
+@dataclass
+class RunResult:
+    """Where a run wrote its files, what it skipped and why, and how long each stage took."""
+
+    out: Path
+    files: dict[str, Path]
+    skipped: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def schedule_applies(model: torch.nn.Module, trace: Any) -> str | None:
+    """Why no schedule can be derived for this model (None when one can)."""
+    if not adapters.adapter_for(model).causal:
+        return "the model is an encoder: reducers shorten causal decoders only"
+    if not (trace.modality == "visual").any():
+        return "the inputs have no visual tokens: the schedule's ops act on visual tokens"
+    return None
+
+
+def run(
+    model: str = "toy-vlm",
+    inputs: str | Path | None = None,
+    out: str | Path = "runs/latest",
+    *,
+    force: bool = False,
+    max_kl: float | None = None,
+    min_agreement: float | None = None,
+    batch_size: int = 16,
+    command: str = "",
+    on_stage: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Run the whole toolkit on ``model`` (a local folder or a toy name) and its ``inputs``."""
+    from attnflow.analyses import analyze
+    from attnflow.reducers.derive import Budget, derive
+    from attnflow.reducers.verify import verify
+    from attnflow.reports.build import build
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise RunExistsError(f"{str(out)!r} already holds a run; pass --force to replace it")
+    m, processor = load_model(model)
+    inputs = Path(inputs) if inputs else default_inputs(model)
+    result = RunResult(out, {})
+    timer = {"stage": "", "start": time.perf_counter()}
+
+    def stage(name: str) -> None:
+        now = time.perf_counter()
+        if timer["stage"]:
+            result.seconds[timer["stage"]] = round(now - timer["start"], 3)
+        timer.update(stage=name, start=now)
+        if on_stage and name:
+            on_stage(name)
+
+    with atomic_dir(out) as tmp:
+        stage("record")
+        trace = record(m, inputs, processor=processor, batch_size=batch_size, model_path=model, progress=False)
+        save_trace(trace, tmp / "trace.nc")
+        stage("analyze")
+        findings = analyze(trace, m, inputs, processor=processor, batch_size=batch_size)
+        findings.save(tmp / "findings.json")
+        why_not = schedule_applies(m, trace)
+        if why_not:
+            result.skipped.update(schedule=why_not, verify=why_not)
+        else:
+            stage("schedule")
+            schedule = derive(findings.to_dict(), m, inputs, processor,
+                              Budget(max_kl=max_kl, min_agreement=min_agreement))
+            schedule.save(tmp / "schedule.json")
+            stage("verify")
+            verdict = verify(m, schedule, inputs, processor, batch_size=batch_size)
+            verdict.save(tmp / "verdict.json")
+        write_json(tmp / "run.json", _provenance(model, inputs, command, result))
+        stage("report")
+        build(tmp)
+        stage("")
+    result.files = {p.name: out / p.name for p in sorted(out.iterdir())}
+    return result
+
+
+def _provenance(model: str, inputs: Path, command: str, result: RunResult) -> dict[str, Any]:
+    return {
+        "command": command or " ".join(sys.argv),
+        "model": model,
+        "inputs": str(inputs),
+        "skipped": result.skipped,
+        "seconds": result.seconds,
+        "versions": {"attnflow": attnflow.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__, "python": platform.python_version()},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "threads": torch.get_num_threads()},
+    }
+
+
+def summarize(out: str | Path) -> str:
+    """A few lines a researcher reads first: sinks, exit layer, schedule, verified fidelity and speed."""
+    import json
+
+    out = Path(out)
+    findings = json.loads((out / "findings.json").read_text())
+    lines = []
+    sinks = findings["sinks"]["tokens"]
+    top = sorted(sinks, key=lambda s: -s["frequency"])[:3]
+    lines.append("sinks: " + (", ".join(f"{s['modality']} {s['token']!r} @pos {s['pos']} (layer {s['layer']}, "
+                                         f"share {s['share']:.2f}, {100 * s['frequency']:.0f}% of samples)"
+                                         for s in top) or "none found")
+                 + (f"; massive-activation dims {findings['sinks']['dims']}" if findings["sinks"]["dims"]
+                    else "; no massive activations"))
+    ex = findings["exit"]
+    lines.append(f"visual exit layer: {ex['layer']} ({ex['criterion']})" if ex.get("layer") is not None
+                 else f"visual exit: {ex.get('criterion') or 'not applicable'}")
+    cands = findings["redundancy"]["candidates"]
+    lines.append(f"most redundant layers: {cands[:3]}")
+    if (out / "schedule.json").is_file():
+        sched = json.loads((out / "schedule.json").read_text())
+        lines.append("schedule: " + "; ".join(_step(st) for st in sched["steps"]) if sched["steps"]
+                     else "schedule: no step fits the budget (the model runs unreduced)")
+        v = sched.get("verified") or {}
+        pred = sched.get("predicted") or {}
+        acc = "" if v.get("accuracy_delta") is None else f", accuracy {100 * v['accuracy_delta']:+.1f} pts"
+        lines.append(f"verified: agreement {v.get('agreement', float('nan')):.3f}, KL {v.get('kl', float('nan')):.4f}"
+                     f"{acc}; FLOPs x{pred.get('flops_ratio', float('nan')):.2f}, prefill speedup "
+                     f"x{v.get('prefill_speedup', float('nan')):.2f}")
+    else:
+        run_info = json.loads((out / "run.json").read_text())
+        lines.append(f"schedule: none ({run_info['skipped'].get('schedule', 'skipped')})")
+    lines.append(f"report: {out / 'report.pdf'}")
+    return "\n".join(lines)
+
+
+def _step(step: dict) -> str:
+    if step["op"] == "prune_visual":
+        return f"prune visual tokens at layer {step['layer']} keeping {100 * step['keep']:.0f}%"
+    if step["op"] == "visual_exit":
+        return f"visual tokens exit at layer {step['layer']}"
+    return f"skip layers {step['layers']} for {step.get('tokens', 'all')} tokens"
