@@ -37,7 +37,7 @@ from attnflow.probes import adapters
 from attnflow.probes.inputs import Example, as_examples, encode
 from attnflow.reducers.apply import apply
 from attnflow.reducers.schedule import DEFAULT_PROTECT, Schedule, ScheduleError, model_info
-from attnflow.reducers.verify import verify
+from attnflow.reducers.verify import encode_batches, verify
 
 DEFAULT_MAX_KL = 0.01  # nats; used when a budget names neither bound
 
@@ -111,14 +111,7 @@ class _Probe:
 
     def __init__(self, model: nn.Module, processor: Any, examples: list[Example], batch_size: int) -> None:
         self.model, self.examples = model, examples
-        tok = getattr(processor, "tokenizer", processor)
-        side, tok.padding_side = tok.padding_side, "left"
-        try:
-            device = next(model.parameters()).device
-            self.batches = [encode(processor, examples[i:i + batch_size]).to(device)
-                            for i in range(0, len(examples), batch_size)]
-        finally:
-            tok.padding_side = side
+        self.batches = encode_batches(processor, examples, batch_size, next(model.parameters()).device)
         with torch.no_grad():
             self.full = [model(**b).logits[:, -1].double().log_softmax(-1) for b in self.batches]
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -132,13 +132,13 @@ def fastv_at_flops(model: nn.Module, target: float, shape: Shape, layouts: list[
     return fastv(model, round(hi, 4))
 
 
-@contextmanager
-def _left_padding(processor: Any) -> Iterator[None]:
+def encode_batches(processor: Any, examples: list[Example], batch_size: int, device: torch.device) -> list[dict]:
+    """``examples`` encoded in left-padded batches (what reducers need) on ``device``; the
+    tokenizer's padding side is restored afterwards."""
     tok = getattr(processor, "tokenizer", processor)
-    side = tok.padding_side
-    tok.padding_side = "left"
+    side, tok.padding_side = tok.padding_side, "left"
     try:
-        yield
+        return [encode(processor, examples[i:i + batch_size]).to(device) for i in range(0, len(examples), batch_size)]
     finally:
         tok.padding_side = side
 
@@ -203,7 +203,7 @@ def _timings(model: nn.Module, schedules: dict[str, Schedule | None], batch: dic
     steps = max(2, new_tokens)
 
     def measure(schedule: Schedule | None) -> tuple[float, float, float]:
-        with (apply(model, schedule) if schedule is not None else _nothing()):
+        with (apply(model, schedule) if schedule is not None else nullcontext()):
             prefill = _timer(lambda: model(**batch), device)()
             one = _timer(lambda: model.generate(**batch, max_new_tokens=1, do_sample=False, pad_token_id=pad),
                              device)()
@@ -225,11 +225,6 @@ def _timings(model: nn.Module, schedules: dict[str, Schedule | None], batch: dic
     return out
 
 
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
-
-
 def verify(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path", inputs: Any, processor: Any, *,
            new_tokens: int = 8, batch_size: int = 8, repeats: int = 5, baselines: bool = True,
            timing_examples: int | None = None) -> Verdict:
@@ -243,10 +238,8 @@ def verify(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path",
     examples = as_examples(inputs)
     device = next(model.parameters()).device
     tok = getattr(processor, "tokenizer", processor)
-    with _left_padding(processor):
-        batches = [encode(processor, examples[i:i + batch_size]).to(device)
-                   for i in range(0, len(examples), batch_size)]
-        timing_batch = encode(processor, examples[:timing_examples or batch_size]).to(device)
+    batches = encode_batches(processor, examples, batch_size, device)
+    timing_batch = encode_batches(processor, examples[:timing_examples or batch_size], len(examples), device)[0]
     image_id = adapters.image_token_id(model)
     layouts = [(int(am.sum()), int(((ids == image_id) & am.bool()).sum()) if image_id is not None else 0)
                for b in batches for ids, am in zip(b["input_ids"], b["attention_mask"])]
