@@ -20,6 +20,7 @@ import attnflow
 from attnflow.fileio import atomic_dir, write_json
 from attnflow.models import default_inputs, load_model
 from attnflow.probes import adapters
+from attnflow.probes.inputs import file_sha256, load_examples
 from attnflow.probes.io import save_trace
 from attnflow.probes.record import record
 
@@ -58,10 +59,12 @@ def run(
     max_kl: float | None = None,
     min_agreement: float | None = None,
     batch_size: int = 16,
+    limit: int | None = None,
     command: str = "",
     on_stage: Callable[[str], None] | None = None,
 ) -> RunResult:
-    """Run the whole toolkit on ``model`` (a local folder or a toy name) and its ``inputs``."""
+    """Run the whole toolkit on ``model`` (a local folder or a toy name) and its ``inputs``
+    (default: the model's bundled inputs; ``limit`` keeps the first N examples)."""
     from attnflow.analyses import analyze
     from attnflow.reducers.derive import Budget, derive
     from attnflow.reducers.verify import verify
@@ -72,6 +75,7 @@ def run(
         raise RunExistsError(f"{str(out)!r} already holds a run; pass --force to replace it")
     m, processor = load_model(model)
     inputs = Path(inputs) if inputs else default_inputs(model)
+    examples = load_examples(inputs)[:limit]
     result = RunResult(out, {})
     timer = {"stage": "", "start": time.perf_counter()}
 
@@ -85,23 +89,24 @@ def run(
 
     with atomic_dir(out) as tmp:
         stage("record")
-        trace = record(m, inputs, processor=processor, batch_size=batch_size, model_path=model, progress=False)
+        trace = record(m, examples, processor=processor, batch_size=batch_size, model_path=model, progress=False)
+        trace.attrs.update(inputs_path=str(inputs), inputs_sha256=file_sha256(inputs))
         save_trace(trace, tmp / "trace.nc")
         stage("analyze")
-        findings = analyze(trace, m, inputs, processor=processor, batch_size=batch_size)
+        findings = analyze(trace, m, examples, processor=processor, batch_size=batch_size)
         findings.save(tmp / "findings.json")
         why_not = schedule_applies(m, trace)
         if why_not:
             result.skipped.update(schedule=why_not, verify=why_not)
         else:
             stage("schedule")
-            schedule = derive(findings.to_dict(), m, inputs, processor,
+            schedule = derive(findings.to_dict(), m, examples, processor,
                               Budget(max_kl=max_kl, min_agreement=min_agreement))
             schedule.save(tmp / "schedule.json")
             stage("verify")
-            verdict = verify(m, schedule, inputs, processor, batch_size=batch_size)
+            verdict = verify(m, schedule, examples, processor, batch_size=batch_size)
             verdict.save(tmp / "verdict.json")
-        write_json(tmp / "run.json", _provenance(model, inputs, command, result))
+        write_json(tmp / "run.json", _provenance(model, inputs, len(examples), command, result))
         stage("report")
         build(tmp)
         stage("")
@@ -109,11 +114,12 @@ def run(
     return result
 
 
-def _provenance(model: str, inputs: Path, command: str, result: RunResult) -> dict[str, Any]:
+def _provenance(model: str, inputs: Path, n_examples: int, command: str, result: RunResult) -> dict[str, Any]:
     return {
         "command": command or " ".join(sys.argv),
         "model": model,
         "inputs": str(inputs),
+        "n_examples": n_examples,
         "skipped": result.skipped,
         "seconds": result.seconds,
         "versions": {"attnflow": attnflow.__version__, "torch": torch.__version__,
