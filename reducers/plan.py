@@ -61,6 +61,8 @@ class Planner:
         self.exit = next((s["layer"] for s in schedule.steps_of("visual_exit")), None)
         self.prunes = {s["layer"]: s["keep"] for s in schedule.steps_of("prune_visual")}
         self.skips = {layer: s["tokens"] for s in schedule.steps_of("skip_layers") for layer in s["layers"]}
+        layer_types = getattr(adapters.text_config(model), "layer_types", None) or []
+        self.sliding = sorted({t for t in layer_types if t != "full_attention"})
         self.decoding = False
         self.layer_tokens: dict[int, tuple[Tensor, Tensor]] = {}
         self.scores: dict[int, Tensor] = {}
@@ -72,6 +74,10 @@ class Planner:
             if not hasattr(self, "removed_at"):
                 raise ScheduleError("a decode step arrived without a prefill under this schedule: "
                                     "run the whole generation inside `with reducers.apply(...)`")
+            if self.sliding and self.touched:
+                raise ScheduleError(f"decoding with a KV cache under a schedule is not supported for models with "
+                                    f"{'/'.join(self.sliding)} layers: their cache keeps a window of entries, not "
+                                    "of positions. Run full forwards (use_cache=False) instead")
             self.decoding = True
             self.seen += input_ids.shape[1]
             self.decode_cuts: dict[tuple[int, bool], Cut] = {}

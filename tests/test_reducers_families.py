@@ -1,0 +1,113 @@
+"""The shortening mechanism beyond LLaVA: LLaVA-NeXT (anyres tiles), Qwen2-VL (M-RoPE
+position ids), Idefics3 and Gemma3 (sliding-window layers): an empty schedule reproduces the
+model, drop == mask on a padded batch, cached generation == recomputing the prefix; Gemma3
+refuses cached generation under a schedule with a clear error. Protected visual sinks
+survive every op."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnflow.probes import adapters
+from attnflow.reducers import Schedule, ScheduleError, apply
+from attnflow.toys import tiny
+
+STEPS = [{"op": "prune_visual", "layer": 1, "keep": 0.5}, {"op": "visual_exit", "layer": 2}]
+
+
+def encode(processor, prompts):
+    processor.tokenizer.padding_side = "left"
+    return processor(text=[p["prompt"] for p in prompts], images=[p["images"] for p in prompts],
+                     padding=True, return_tensors="pt")
+
+
+def masked_logits(model, batch, planner):
+    """Unreduced run (same backend) in which layer l's keys are only the tokens the reduced run
+    processed at l, and every other token's residual passes layer l unchanged."""
+    b, n = batch["input_ids"].shape
+    processed = {layer: torch.zeros(b, n, dtype=torch.bool).scatter(1, rows, real)
+                 for layer, (rows, real) in planner.layer_tokens.items()}
+    handles = []
+    for i, layer in enumerate(adapters.decoder_layers(model)):
+        def pre(module, args, kwargs, i=i):
+            m = kwargs["attention_mask"]
+            keys = processed[i][:, None, None, :]
+            m = m & keys if m.dtype == torch.bool else m.masked_fill(~keys, torch.finfo(m.dtype).min)
+            return args, dict(kwargs, attention_mask=m)
+
+        def post(module, args, output, i=i):
+            return torch.where(processed[i][..., None], output, args[0])
+        handles += [layer.register_forward_pre_hook(pre, with_kwargs=True), layer.register_forward_hook(post)]
+    try:
+        with torch.no_grad():
+            return model(**batch).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "idefics3", "gemma3"])
+def test_drop_equals_mask_across_families(family):
+    model, processor = tiny.build(family, attn_implementation="eager")
+    batch = encode(processor, tiny.sample_prompts(family))
+    with torch.no_grad():
+        full = model(**batch).logits
+        with apply(model, Schedule.for_model(model, [])):
+            assert torch.equal(model(**batch).logits, full)
+        with apply(model, Schedule.for_model(model, STEPS)) as planner:
+            logits = model(**batch).logits
+    assert logits.shape[1] < full.shape[1]
+    oracle = masked_logits(model, batch, planner)
+    want = oracle.gather(1, planner.positions[..., None].expand(-1, -1, oracle.shape[-1]))
+    torch.testing.assert_close(logits[planner.real], want[planner.real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "idefics3"])
+def test_cached_generation_equals_recomputing_across_families(family):
+    model, processor = tiny.build(family)
+    batch = encode(processor, tiny.sample_prompts(family)[:1])
+    schedule = Schedule.for_model(model, STEPS)
+    steps, n = 4, batch["input_ids"].shape[1]
+    with torch.no_grad():
+        with apply(model, schedule):
+            out = model.generate(**batch, max_new_tokens=steps, do_sample=False, eos_token_id=None)
+        ids = batch["input_ids"]
+        for _ in range(steps):
+            cur = dict(batch, input_ids=ids, attention_mask=torch.ones_like(ids))
+            if "mm_token_type_ids" in batch:
+                cur["mm_token_type_ids"] = torch.nn.functional.pad(batch["mm_token_type_ids"], (0, ids.shape[1] - n))
+            with apply(model, schedule, prompt_length=n):
+                last = model(**cur, use_cache=False).logits[:, -1]
+            ids = torch.cat([ids, last.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, ids)
+
+
+def test_gemma3_refuses_cached_generation_under_a_schedule():
+    model, processor = tiny.build("gemma3")
+    batch = encode(processor, tiny.sample_prompts("gemma3")[:1])
+    with torch.no_grad(), apply(model, Schedule.for_model(model, [{"op": "visual_exit", "layer": 2}])):
+        with pytest.raises(ScheduleError, match="sliding_attention layers"):
+            model.generate(**batch, max_new_tokens=2, do_sample=False)
+
+
+@pytest.mark.parametrize("steps", [
+    [{"op": "prune_visual", "layer": 1, "keep": 0.0}],
+    [{"op": "visual_exit", "layer": 1}],
+    [{"op": "skip_layers", "layers": [1], "tokens": "visual"}],
+])
+def test_protected_visual_sinks_are_never_removed(steps):
+    model, processor = tiny.build("llava")
+    prompts = tiny.sample_prompts("llava")
+    batch = encode(processor, prompts)
+    sinks = [0, 5, 20]  # visual-token indices; 20 exists only in the two-image prompt
+    schedule = Schedule.for_model(model, steps, protect={"modalities": ["bos", "system"], "visual_sinks": sinks})
+    with torch.no_grad(), apply(model, schedule) as planner:
+        model(**batch)
+    visual = batch["input_ids"] == model.config.image_token_id
+    index = visual.long().cumsum(1) - 1
+    rows, real = planner.layer_tokens[1]
+    for b in range(len(prompts)):
+        kept = rows[b][real[b] & visual[b, rows[b]]]
+        expected = [i for i in sinks if i < int(visual[b].sum())]
+        assert sorted(index[b, kept].tolist()) == expected
