@@ -239,9 +239,17 @@ def actions(run: Run) -> list[str]:
         out.append(f"Never prune or evict the sink token{'s' if len(groups) > 1 else ''} {names}: heads park "
                    "attention there, and removing a sink changes every later layer.")
     ex = run.findings["exit"]
-    if ex.get("applies") and ex["layer"] is not None and ex["layer"] < run.findings["model"]["num_layers"]:
-        out.append(f"Visual tokens can leave from layer {ex['layer']} on; pruning before that layer costs "
-                   "fidelity, so prune gradually before it (the schedule's prune steps) and drop them at it.")
+    if ex.get("applies") and ex["layer"] is not None and 0 < ex["layer"] < run.findings["model"]["num_layers"]:
+        tol = ex["layers"][ex["criterion"]]["tolerance"]
+        why = (f"cutting them from layer {ex['layer'] - 1} on changed the output by more than the tolerance ({tol:g})"
+               if ex["criterion"] == "knockout" else
+               "text attention to them has faded by then (observational only: pass the model to "
+               "attnflow analyze for the causal knockout check)")
+        out.append(f"Let visual tokens leave at layer {ex['layer']}, not earlier: {why}.")
+    verified = (schedule or {}).get("verified") or {}
+    if verified.get("within_budget") is False:
+        out.append("The derived schedule is outside its fidelity budget even after backing off: use it only "
+                   "after checking the verification tables, or derive again with a looser budget.")
     if not _has_visual(run):
         out.append("This model saw no visual tokens: the visual-token reductions do not apply; layer skipping "
                    "of redundant layers is the reduction to try.")

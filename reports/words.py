@@ -160,6 +160,10 @@ def verified_sentence(schedule: dict[str, Any] | None) -> str:
         parts.append(f"accuracy change {100 * ver['accuracy_delta']:+.1f} points")
     if ver.get("prefill_speedup") is not None:
         parts.append(f"prefill speedup {ver['prefill_speedup']:.2f}× ({ver.get('device', 'measured')})")
+    budget = ((schedule or {}).get("derived_from") or {}).get("budget") or {}
+    if "within_budget" in ver and budget:
+        limits = ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in budget.items())
+        parts.append(("within" if ver["within_budget"] else "OUTSIDE") + f" the budget ({limits})")
     return "Verified: " + ", ".join(parts) + "."
 
 
