@@ -9,8 +9,6 @@ or verdict) raises ``NotApplicable`` with the reason; ``save_figures`` records t
 
 from __future__ import annotations
 
-import json
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -23,9 +21,10 @@ from matplotlib.patches import Patch, Rectangle
 from PIL import Image
 
 from attnflow.analyses.arrays import nanmean
-from attnflow.analyses.groups import has_visual
+from attnflow.analyses.groups import has_visual, position_label
 from attnflow.analyses.sinks import sink_scores
 from attnflow.fileio import atomic_dir, write_json
+from attnflow.probes.inputs import InputError, load_examples
 from attnflow.probes.schema import GROUPS
 from attnflow.reports.rundir import ReportError, Run, load_run
 from attnflow.reports.style import (DIVERGING, MARK, MODALITY_COLORS, PALETTE_BASELINES, SEQUENTIAL,
@@ -44,15 +43,9 @@ class NotApplicable(Exception):
 
 def _token_labels(trace: xr.Dataset) -> tuple[list[str], list[str]]:
     """Per position, the most common (token, modality) over the samples that have it."""
-    tokens = trace["token"].transpose("sample", "pos").values
-    modality = trace["modality"].transpose("sample", "pos").values
-    labels, mods = [], []
-    for pos in range(tokens.shape[1]):
-        pairs = Counter((str(t), str(m)) for t, m in zip(tokens[:, pos], modality[:, pos]) if m != "pad")
-        token, mod = pairs.most_common(1)[0][0] if pairs else ("", "pad")
-        labels.append(token)
-        mods.append(mod)
-    return labels, mods
+    real = (trace["modality"] != "pad").transpose("sample", "pos").values
+    pairs = [position_label(trace, pos, real[:, pos]) for pos in range(real.shape[1])]
+    return [token for token, _ in pairs], [mod for _, mod in pairs]
 
 
 def _modality_strip(ax, modalities: list[str]) -> list[Patch]:
@@ -166,20 +159,17 @@ def sink_heads(findings: dict[str, Any]) -> Figure:
 
 def sample_image(trace: xr.Dataset, sample: int, image: int) -> Image.Image | None:
     """The ``image``-th image of ``sample`` from the trace's inputs JSONL, None when the file
-    or the image is not found (the patch grid is then drawn without it)."""
+    is gone or unreadable (the patch grid is then drawn without it)."""
     path = Path(str(trace.attrs.get("inputs_path", "")))
     if not path.is_file():
         return None
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    if sample >= len(rows):
+    try:
+        examples = load_examples(path)
+    except InputError:
         return None
-    row = json.loads(rows[sample])
-    names = row.get("images", [row["image"]] if "image" in row else [])
-    names = [names] if isinstance(names, str) else names
-    if image >= len(names) or not (path.parent / names[image]).is_file():
+    if sample >= len(examples) or image >= len(examples[sample].images):
         return None
-    with Image.open(path.parent / names[image]) as im:
-        return im.convert("RGB")
+    return examples[sample].images[image]
 
 
 def _first_visual_sample(trace: xr.Dataset) -> int:

@@ -9,8 +9,10 @@ import re
 import pytest
 import torch
 from pypdf import PdfReader
+from typer.testing import CliRunner
 
 from attnflow.analyses import analyze
+from attnflow.cli import app
 from attnflow.probes.io import save_trace
 from attnflow.probes.record import record
 from attnflow.reducers.derive import derive
@@ -135,15 +137,17 @@ def test_text_only_report_says_what_does_not_apply(text_only):
     assert f"dimension {findings['sinks']['dims'][0]}" in flat
 
 
-def test_rebuild_replaces_figures_whole(text_only, tmp_path):
+def test_cli_rebuild_replaces_figures_whole(text_only, tmp_path):
     for name in ("trace.nc", "findings.json"):
         (tmp_path / name).write_bytes((text_only[0] / name).read_bytes())
     (tmp_path / "figures").mkdir()
     (tmp_path / "figures" / "patches.png").write_bytes(b"stale")  # from an earlier, visual run
-    paths = save_figures(tmp_path, formats=("png", "svg"))
-    assert "patches" not in paths and not (tmp_path / "figures" / "patches.png").exists()
-    assert set(paths) == {name for name, entry in _index(tmp_path).items() if entry["file"]}
-    assert all(p.is_file() and p.with_suffix(".svg").is_file() for p in paths.values())
+    result = CliRunner().invoke(app, ["report", str(tmp_path), "--svg"])
+    assert result.exit_code == 0, result.output
+    drawn = {name for name, entry in _index(tmp_path).items() if entry["file"]}
+    assert "patches" not in drawn and not (tmp_path / "figures" / "patches.png").exists()
+    assert all((tmp_path / "figures" / f"{name}.{fmt}").is_file() for name in drawn for fmt in ("png", "svg"))
+    assert (tmp_path / "report.pdf").is_file()
     with pytest.raises(ReportError, match="formats"):
         save_figures(tmp_path, formats=("jpg",))
 
