@@ -66,12 +66,20 @@ class Planner:
         self.decoding = False
         self.layer_tokens: dict[int, tuple[Tensor, Tensor]] = {}
         self.scores: dict[int, Tensor] = {}
+        # per prompt (set by a prefill): labels, when each position leaves, the current rows
+        self.removed_at: Tensor | None = None
+        self.pad = self.removable = self.pos = self.filler = torch.empty(0)
+        self.n_keep: dict[int, Tensor] = {}
+        self.touched, self.steady, self.steady_entry = False, None, None
+        self.cached: dict[int, tuple[Tensor, Tensor] | None] = {}
+        self.decode_cuts: dict[tuple[int, bool], Cut] = {}
+        self.prompt_tokens = self.seen = 0
 
     # ---- prompt bookkeeping -------------------------------------------------------------
     def begin(self, input_ids: Tensor, attention_mask: Tensor | None, decoding: bool) -> None:
         """Start a forward: a prefill labels the prompt's tokens; a decode step extends it."""
         if decoding:
-            if not hasattr(self, "removed_at"):
+            if self.removed_at is None:
                 raise ScheduleError("a decode step arrived without a prefill under this schedule: "
                                     "run the whole generation inside `with reducers.apply(...)`")
             if self.sliding and self.touched:
@@ -80,7 +88,7 @@ class Planner:
                                     "of positions. Run full forwards (use_cache=False) instead")
             self.decoding = True
             self.seen += input_ids.shape[1]
-            self.decode_cuts: dict[tuple[int, bool], Cut] = {}
+            self.decode_cuts = {}
             return
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ScheduleError("reducers.apply needs a 2-D attention_mask (or none)")
@@ -105,9 +113,8 @@ class Planner:
         self.n_keep = {k: kept_count(keep, n_removable) for k, keep in self.prunes.items()}
         self.pos = torch.arange(n, device=dev).expand(b, n)
         self.filler = torch.zeros(b, n, dtype=torch.bool, device=dev)
-        self.touched, self.steady = False, None
-        self.cached: dict[int, tuple[Tensor, Tensor] | None] = {}
-        self.layer_tokens, self.scores = {}, {}
+        self.touched, self.steady, self.steady_entry = False, None, None
+        self.cached, self.layer_tokens, self.scores = {}, {}, {}
         self.prompt_tokens = self.seen = n
         self.decoding = False
 
@@ -186,10 +193,10 @@ class Planner:
         slots = torch.arange(q, device=dev).expand(b, q)
         cols = torch.cat([cached_rows, generated], 1)
         if whole_skip:  # new tokens bypass it too: they run as filler, unwritten
-            return Cut(take=None, rows=slots, row_keys=new_keys, cols=cols,
+            return Cut(take=None, rows=None, row_keys=new_keys, cols=cols,
                        blocked=torch.ones_like(cols, dtype=torch.bool),
                        keep=slots, put=slots, write=torch.zeros_like(slots, dtype=torch.bool))
-        return Cut(take=None, rows=slots, row_keys=new_keys, cols=cols,
+        return Cut(take=None, rows=None, row_keys=new_keys, cols=cols,
                    blocked=torch.cat([cached_blocked, torch.zeros_like(generated, dtype=torch.bool)], 1))
 
     # ---- ranking ------------------------------------------------------------------------

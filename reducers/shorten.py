@@ -29,7 +29,8 @@ class Cut:
 
     ``take`` [B, R]: slots of the incoming hidden states the layer processes; None: all of
     them, in order (a layer that changes nothing since the previous cut).
-    ``rows`` [B, R]: their indices into the call's position tensors and mask rows.
+    ``rows`` [B, R]: their indices into the call's position tensors and mask rows; None: all
+    of them, in order (a decode step, whose new tokens all run).
     ``row_keys`` [B, R]: the same tokens' indices into the mask's key dim.
     ``cols`` [B, C]: indices into the mask's key dim of the layer's keys (cache included).
     ``blocked`` [B, C]: filler keys (kept only to keep the batch rectangular): never attended.
@@ -40,7 +41,7 @@ class Cut:
     """
 
     take: Tensor | None
-    rows: Tensor
+    rows: Tensor | None
     row_keys: Tensor
     cols: Tensor
     blocked: Tensor
@@ -81,10 +82,11 @@ def _cut_mask(mask: Tensor | None, cut: Cut, use_bool: bool, dtype: torch.dtype)
     else:
         if mask.dim() != 4:
             raise ValueError(f"attnflow reducers need a 4-D attention mask inside the decoder, got {mask.dim()}-D")
-        b = cut.rows.shape[0]
+        b = cut.cols.shape[0]
         mask = mask.expand(b, *mask.shape[1:])
-        rows = cut.rows.to(mask.device)[:, None, :, None].expand(b, mask.shape[1], -1, mask.shape[3])
-        mask = mask.gather(2, rows)
+        if cut.rows is not None:
+            rows = cut.rows.to(mask.device)[:, None, :, None].expand(b, mask.shape[1], -1, mask.shape[3])
+            mask = mask.gather(2, rows)
         cols = cut.cols.to(mask.device)[:, None, None, :].expand(b, mask.shape[1], mask.shape[2], -1)
         mask = mask.gather(3, cols)
     if any_blocked:
@@ -124,9 +126,9 @@ class Shortener:
         if self._memo is not None and all(a is b for a, b in zip(self._memo[0], key)):
             return self._memo[1]
         out: dict[str, Any] = {"attention_mask": _cut_mask(mask, cut, self.bool_mask, dtype)}
-        if pe is not None:
+        if pe is not None and cut.rows is not None:
             out["position_embeddings"] = tuple(gather_seq(t, cut.rows, -2) for t in pe)
-        if ids is not None:
+        if ids is not None and cut.rows is not None:
             out["position_ids"] = gather_seq(ids, cut.rows, -1)
         self._memo = (key, out)
         return out
