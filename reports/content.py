@@ -207,7 +207,7 @@ def provenance_section(run: Run) -> dict[str, Any]:
             ["inputs", attrs.get("inputs_path") or "(in memory)"], ["inputs sha256", attrs.get("inputs_sha256") or ""],
             ["command", command or "(no run.json: not recorded)"],
             *[[f"{stage} (s)", seconds] for stage, seconds in (meta.get("seconds") or {}).items()],
-            *[[key, value] for key, value in (meta.get("machine") or {}).items()],
+            *[[key, value] for key, value in (meta.get("machine") or {}).items() if value not in ("", None)],
             ["report built", _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")]]
     versions = meta.get("versions") or {p: _version(p) for p in PACKAGES}
     source = "of the run" if meta.get("versions") else "at report time"

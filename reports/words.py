@@ -19,9 +19,13 @@ def num(x: Any, digits: int = 3) -> str:
     """A number with ``digits`` significant digits; None -> 'n/a'; others as text."""
     if x is None:
         return "n/a"
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if not isinstance(x, (int, float)):
         return str(x)
-    return str(x) if isinstance(x, int) else f"{x:.{digits}g}"
+    if isinstance(x, int) or (x.is_integer() and abs(x) < 1e6):
+        return str(int(x))
+    return f"{x:.{digits}g}"
 
 
 def layer_list(layers: list[int]) -> str:
