@@ -61,6 +61,16 @@ def rollout(maps: np.ndarray, last: int) -> np.ndarray:
     return rows
 
 
+MAX_BLOCKS_PER_SIDE = 8
+
+
+def auto_block(patch_row: np.ndarray, patch_col: np.ndarray) -> int:
+    """The smallest block side leaving at most MAX_BLOCKS_PER_SIDE blocks along either side
+    of any image's patch grid."""
+    side = int(max(patch_row.max(initial=-1), patch_col.max(initial=-1))) + 1
+    return max(1, -(-side // MAX_BLOCKS_PER_SIDE))
+
+
 def span_groups(modality: np.ndarray, image: np.ndarray, patch_row: np.ndarray,
                 patch_col: np.ndarray, block: int) -> np.ndarray:
     """Group index per position: non-visual positions alone, visual ones by
@@ -79,7 +89,7 @@ def pooled_capacities(maps: np.ndarray, groups: np.ndarray) -> np.ndarray:
     n_groups = int(groups.max()) + 1
     onehot = np.zeros((len(groups), n_groups))
     onehot[np.arange(len(groups)), groups] = 1.0
-    return np.einsum("ig,lij,jh->lgh", onehot, augmented(maps), onehot)
+    return onehot.T @ augmented(maps) @ onehot
 
 
 def max_flows(capacity: np.ndarray, source: int) -> np.ndarray:
@@ -144,9 +154,11 @@ def _mean_grids(grids: list[dict[int, np.ndarray]]) -> list[list[list[float]]]:
     return out
 
 
-def attribution(maps: list[np.ndarray], trace: xr.Dataset, block: int) -> dict[str, Any]:
+def attribution(maps: list[np.ndarray], trace: xr.Dataset, block: int = 0) -> dict[str, Any]:
     """Rollout and flow from each sample's last position, averaged over samples, per modality
-    and per visual patch. ``maps[s]``: sample s's head-mean maps [L, n_s, n_s]."""
+    and per visual patch. ``maps[s]``: sample s's head-mean maps [L, n_s, n_s]; ``block`` 0
+    chooses the pooling with ``auto_block``."""
+    block = block or auto_block(trace["patch_row"].values, trace["patch_col"].values)
     per_sample = []
     for s, sample_maps in enumerate(maps):
         n = sample_maps.shape[-1]

@@ -318,6 +318,13 @@ def test_span_groups_pool_visual_patches_into_blocks():
     assert len(set(flow_mod.span_groups(modality, image, rows, cols, block=1))) == len(modality)
 
 
+def test_auto_block_keeps_at_most_eight_blocks_per_side():
+    grid = np.arange(24)
+    assert flow_mod.auto_block(grid, grid) == 3
+    assert flow_mod.auto_block(np.arange(4), np.arange(4)) == 1
+    assert flow_mod.auto_block(np.array([-1]), np.array([-1])) == 1
+
+
 def test_attribution_sums_and_patch_grid():
     S, L = 2, 3
     mod = vlm_modality(S)
