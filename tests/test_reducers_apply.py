@@ -54,32 +54,33 @@ def positions(batch):
     return (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
 
 
-def masked_oracle(model, batch, planner):
-    """Unreduced eager run in which layer l attends only to the tokens the reduced run
-    processed at l, and every other token's residual passes layer l unchanged."""
-    layers = adapters.decoder_layers(model)
+def masked_run(model, batch, planner, **call):
+    """Unreduced run in which layer l's keys are only the tokens the reduced run processed at
+    l, and every other token's residual passes layer l unchanged (the masking oracle)."""
     b, n = batch["input_ids"].shape
-    processed = {}
-    for layer, (rows, real) in planner.layer_tokens.items():
-        mask = torch.zeros(b, n, dtype=torch.bool)
-        processed[layer] = mask.scatter(1, rows, real) if rows.shape[1] else mask
+    processed = {layer: torch.zeros(b, n, dtype=torch.bool).scatter(1, rows, real)
+                 for layer, (rows, real) in planner.layer_tokens.items()}
     handles = []
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(adapters.decoder_layers(model)):
         def pre(module, args, kwargs, i=i):
-            m = kwargs["attention_mask"]
-            kwargs = dict(kwargs, attention_mask=m.masked_fill(~processed[i][:, None, None, :], torch.finfo(m.dtype).min))
-            return args, kwargs
+            m, keys = kwargs["attention_mask"], processed[i][:, None, None, :]
+            m = m & keys if m.dtype == torch.bool else m.masked_fill(~keys, torch.finfo(m.dtype).min)
+            return args, dict(kwargs, attention_mask=m)
 
         def post(module, args, output, i=i):
             return torch.where(processed[i][..., None], output, args[0])
         handles += [layer.register_forward_pre_hook(pre, with_kwargs=True), layer.register_forward_hook(post)]
     try:
         with torch.no_grad():
-            out = model(**batch, position_ids=positions(batch), output_attentions=True)
+            return model(**batch, **call)
     finally:
         for h in handles:
             h.remove()
-    return out
+
+
+def masked_oracle(model, batch, planner):
+    """The masking oracle under eager attention, with generate's position ids and the weights."""
+    return masked_run(model, batch, planner, position_ids=positions(batch), output_attentions=True)
 
 
 def reduced(model, steps, batch, **kw):

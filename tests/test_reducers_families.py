@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnflow.probes import adapters
 from attnflow.reducers import Schedule, ScheduleError, apply
 from attnflow.toys import tiny
+from test_reducers_apply import masked_run
 
 STEPS = [{"op": "prune_visual", "layer": 1, "keep": 0.5}, {"op": "visual_exit", "layer": 2}]
 
@@ -20,31 +20,6 @@ def encode(processor, prompts):
     processor.tokenizer.padding_side = "left"
     return processor(text=[p["prompt"] for p in prompts], images=[p["images"] for p in prompts],
                      padding=True, return_tensors="pt")
-
-
-def masked_logits(model, batch, planner):
-    """Unreduced run (same backend) in which layer l's keys are only the tokens the reduced run
-    processed at l, and every other token's residual passes layer l unchanged."""
-    b, n = batch["input_ids"].shape
-    processed = {layer: torch.zeros(b, n, dtype=torch.bool).scatter(1, rows, real)
-                 for layer, (rows, real) in planner.layer_tokens.items()}
-    handles = []
-    for i, layer in enumerate(adapters.decoder_layers(model)):
-        def pre(module, args, kwargs, i=i):
-            m = kwargs["attention_mask"]
-            keys = processed[i][:, None, None, :]
-            m = m & keys if m.dtype == torch.bool else m.masked_fill(~keys, torch.finfo(m.dtype).min)
-            return args, dict(kwargs, attention_mask=m)
-
-        def post(module, args, output, i=i):
-            return torch.where(processed[i][..., None], output, args[0])
-        handles += [layer.register_forward_pre_hook(pre, with_kwargs=True), layer.register_forward_hook(post)]
-    try:
-        with torch.no_grad():
-            return model(**batch).logits
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "idefics3", "gemma3"])
@@ -58,7 +33,7 @@ def test_drop_equals_mask_across_families(family):
         with apply(model, Schedule.for_model(model, STEPS)) as planner:
             logits = model(**batch).logits
     assert logits.shape[1] < full.shape[1]
-    oracle = masked_logits(model, batch, planner)
+    oracle = masked_run(model, batch, planner).logits
     want = oracle.gather(1, planner.positions[..., None].expand(-1, -1, oracle.shape[-1]))
     torch.testing.assert_close(logits[planner.real], want[planner.real], atol=1e-5, rtol=1e-5)
 
