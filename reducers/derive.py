@@ -8,13 +8,14 @@ Evidence (methods.md §9), each turned into a starting point:
   curve where it falls below ``fade`` x its peak, or the layer after the peak when it never
   fades (the image has been read at the peak; attention from there ranks tokens best);
 - keep share: the smallest share of visual tokens whose last-row attention at layer K-1
-  covers ``coverage`` of the visual mass (measured on the inputs, mean over prompts);
+  covers ``coverage`` of the visual mass (measured on the inputs, mean over prompts); the
+  prune step is searched at K and every earlier layer, and the cheapest within budget wins;
 - layers to skip: ``redundancy.candidates`` (most redundant first), tried one at a time;
 - protected visual sinks: ``sinks.visual`` positions, mapped to visual-token indices.
 
 Then a greedy search under the budget, each trial checked on the inputs (next-token KL and
-top-1 agreement against the unreduced model): the earliest exit within budget, the smallest
-keep within budget, then every skip that stays within budget. Finally ``verify`` runs on all
+top-1 agreement against the unreduced model): the earliest exit within budget, the prune
+step with the lowest predicted FLOPs within budget, then every skip that stays within budget. Finally ``verify`` runs on all
 inputs: while the schedule's fidelity on all of them is outside the budget it backs off (drop
 the last skip, raise keep, move the exit later), then ``verify`` measures the result (the
 same KL and agreement, plus generation, accuracy, FLOPs and wall-clock, beside the
@@ -36,6 +37,7 @@ from torch import nn
 from attnflow.probes import adapters
 from attnflow.probes.inputs import Example, as_examples, encode
 from attnflow.reducers.apply import apply
+from attnflow.reducers.cost import Shape, predict
 from attnflow.reducers.schedule import DEFAULT_PROTECT, Schedule, ScheduleError, model_info
 from attnflow.reducers.verify import encode_batches, verify
 
@@ -112,6 +114,9 @@ class _Probe:
     def __init__(self, model: nn.Module, processor: Any, examples: list[Example], batch_size: int) -> None:
         self.model, self.examples = model, examples
         self.batches = encode_batches(processor, examples, batch_size, next(model.parameters()).device)
+        image_id = adapters.image_token_id(model)
+        self.layouts = [(int(am.sum()), int(((ids == image_id) & am.bool()).sum()))
+                        for b in self.batches for ids, am in zip(b["input_ids"], b["attention_mask"])]
         with torch.no_grad():
             self.full = [model(**b).logits[:, -1].double().log_softmax(-1) for b in self.batches]
 
@@ -141,6 +146,10 @@ class _Search:
     def schedule(self, cand: Candidate) -> Schedule:
         return Schedule.for_model(self.model, cand.steps(), protect=self.protect)
 
+    def flops(self, cand: Candidate) -> float:
+        """Predicted FLOPs ratio of ``cand`` on the probe prompts."""
+        return predict(self.schedule(cand), Shape.of(self.model), self.probe.layouts)["flops_ratio"]
+
     def ok(self, cand: Candidate) -> bool:
         """Whether ``cand`` is a valid schedule within budget on the probe inputs (logged once)."""
         try:
@@ -152,7 +161,8 @@ class _Search:
                 return trial["within_budget"]
         measured = self.probe.fidelity(self.schedule(cand))
         passed = self.budget.holds(measured)
-        self.trials.append({"steps": cand.steps(), **measured, "within_budget": passed})
+        self.trials.append({"steps": cand.steps(), **measured, "flops_ratio": self.flops(cand),
+                            "within_budget": passed})
         return passed
 
 
@@ -254,9 +264,22 @@ def keep_share(search: _Search, layer: int, coverage: float) -> tuple[float, str
                    f"of the last position's visual attention at layer {layer - 1}")
 
 
-def _greedy(search: _Search, start: Candidate, num_layers: int, keep0: float,
-            skips: list[int]) -> Candidate:
-    """Earliest exit, then smallest keep, then every skip that stays within budget."""
+def _smallest_keep(search: _Search, cand: Candidate, layer: int, coverage: float) -> Candidate | None:
+    """``cand`` plus a prune step at ``layer`` with the smallest keep within budget, starting
+    from the coverage share and growing x1.5 per step; None when no keep below 1 fits."""
+    keep, why = keep_share(search, layer, coverage)
+    search.reasons.append(why)
+    while keep < 1.0:
+        trial = replace(cand, prune_layer=layer, keep=keep)
+        if search.ok(trial):
+            return trial
+        keep *= 1.5
+    return None
+
+
+def _greedy(search: _Search, start: Candidate, num_layers: int, coverage: float, skips: list[int]) -> Candidate:
+    """Earliest exit; then the cheapest prune step within budget at the evidence layer or any
+    earlier one; then every skip that stays within budget."""
     cand = replace(start, prune_layer=None, keep=None)
     if cand.exit is not None:
         while cand.exit is not None and not search.ok(cand):  # back off towards no exit
@@ -265,16 +288,16 @@ def _greedy(search: _Search, start: Candidate, num_layers: int, keep0: float,
             cand = replace(cand, exit=cand.exit - 1)
         search.reasons.append(f"visual_exit: layer {cand.exit} is the earliest within budget" if cand.exit
                               else "visual_exit: none within budget")
-    if start.prune_layer is not None and (cand.exit is None or start.prune_layer < cand.exit):
-        keep = keep0
-        while keep < 1.0 and not search.ok(replace(cand, prune_layer=start.prune_layer, keep=keep)):
-            keep = min(1.0, keep * 1.5)
-        if keep < 1.0:
-            cand = replace(cand, prune_layer=start.prune_layer, keep=keep)
-            search.reasons.append(f"prune_visual: keep {keep:.3f} at layer {start.prune_layer} is the smallest "
-                                  f"tried within budget (from {keep0:.3f}, x1.5 per step)")
-        else:
-            search.reasons.append(f"prune_visual: no keep below 1 at layer {start.prune_layer} stays within budget")
+    last = start.prune_layer if cand.exit is None else min(start.prune_layer, cand.exit - 1)
+    found = [c for c in (_smallest_keep(search, cand, k, coverage) for k in range(last, 0, -1)) if c is not None]
+    if found:
+        best = min(found, key=search.flops)
+        search.reasons.append(f"prune_visual: keep {best.keep:.3f} at layer {best.prune_layer} has the lowest "
+                              f"predicted FLOPs ({search.flops(best):.3f}) of the prune steps within budget at "
+                              f"layers {last}..1")
+        cand = best
+    elif last >= 1:
+        search.reasons.append(f"prune_visual: no keep below 1 stays within budget at layers {last}..1")
     for layer in skips:
         for tokens in ("all", "visual"):
             if tokens == "visual" and cand.exit is not None and layer >= cand.exit:
@@ -322,11 +345,9 @@ def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
     exit_layer, exit_why = exit_evidence(data, num_layers)
     curve = ((data.get("exit") or {}).get("curves") or {}).get("observational")
     prune_layer, prune_why = first_prune_layer(curve, num_layers, cfg.fade)
-    keep0, keep_why = keep_share(search, prune_layer, cfg.coverage)
     candidates = [int(c) for c in (data.get("redundancy") or {}).get("candidates") or [] if 0 < int(c) < num_layers]
-    search.reasons += [exit_why, prune_why, keep_why, sink_why,
-                       f"redundancy candidates (most redundant first): {candidates}"]
-    cand = _greedy(search, Candidate(exit_layer, prune_layer, keep0), num_layers, keep0, candidates)
+    search.reasons += [exit_why, prune_why, sink_why, f"redundancy candidates (most redundant first): {candidates}"]
+    cand = _greedy(search, Candidate(exit_layer, prune_layer, None), num_layers, cfg.coverage, candidates)
     every = probe if len(examples) <= cfg.max_examples else _Probe(model, processor, examples, cfg.batch_size)
     for _ in range(cfg.max_backoffs):  # the budget must hold on every prompt, not only the probe ones
         measured = every.fidelity(search.schedule(cand))
@@ -340,7 +361,7 @@ def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
     verdict = verify(model, schedule, examples, processor, **{"new_tokens": 4, "repeats": 3, **(verify_options or {})})
     schedule.derived_from = {"findings": source, "budget": budget.to_dict(), "reasons": search.reasons,
                              "evidence": {"exit_layer": exit_layer, "first_prune_layer": prune_layer,
-                                          "keep_share": keep0, "coverage": cfg.coverage, "fade": cfg.fade,
+                                          "coverage": cfg.coverage, "fade": cfg.fade,
                                           "visual_sinks": sinks, "skip_candidates": candidates},
                              "trials": search.trials}
     schedule.predicted = verdict.predicted()
