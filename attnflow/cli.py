@@ -214,9 +214,10 @@ def verify(
     console.print(f"wrote {out} ({verdict.n_examples} prompts, {verdict.device}, {verdict.backend})")
     for r in verdict.rows:
         acc = "" if r.accuracy is None else f", accuracy {r.accuracy:.3f} ({100 * r.accuracy_delta:+.1f} pts)"
+        speed = ", ".join(f"{part} {'n/a' if x is None else f'{x:.2f}x'}"
+                          for part, x in (("prefill", r.prefill_speedup), ("decode", r.decode_speedup)))
         console.print(f"{r.name:>18}: FLOPs {r.flops_ratio:.3f}, T_eq {r.visual_tokens_equivalent:.1f}, agreement "
-                      f"{r.agreement:.3f}, KL {r.kl:.4g}{acc}, prefill {r.prefill_speedup:.2f}x, decode "
-                      f"{r.decode_speedup:.2f}x{' (Pareto)' if r.pareto else ''}")
+                      f"{r.agreement:.3f}, KL {r.kl:.4g}{acc}, {speed}{' (Pareto)' if r.pareto else ''}")
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Speed and memory benchmarks (benchmarks/ of a source checkout).")

@@ -54,8 +54,8 @@ class Row:
     decode_flops_ratio: float
     prefill_ms: float
     decode_ms_per_token: float
-    prefill_speedup: float
-    decode_speedup: float
+    prefill_speedup: float | None
+    decode_speedup: float | None
     pareto: bool = False
 
     @property
@@ -225,6 +225,11 @@ def _timings(model: nn.Module, schedules: dict[str, Schedule | None], batch: dic
     return out
 
 
+def _ratio(reference: float, reduced: float) -> float | None:
+    """reference / reduced, None when noise left a non-positive time (decode = difference of two runs)."""
+    return reference / reduced if reference > 0 and reduced > 0 else None
+
+
 def verify(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path", inputs: Any, processor: Any, *,
            new_tokens: int = 8, batch_size: int = 8, repeats: int = 5, baselines: bool = True,
            timing_examples: int | None = None) -> Verdict:
@@ -276,8 +281,8 @@ def verify(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path",
             visual_tokens_equivalent=cost["visual_tokens_equivalent"], kv_bytes=cost["kv_bytes"],
             kv_bytes_ratio=cost["kv_bytes_ratio"], decode_flops_ratio=cost["decode_flops_ratio"],
             prefill_ms=t["prefill_ms"], decode_ms_per_token=t["decode_ms_per_token"],
-            prefill_speedup=t0["prefill_ms"] / t["prefill_ms"],
-            decode_speedup=t0["decode_ms_per_token"] / t["decode_ms_per_token"]))
+            prefill_speedup=_ratio(t0["prefill_ms"], t["prefill_ms"]),
+            decode_speedup=_ratio(t0["decode_ms_per_token"], t["decode_ms_per_token"])))
     for r in rows:
         r.pareto = not any(o.flops_ratio <= r.flops_ratio and o.fidelity >= r.fidelity
                            and (o.flops_ratio < r.flops_ratio or o.fidelity > r.fidelity) for o in rows)
