@@ -18,10 +18,13 @@ ranked by the head-mean attention the last prompt position pays them at ``layer 
 ``visual_exit`` removes every unprotected visual token from ``layer`` on. ``skip_layers`` lets
 tokens bypass whole layers (``tokens: "all"``) or lets only the unprotected visual tokens bypass
 them (``"visual"``: their residual stream passes the layer unchanged, the other tokens do not
-see them there). Protected tokens are never removed: the listed modalities, and the visual
-tokens whose index among a sample's visual tokens (0-based, across its images) is listed in
-``visual_sinks`` (a list rather than DESIGN's ``true``, so that a schedule applies on its own,
-without the findings it came from). Kept tokens keep their original RoPE positions.
+see them there). Protected tokens are never removed: the listed modalities (``bos``,
+``system``, ``text``; the ops only ever remove visual tokens, so this records the guarantee),
+and the visual tokens whose index among a sample's visual tokens (0-based, across its images)
+is listed in ``visual_sinks`` (a list rather than DESIGN's ``true``, so that a schedule applies
+on its own, without the findings it came from); protected sinks are kept without taking a
+place in the ranking. A whole-layer skip acts on every token. Kept tokens keep their original
+RoPE positions; pads are dropped with the first cut.
 
 No op may act on layer 0: transformers sizes the KV cache and the decode masks from layer 0,
 so layer 0 always sees every token (drop tokens from the input instead).
