@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from attnflow.probes import adapters
-from attnflow.reducers import Schedule, apply
+from attnflow.reducers import Schedule, ScheduleError, apply
 from attnflow.toys import tiny
 
 BACKENDS = ("eager", "sdpa")
@@ -199,3 +199,21 @@ def test_hooks_are_removed_on_exit_and_on_error(models):
         assert torch.equal(model(**batch).logits, full)
     assert not any(layer._forward_pre_hooks or layer._forward_hooks for layer in layers)
     assert not model._forward_pre_hooks
+
+
+def test_misuse_gets_a_clear_error(models):
+    model, processor = models["sdpa"]
+    batch = encode(processor, prompts()[:1])
+    schedule = Schedule.for_model(model, STEPS["exit"])
+    with torch.no_grad():
+        cache = model(**batch, use_cache=True).past_key_values  # a prefill outside the schedule
+        nxt = {"input_ids": batch["input_ids"][:, -1:], "past_key_values": cache,
+               "attention_mask": torch.ones(1, batch["input_ids"].shape[1] + 1, dtype=torch.long)}
+        with apply(model, schedule), pytest.raises(ScheduleError, match="without a prefill"):
+            model(**nxt)
+        embeds = model.get_input_embeddings()(batch["input_ids"])
+        with apply(model, schedule), pytest.raises(ScheduleError, match="needs input_ids"):
+            model(inputs_embeds=embeds)
+        with pytest.raises(ScheduleError, match="prompt_length 999"):
+            with apply(model, schedule, prompt_length=999):
+                model(**batch)
