@@ -220,7 +220,8 @@ def verify(
                       f"{r.agreement:.3f}, KL {r.kl:.4g}{acc}, {speed}{' (Pareto)' if r.pareto else ''}")
 
 
-bench_app = typer.Typer(no_args_is_help=True, help="Speed and memory benchmarks (benchmarks/ of a source checkout).")
+bench_app = typer.Typer(no_args_is_help=True,
+                        help="Speed and memory benchmarks (benchmarks/ of a source checkout).")
 app.add_typer(bench_app, name="bench")
 
 

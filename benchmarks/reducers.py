@@ -1,0 +1,140 @@
+"""What reducing buys: prefill and per-token decode wall-clock of FastV (K=2, R=50%),
+PyramidDrop and a derived schedule against the unreduced model, beside each one's predicted
+FLOPs ratio (attnflow.reducers.cost).
+
+Every configuration runs the same model object under ``attnflow.reducers.apply`` (real
+shortening), timed in one process with all configurations alternated (benchmarks.timing).
+Decode per token is (generate N+1 tokens − generate 1 token) / N, taken within each round.
+``python -m benchmarks.reducers`` prints the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from attnflow.probes import adapters
+from attnflow.reducers.apply import apply
+from attnflow.reducers.cost import Shape, predict
+from attnflow.reducers.schedule import Schedule, load_schedule
+from attnflow.reducers.verify import fastv, pdrop
+from benchmarks import shapes, timing
+from benchmarks.machine import describe, gpu_name
+
+SPEEDUP_TARGET = 0.85  # measured prefill speedup >= 0.85 x the predicted FLOPs speedup
+
+
+def _configs(schedule: Schedule | None, model: nn.Module) -> dict[str, Schedule | None]:
+    configs: dict[str, Schedule | None] = {"unreduced": None, "fastv": fastv(model, keep=0.5, layer=2),
+                                           "pdrop": pdrop(model)}
+    if schedule is not None:
+        configs["schedule"] = schedule
+    return configs
+
+
+def _calls(model: nn.Module, schedule: Schedule | None, batch: dict[str, torch.Tensor],
+           new_tokens: int, pad: int) -> dict[str, Callable[[], Any]]:
+    """Prefill, generate-1 and generate-(N+1) of ``model`` under ``schedule`` (None: unreduced)."""
+
+    def under(fn: Callable[[], Any]) -> Callable[[], Any]:
+        def call() -> Any:
+            with torch.no_grad(), (apply(model, schedule) if schedule is not None else nullcontext()):
+                return fn()
+        return call
+
+    def gen(n: int) -> Callable[[], Any]:
+        return under(lambda: model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                            pad_token_id=pad))
+    return {"prefill": under(lambda: model(**batch)), "gen1": gen(1), "genN": gen(new_tokens + 1)}
+
+
+def _per_token(times: dict[str, list[float]], name: str, new_tokens: int) -> list[float]:
+    """Per round, seconds per decoded token: (generate N+1 − generate 1) / N."""
+    return [(n - one) / new_tokens for n, one in zip(times[f"{name}/genN"], times[f"{name}/gen1"])]
+
+
+def run_model(model: nn.Module, batch: dict[str, torch.Tensor], *, pad_token_id: int,
+              schedule: Schedule | None = None, repeats: int = 5, new_tokens: int = 8,
+              device: str = "cpu") -> dict[str, Any]:
+    """Measured prefill and decode speedups of each configuration next to its predicted ratios."""
+    configs = _configs(schedule, model)
+    fns = {f"{name}/{part}": fn for name, s in configs.items()
+           for part, fn in _calls(model, s, batch, new_tokens, pad_token_id).items()}
+    samples = timing.interleaved(fns, repeats, device=device)
+    ids, am = batch["input_ids"][0], batch["attention_mask"][0].bool()
+    layout = [(int(am.sum()), int(((ids == adapters.image_token_id(model)) & am).sum()))]
+    shape = Shape.of(model)
+    rows: dict[str, Any] = {}
+    for name, s in configs.items():
+        pred = predict(s, shape, layout) if s is not None else {"flops_ratio": 1.0, "decode_flops_ratio": 1.0}
+        row: dict[str, Any] = {"steps": s.steps if s is not None else [], "predicted_flops_ratio": pred["flops_ratio"],
+                               "predicted_speedup": 1 / pred["flops_ratio"],
+                               "predicted_decode_flops_ratio": pred["decode_flops_ratio"]}
+        for clock, times in (("wall", samples.wall), ("cpu", samples.cpu)):
+            decode = _per_token(times, name, new_tokens)
+            prefill = timing.stats(times[f"{name}/prefill"], times["unreduced/prefill"])
+            dec = timing.stats(decode, _per_token(times, "unreduced", new_tokens))
+            tag = "" if clock == "wall" else "cpu_"
+            row.update({f"{tag}prefill_min_s": prefill["min_s"], f"{tag}prefill_median_s": prefill["median_s"],
+                        f"{tag}prefill_speedup": 1 / prefill["ratio_median"],
+                        f"{tag}prefill_speedup_min": 1 / prefill["ratio_min"],
+                        f"{tag}decode_median_s_per_token": dec["median_s"],
+                        f"{tag}decode_speedup": 1 / dec["ratio_median"]})
+        if s is not None:
+            row["speedup_vs_predicted"] = row["prefill_speedup"] / row["predicted_speedup"]
+            row["cpu_speedup_vs_predicted"] = row["cpu_prefill_speedup"] / row["predicted_speedup"]
+            row["target_met"] = row["speedup_vs_predicted"] >= SPEEDUP_TARGET
+        rows[name] = row
+    return {"tokens": layout[0][0], "visual_tokens": layout[0][1], "new_tokens": new_tokens, "repeats": repeats,
+            "backend": adapters.attn_implementation(model), "dtype": str(next(model.parameters()).dtype)[6:],
+            "configs": rows}
+
+
+def run_llava_shaped(*, tokens: int = 600, shape: shapes.Shape = shapes.CPU_SHAPE, device: str = "cpu",
+                     dtype: torch.dtype = torch.float32, repeats: int = 5, new_tokens: int = 8) -> dict[str, Any]:
+    """The reducer benchmark on a LLaVA-shaped random model (576 visual tokens at 600 tokens)."""
+    model, processor, example = shapes.build(shape, tokens, device=device, dtype=dtype)
+    out = run_model(model, shapes.encode(processor, example, device), pad_token_id=processor.tokenizer.pad_token_id,
+                    repeats=repeats, new_tokens=new_tokens, device=device)
+    return {"model": shape.name, "device": gpu_name() if device != "cpu" else "cpu", **out}
+
+
+def run_toy_vlm(*, repeats: int = 5, new_tokens: int = 8, schedule_path: Path | None = None) -> dict[str, Any]:
+    """The reducer benchmark on the trained toy VLM and one held-out prompt; with its derived
+    schedule when ``schedule_path`` names one."""
+    from attnflow.models import default_inputs, load_model
+    from attnflow.probes.inputs import as_examples, encode
+
+    model, processor = load_model("toy-vlm")
+    schedule = load_schedule(schedule_path) if schedule_path else None
+    batch = dict(encode(processor, as_examples(default_inputs("toy-vlm"))[:1]))
+    tok = getattr(processor, "tokenizer", processor)
+    out = run_model(model, batch, pad_token_id=tok.pad_token_id, schedule=schedule, repeats=repeats,
+                    new_tokens=new_tokens)
+    return {"model": "toy-vlm", "device": "cpu", "schedule": str(schedule_path) if schedule_path else None, **out}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=600)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--toy-vlm", action="store_true", help="the trained toy VLM instead of the LLaVA shape")
+    parser.add_argument("--schedule", type=Path, help="the toy VLM's derived schedule (JSON)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = (run_toy_vlm(repeats=args.repeats, new_tokens=args.new_tokens, schedule_path=args.schedule)
+           if args.toy_vlm else run_llava_shaped(tokens=args.tokens, repeats=args.repeats, new_tokens=args.new_tokens))
+    print(json.dumps({**out, "machine": describe()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Smoke tests of the benchmark machinery on a tiny model with one repeat: that the benchmarks
+run end to end and that what they derive is consistent. They never assert how fast anything
+is (speed lives in `make bench`)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from attnflow.cli import app
+from benchmarks import memory, probe, run, shapes, timing
+
+
+def test_interleaved_warms_up_then_rotates_the_order():
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    samples = timing.interleaved(fns, 3, warmup=1)
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+    assert {name: len(ts) for name, ts in samples.wall.items()} == {"a": 3, "b": 3, "c": 3}
+    assert all(t >= 0 for ts in samples.cpu.values() for t in ts)
+    with pytest.raises(ValueError, match="repeats"):
+        timing.interleaved(fns, 0)
+
+
+def test_summarize_pairs_ratios_within_rounds():
+    wall = {"base": [1.0, 2.0, 4.0], "x": [3.0, 2.0, 4.0]}
+    cpu = {"base": [1.0, 1.0, 1.0], "x": [2.0, 2.0, 3.0]}
+    rows = timing.summarize(timing.Samples(wall, cpu), "base")
+    assert rows["x"]["ratio_min"] == pytest.approx(2.0)  # min 2 over min 1
+    assert rows["x"]["ratio_median"] == pytest.approx(1.0)  # median of 3, 1, 1
+    assert rows["x"]["median_s"] == 3.0 and rows["base"]["ratio_median"] == 1.0
+    assert rows["x"]["cpu_ratio_min"] == pytest.approx(2.0) and rows["x"]["cpu_median_s"] == 2.0
+
+
+def test_build_gives_the_exact_token_count_and_layout():
+    model, processor, example = shapes.build(shapes.SMOKE_SHAPE, 40)
+    ids = shapes.encode(processor, example)["input_ids"][0]
+    assert ids.shape[0] == 40
+    assert int((ids == model.config.image_token_id).sum()) == 36  # a 6 x 6 grid
+    assert ids[0] == processor.tokenizer.bos_token_id
+    with pytest.raises(ValueError, match="too few"):
+        shapes.grid_side(2)
+
+
+def test_rss_peak_growth_sees_a_torch_allocation():
+    grown = memory.rss_peak_growth(lambda: torch.ones(64 * 2**20 // 4))  # 64 MiB, every page touched
+    assert 60 * 2**20 <= grown < 160 * 2**20
+
+
+def test_probe_memory_runs_in_a_fresh_process():
+    args = ["--tokens", "40", "--shape", shapes.SMOKE_SHAPE.name, "--memory-of", "hf_output_attentions"]
+    out = memory.in_fresh_process("benchmarks.probe", args)
+    assert out["method"] == "hf_output_attentions" and out["tokens"] == 40 and out["peak_bytes"] > 0
+    with pytest.raises(RuntimeError, match="--memory-of"):
+        memory.in_fresh_process("benchmarks.probe", ["--memory-of", "no_such_method"])
+
+
+def test_smoke_run_writes_consistent_results(tmp_path):
+    results = run.run(run.SMOKE, tmp_path, threads=1, command="pytest")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "latest.md"]  # no temp files left
+    saved = json.loads((tmp_path / "latest.json").read_text())
+    (row,) = saved["probe"]
+    assert set(row["methods"]) == set(probe.METHODS)
+    m = row["methods"]
+    # one round: the median of per-round ratios is that round's ratio
+    assert row["summary_ratio"] == pytest.approx(m["summary_sdpa"]["min_s"] / m["plain_sdpa"]["min_s"])
+    (red,) = saved["reducers"]
+    assert red["visual_tokens"] == 36 and set(red["configs"]) == {"unreduced", "fastv", "pdrop"}
+    flops = {name: c["predicted_flops_ratio"] for name, c in red["configs"].items()}
+    assert flops["unreduced"] == 1.0 and flops["pdrop"] < flops["fastv"] < 1.0
+    assert saved["soak"]["recordings"] == run.SMOKE.soak_recordings
+    assert len(saved["targets"]) == len(results["targets"]) == 4  # summary ratio, fastv, pdrop, soak
+    page = (tmp_path / "latest.md").read_text()
+    assert saved["machine"]["cpu"] in page and "## Targets" in page
+    assert ("Skipped: no CUDA device" in page) != torch.cuda.is_available()
+
+
+def test_cli_bench_probe_prints_one_json_object():
+    result = CliRunner().invoke(app, ["bench", "probe", "--tokens", "40", "--repeats", "1", "--no-memory", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output.strip().splitlines()[-1])
+    m = out["methods"]
+    assert out["tokens"] == 40
+    assert out["summary_ratio"] == pytest.approx(m["summary_sdpa"]["min_s"] / m["plain_sdpa"]["min_s"])
