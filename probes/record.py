@@ -142,8 +142,8 @@ def record(
     layers: Iterable[int] | None = None,
     batch_size: int = 8,
     with_answer: bool = False,
-    chunk: int = 256,
-    rank_max_tokens: int = 512,
+    chunk: int = 64,
+    rank_max_tokens: int = 256,
     progress: bool = True,
     model_path: str = "",
 ) -> xr.Dataset:

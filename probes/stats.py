@@ -45,12 +45,22 @@ def _chunks(T: int, size: int) -> Iterator[slice]:
         yield slice(start, min(T, start + size))
 
 
-def _recomputed(q, k, vis, scaling: float, softcap: float | None, rows: slice) -> torch.Tensor:
-    scores = (q[:, :, rows].float() @ k.float().transpose(-1, -2)) * scaling
+def _key_end(vis: torch.Tensor, rows: slice, mask: torch.Tensor | None, causal: bool) -> int:
+    """One past the last key any query of the chunk may see: causal chunks skip the future."""
+    if mask is None:
+        return rows.stop if causal else vis.shape[-1]
+    seen = torch.nonzero(vis.any(dim=(0, 1, 2)))
+    return int(seen.max()) + 1 if seen.numel() else rows.stop
+
+
+def _log_attention(qs, k, vis, softcap: float | None, rows: slice, kend: int) -> torch.Tensor:
+    """log A for the query rows ``rows`` over keys [0, kend): masked keys get log A = -huge,
+    so A = exp(log A) is exactly 0 there without a NaN-producing -inf."""
+    scores = qs[:, :, rows] @ k[:, :, :kend].transpose(-1, -2)
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~vis, float("-inf"))
-    return scores.softmax(-1).nan_to_num(0.0)
+    scores.masked_fill_(~vis, torch.finfo(scores.dtype).min)
+    return scores.sub_(scores.logsumexp(-1, keepdim=True))
 
 
 def attention_stats(
@@ -62,20 +72,23 @@ def attention_stats(
     mask: torch.Tensor | None = None,
     scaling: float | None = None,
     softcap: float | None = None,
-    chunk: int = 256,
+    chunk: int = 64,
     keep_full: bool = False,
-    rank_max_tokens: int = 512,
+    rank_max_tokens: int = 256,
 ) -> dict[str, torch.Tensor]:
     """received, uniform, n_seen, last_row, flow, entropy, arank (and attn if keep_full).
 
     Give ``weights`` [B,H,T,T] (eager) or ``q`` [B,H,T,d], ``k`` [B,Hkv,T,d], ``mask``,
-    ``scaling`` (recomputed per query chunk, memory O(B·H·chunk·T)).
+    ``scaling`` (recomputed per query chunk, memory O(B·H·chunk·T)). Each chunk only visits
+    the keys its queries can see (half the work for causal models). ARank costs O(n³) per
+    head, so it is computed only up to ``rank_max_tokens`` tokens (NaN beyond).
     """
     ref = weights if weights is not None else q
     B, H, T = ref.shape[0], ref.shape[1], ref.shape[2]
     if weights is None:
-        k = k.repeat_interleave(H // k.shape[1], dim=1)
-        scaling = q.shape[-1] ** -0.5 if scaling is None else scaling
+        k = k.float().repeat_interleave(H // k.shape[1], dim=1)
+        qs = q.float() * (q.shape[-1] ** -0.5 if scaling is None else scaling)
+    all_valid = bool(layout.valid.all())
     validf = layout.valid.float()
     onehot = torch.nn.functional.one_hot(layout.group.clamp(min=0), layout.n_groups).float()
     onehot = onehot * validf[..., None]  # [B, T, G]
@@ -88,23 +101,28 @@ def attention_stats(
     full = [] if keep_full or T <= rank_max_tokens else None
     for rows in _chunks(T, chunk):
         vis = visibility(mask, layout, rows, T)
-        visf = vis[:, 0].float()  # [B, c, T]
-        n_seen += visf.sum(1)
-        uniform += (visf / visf.sum(2, keepdim=True).clamp_min(1)).sum(1)
+        kend = _key_end(vis, rows, mask, layout.causal)
+        vis = vis[..., :kend]
+        visf = vis[:, 0].float()  # [B, c, kend]
+        n_seen[:, :kend] += visf.sum(1)
+        uniform[:, :kend] += (visf / visf.sum(2, keepdim=True).clamp_min(1)).sum(1)
         if weights is not None:
-            a = weights[:, :, rows].float().masked_fill(~vis, 0.0)
+            a = weights[:, :, rows, :kend].float().masked_fill(~vis, 0.0)
+            entropy[:, :, rows] = -torch.special.xlogy(a, a).sum(-1)
         else:
-            a = _recomputed(q, k, vis, scaling, softcap, rows)
-        a = a * validf[:, None, rows, None]
-        recv += a.sum(2)
-        mass = a @ onehot[:, None]  # [B, H, c, G]: attention each query pays to each group
+            log_a = _log_attention(qs, k, vis, softcap, rows, kend)
+            a = log_a.exp()
+            entropy[:, :, rows] = -(a * log_a).sum(-1)
+        if not all_valid:
+            a = a * validf[:, None, rows, None]
+        recv[..., :kend] += a.sum(2)
+        mass = a @ onehot[:, None, :kend]  # [B, H, c, G]: attention each query pays to each group
         flow += onehot[:, None, rows].transpose(-1, -2) @ mass
-        entropy[:, :, rows] = -(a * a.clamp_min(1e-30).log()).sum(-1)
         hit = (layout.last >= rows.start) & (layout.last < rows.stop)
         for b in torch.nonzero(hit).flatten().tolist():
-            last_row[b] = a[b, :, int(layout.last[b]) - rows.start]
+            last_row[b, :, :kend] = a[b, :, int(layout.last[b]) - rows.start]
         if full is not None:
-            full.append(a)
+            full.append(torch.nn.functional.pad(a, (0, T - kend)))
     uniform = uniform / n_seen.clamp_min(1)
     n_src = onehot.sum(1)  # [B, G]
     out = {
