@@ -92,6 +92,8 @@ def find_exit(trace: xr.Dataset, th: Thresholds, knockout: dict[str, Any] | None
     if knockout is not None:
         layers["knockout"] = {"layer": knockout["exit_layer"], "tolerance": th.knockout_tol,
                               "metric": th.knockout_metric, "by_qtype": knockout["exit_by_qtype"],
+                              "scored_samples": knockout["scored_samples"],
+                              "base_accuracy": knockout["base_accuracy"],
                               "rule": "smallest l such that cutting from every l' >= l on changes "
                                       "the output by less than tolerance"}
         curves["knockout"] = listed(knockout["curves"][th.knockout_metric])

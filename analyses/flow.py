@@ -132,9 +132,10 @@ def sample_attribution(maps: np.ndarray, modality: np.ndarray, image: np.ndarray
     rows = rollout(maps, last)
     groups = span_groups(modality, image, patch_row, patch_col, block)
     flows = max_flows(pooled_capacities(maps, groups), int(groups[last]))
-    # spread each pooled group's flow evenly over its positions for per-token display
+    # A&Z normalise the flows of a source over its inputs; a pooled group's share is spread
+    # evenly over its positions for per-token and per-patch display
     sizes = np.bincount(groups)
-    flow_tokens = flows[groups] / sizes[groups]
+    flow_tokens = flows[groups] / sizes[groups] / max(flows.sum(), 1e-12)
     visual = modality == "visual"
     return {"rollout": _per_modality(rows[0], modality),
             "rollout_visual_by_depth": rows[:, visual].sum(1),

@@ -102,24 +102,36 @@ def answer_token_ids(processor: Any, answers: np.ndarray) -> np.ndarray | None:
     return np.array([i[0] if i else -1 for i in ids])
 
 
+def _exit(per_sample: np.ndarray, scored: np.ndarray, tol: float) -> int | None:
+    """Exit layer from a per-sample metric [L, S] over the ``scored`` samples (None if none)."""
+    if not scored.any():
+        return None
+    return first_stable(per_sample[:, scored].mean(1) < tol)
+
+
 def knockout(model: nn.Module, processor: Any, trace: xr.Dataset, examples: list[Example],
              th: Thresholds, batch_size: int = 8) -> dict[str, Any]:
-    """Knockout curves (index l: cut from layer l on) and the exit layer they give."""
+    """Knockout curves (index l: cut from layer l on) and the exit layer they give.
+
+    The answer-probability metric follows Zhang et al.: the relative change of the answer's
+    first token, over the samples the unmodified model answers correctly (all samples, with
+    the greedy token as the answer, when the trace has no answers).
+    """
     L = len(adapters.decoder_layers(model))
     S = trace.sizes["sample"]
     answers = answer_token_ids(processor, trace["answer"].values)
     kl, rel, correct = (np.zeros((L, S)) for _ in range(3))
-    base_correct = np.zeros(S)
+    base_correct = np.zeros(S, dtype=bool)
     device = next(model.parameters()).device
     with torch.no_grad():
         for batch in aligned_batches(trace, processor, examples, batch_size):
             inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.inputs.items()}
             base = _last_logprobs(model, inputs, batch.last)
             rows = np.arange(len(batch.samples))
-            target = base.argmax(-1).numpy() if answers is None else answers[batch.samples]
+            greedy = base.argmax(-1).numpy()
+            target = greedy if answers is None else answers[batch.samples]
+            base_correct[batch.samples] = greedy == target
             p_base = base.exp()[rows, np.maximum(target, 0)].numpy()
-            if answers is not None:
-                base_correct[batch.samples] = base.argmax(-1).numpy() == target
             queries = (batch.real & ~batch.visual).to(device)
             for l in range(L):
                 with cut_visual(model, range(l, L), queries, batch.visual.to(device)):
@@ -128,13 +140,17 @@ def knockout(model: nn.Module, processor: Any, trace: xr.Dataset, examples: list
                 p_cut = cut.exp()[rows, np.maximum(target, 0)].numpy()
                 rel[l, batch.samples] = np.abs(p_cut - p_base) / np.maximum(p_base, 1e-12)
                 correct[l, batch.samples] = cut.argmax(-1).numpy() == target
-    curves = {"kl": kl.mean(1), "answer_prob": rel.mean(1)}
+    everyone = np.ones(S, dtype=bool)
+    scored = {"kl": everyone, "answer_prob": base_correct}
+    per_sample = {"kl": kl, "answer_prob": rel}
+    curves = {"kl": kl.mean(1),
+              "answer_prob": rel[:, base_correct].mean(1) if base_correct.any() else np.full(L, np.nan)}
     if answers is not None:
         curves["accuracy"] = correct.mean(1)
-    per_sample = {"kl": kl, "answer_prob": rel}[th.knockout_metric]
+    metric = th.knockout_metric
     qtypes = trace["qtype"].values.astype(str)
-    by_qtype = {q: first_stable(per_sample[:, qtypes == q].mean(1) < th.knockout_tol)
+    by_qtype = {str(q): _exit(per_sample[metric], scored[metric] & (qtypes == q), th.knockout_tol)
                 for q in sorted(set(qtypes)) if q}
-    return {"curves": curves, "exit_layer": first_stable(curves[th.knockout_metric] < th.knockout_tol),
-            "exit_by_qtype": by_qtype,
+    return {"curves": curves, "exit_layer": _exit(per_sample[metric], scored[metric], th.knockout_tol),
+            "exit_by_qtype": by_qtype, "scored_samples": int(scored[metric].sum()),
             "base_accuracy": float(base_correct.mean()) if answers is not None else None}

@@ -148,3 +148,24 @@ def test_a_saved_trace_is_analysed_with_its_own_inputs_file(tmp_path):
     inputs.write_text("\n".join(lines[:2]) + "\n")
     with pytest.raises(TraceMismatchError, match="not the one the trace was recorded from"):
         analyze(path, model, inputs, processor=processor)
+
+
+def test_answer_probability_metric_scores_the_correctly_answered_samples_only():
+    model, processor = tiny.build("llava")
+    prompts = tiny.sample_prompts("llava")
+    greedy = []
+    for p in prompts:
+        with torch.no_grad():
+            logits = model(**encode(processor, [Example(p["prompt"], p["images"])])).logits[0, -1]
+        greedy.append(processor.tokenizer.convert_ids_to_tokens(int(logits.argmax())))
+    wrong = next(w for w in tiny.WORDS if w.isalpha() and w not in greedy)
+    answers = [greedy[0], greedy[1], wrong]
+    examples = [Example(p["prompt"], p["images"], a) for p, a in zip(prompts, answers)]
+    trace = record(model, examples, processor=processor, progress=False)
+    ko = knockout(model, processor, trace, examples, Thresholds(knockout_metric="answer_prob"))
+    assert ko["scored_samples"] == 2 and ko["base_accuracy"] == pytest.approx(2 / 3)
+    assert np.all(np.isfinite(ko["curves"]["answer_prob"])) and ko["exit_layer"] is not None
+    none_right = [Example(p["prompt"], p["images"], wrong) for p in prompts]
+    trace = record(model, none_right, processor=processor, progress=False)
+    ko = knockout(model, processor, trace, none_right, Thresholds(knockout_metric="answer_prob"))
+    assert ko["scored_samples"] == 0 and ko["exit_layer"] is None
