@@ -7,7 +7,8 @@ that early keys are not called sinks just because causal masking gives them a la
 share. The head-max decides (a sink is a per-head phenomenon: the trained toy VLM's BOS sink
 is one head of four, which a head-mean would halve), and the same head must give a material
 raw share. Massive activations (Sun et al. 2024): hidden-state entries that dwarf the
-state's median; the dimensions they sit in are discovered from ``argmax_dim``. Visual sinks
+state's median; the dimensions they sit in are discovered from each state's top-3 entries
+(``topk_abs``/``topk_dim``: a token may carry several massive dimensions). Visual sinks
 (Kang et al. 2025): visual positions that are attention sinks, or whose VAR score
 phi = max_{d in sink dims} |x_d| / rms(x) reaches a fixed fraction of its largest possible
 value sqrt(d).
@@ -93,22 +94,38 @@ def head_scores(trace: xr.Dataset, th: Thresholds) -> np.ndarray:
         return np.nan_to_num(np.nanmax(np.nanmean(score, 0), -1), nan=0.0)
 
 
-def massive_mask(trace: xr.Dataset, th: Thresholds) -> np.ndarray:
-    """Boolean (sample, layer, pos): the hidden state holds a massive activation."""
-    max_abs = trace["max_abs"].transpose("sample", "layer", "pos").values
+def _topk(trace: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(|x|, dim) of each state's top entries, (sample, layer, pos, rank)."""
+    order = ("sample", "layer", "pos", "rank")
+    return trace["topk_abs"].transpose(*order).values, trace["topk_dim"].transpose(*order).values
+
+
+def massive_entries(trace: xr.Dataset, th: Thresholds) -> np.ndarray:
+    """Boolean (sample, layer, pos, rank): that top entry of the hidden state is massive —
+    ``massive_ratio`` x the state's median |x| and ``massive_layer_ratio`` x the layer's
+    typical median |x| (a scale-free stand-in for Sun et al.'s absolute > 100)."""
+    top_abs, _ = _topk(trace)
     median_abs = trace["median_abs"].transpose("sample", "layer", "pos").values
     typical = np.nanmedian(median_abs.transpose(1, 0, 2).reshape(median_abs.shape[1], -1), 1)
-    with np.errstate(invalid="ignore"):
-        return ((_ratio(max_abs, median_abs) >= th.massive_ratio)
-                & (max_abs >= th.massive_layer_ratio * typical[None, :, None]))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return ((top_abs >= th.massive_ratio * median_abs[..., None])
+                & (top_abs >= th.massive_layer_ratio * typical[None, :, None, None]))
+
+
+def massive_mask(trace: xr.Dataset, th: Thresholds) -> np.ndarray:
+    """Boolean (sample, layer, pos): the hidden state holds a massive activation."""
+    return massive_entries(trace, th).any(-1)
 
 
 def massive_activations(trace: xr.Dataset, th: Thresholds) -> tuple[list[dict[str, Any]], list[int]]:
     """Massive activations per (layer, pos) frequent enough to report, and the hidden
-    dimensions that hold any massive activation (discovered, most frequent first)."""
-    mask = massive_mask(trace, th)
+    dimensions that hold any massive entry among each state's top 3 (discovered, most
+    frequent first: a token may carry several)."""
+    entries = massive_entries(trace, th)
+    mask = entries.any(-1)
+    _, top_dim = _topk(trace)
+    dims = [int(d) for d, _ in Counter(top_dim[entries].astype(int).tolist()).most_common()]
     argmax = trace["argmax_dim"].transpose("sample", "layer", "pos").values
-    dims = [int(d) for d, _ in Counter(argmax[mask].astype(int).tolist()).most_common()]
     freq, chosen = _frequent(mask, th)
     ratio = _ratio(trace["max_abs"].transpose("sample", "layer", "pos").values,
                    trace["median_abs"].transpose("sample", "layer", "pos").values)
@@ -125,14 +142,13 @@ def massive_activations(trace: xr.Dataset, th: Thresholds) -> tuple[list[dict[st
 
 
 def var_phi(trace: xr.Dataset, dims: list[int]) -> np.ndarray:
-    """VAR's phi per (sample, layer, pos) on each layer's output state: max_abs / rms where
-    the state's largest entry lies in a sink dimension, else 0 (the trace keeps only the
-    largest entry, so a sink-dimension entry that is not the largest is not seen)."""
-    max_abs = trace["max_abs"].transpose("sample", "layer", "pos").values
+    """VAR's phi per (sample, layer, pos) on each layer's output state: the largest |x_d| over
+    sink dimensions d among the state's top-3 entries, over rms(x); 0 when none is there."""
+    top_abs, top_dim = _topk(trace)
     rms = trace["rms"].transpose("sample", "layer", "pos").values
-    in_dims = np.isin(trace["argmax_dim"].transpose("sample", "layer", "pos").values, dims)
-    phi = np.where(in_dims, _ratio(max_abs, rms), 0.0)
-    return np.where(np.isnan(max_abs), np.nan, phi)
+    in_dims = np.isin(top_dim, dims)
+    phi = _ratio(np.where(in_dims, top_abs, 0.0).max(-1), rms)
+    return np.where(np.isnan(top_abs[..., 0]), np.nan, phi)
 
 
 def visual_sinks(trace: xr.Dataset, th: Thresholds, sinks: list[dict[str, Any]],

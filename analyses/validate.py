@@ -15,7 +15,7 @@ from attnflow.probes.io import TraceError
 from attnflow.probes.schema import SCHEMA_VERSION
 
 REQUIRED_VARIABLES = ("received", "uniform", "n_seen", "last_row", "flow", "update_cos",
-                      "max_abs", "argmax_dim", "median_abs", "rms", "resid_last")
+                      "max_abs", "argmax_dim", "topk_abs", "topk_dim", "median_abs", "rms", "resid_last")
 REQUIRED_COORDS = ("modality", "token")
 
 

@@ -132,6 +132,8 @@ def run(
     min_agreement: Optional[float] = typer.Option(None, help="Fidelity budget: min next-token agreement."),
     batch_size: int = typer.Option(16, min=1),
     limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N inputs."),
+    new_tokens: int = typer.Option(8, min=1, help="Greedy tokens generated per prompt when verifying."),
+    repeats: int = typer.Option(5, min=1, help="Timing repeats when verifying (medians are reported)."),
 ) -> None:
     """Record -> analyze -> schedule -> verify -> report, and print what was found."""
     import sys
@@ -149,7 +151,7 @@ def run(
                        completed=STAGES.index(name))
 
         result = run_pipeline(model, inputs, out, force=force, max_kl=max_kl, min_agreement=min_agreement,
-                              batch_size=batch_size, limit=limit, command="attnflow " + " ".join(sys.argv[1:]),
+                              batch_size=batch_size, limit=limit, new_tokens=new_tokens, repeats=repeats, command="attnflow " + " ".join(sys.argv[1:]),
                               on_stage=on_stage)
     console.print(summarize(result.out))
     console.print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))

@@ -1,6 +1,7 @@
 """The errors attnflow raises for bad input; the CLI prints them as one line."""
 
 from attnflow.analyses.findings import FindingsError
+from attnflow.analyses.knockout import KnockoutError
 from attnflow.models import ModelSpecError
 from attnflow.pipeline import RunExistsError
 from attnflow.probes.adapters import UnsupportedModelError
@@ -10,4 +11,4 @@ from attnflow.reducers.schedule import ScheduleError
 from attnflow.reports.rundir import ReportError
 
 USER_ERRORS: tuple[type[Exception], ...] = (ModelSpecError, UnsupportedModelError, InputError, TraceError,
-                                            FindingsError, ScheduleError, ReportError, RunExistsError)
+                                            FindingsError, KnockoutError, ScheduleError, ReportError, RunExistsError)

@@ -60,11 +60,17 @@ def run(
     min_agreement: float | None = None,
     batch_size: int = 16,
     limit: int | None = None,
+    new_tokens: int = 8,
+    repeats: int = 5,
     command: str = "",
     on_stage: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Run the whole toolkit on ``model`` (a local folder or a toy name) and its ``inputs``
-    (default: the model's bundled inputs; ``limit`` keeps the first N examples)."""
+    (default: the model's bundled inputs; ``limit`` keeps the first N examples).
+
+    The schedule is searched without timing (derive), then verified once with the baselines,
+    ``new_tokens`` greedy tokens and ``repeats`` timing rounds; that verdict is what the
+    schedule's ``verified`` section records."""
     from attnflow.analyses import analyze
     from attnflow.reducers.derive import Budget, derive
     from attnflow.reducers.verify import verify
@@ -100,12 +106,17 @@ def run(
             result.skipped.update(schedule=why_not, verify=why_not)
         else:
             stage("schedule")
-            schedule = derive(findings.to_dict(), m, examples, processor,
-                              Budget(max_kl=max_kl, min_agreement=min_agreement))
-            schedule.save(tmp / "schedule.json")
+            budget = Budget(max_kl=max_kl, min_agreement=min_agreement)
+            schedule = derive(findings.to_dict(), m, examples, processor, budget,
+                              verify_options={"baselines": False, "repeats": 1, "new_tokens": new_tokens,
+                                              "batch_size": batch_size})
             stage("verify")
-            verdict = verify(m, schedule, examples, processor, batch_size=batch_size)
+            verdict = verify(m, schedule, examples, processor, batch_size=batch_size, new_tokens=new_tokens,
+                             repeats=repeats)
             verdict.save(tmp / "verdict.json")
+            schedule.predicted = verdict.predicted()
+            schedule.verified = {**verdict.verified(), "within_budget": budget.holds(verdict.verified())}
+            schedule.save(tmp / "schedule.json")
         write_json(tmp / "run.json", _provenance(model, inputs, len(examples), command, result))
         stage("report")
         build(tmp)
@@ -155,14 +166,18 @@ def summarize(out: str | Path) -> str:
         v = sched.get("verified") or {}
         pred = sched.get("predicted") or {}
         acc = "" if v.get("accuracy_delta") is None else f", accuracy {100 * v['accuracy_delta']:+.1f} pts"
-        lines.append(f"verified: agreement {v.get('agreement', float('nan')):.3f}, KL {v.get('kl', float('nan')):.4f}"
-                     f"{acc}; FLOPs x{pred.get('flops_ratio', float('nan')):.2f}, prefill speedup "
-                     f"x{v.get('prefill_speedup', float('nan')):.2f}")
+        lines.append(f"verified: agreement {_num(v.get('agreement'), '.3f')}, KL {_num(v.get('kl'), '.4f')}{acc}; "
+                     f"FLOPs x{_num(pred.get('flops_ratio'), '.2f')}, prefill speedup "
+                     f"x{_num(v.get('prefill_speedup'), '.2f')}")
     else:
         run_info = json.loads((out / "run.json").read_text())
         lines.append(f"schedule: none ({run_info['skipped'].get('schedule', 'skipped')})")
     lines.append(f"report: {out / 'report.pdf'}")
     return "\n".join(lines)
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def _step(step: dict) -> str:

@@ -21,7 +21,7 @@ from attnflow.probes.schema import GROUPS, SCHEMA_VERSION
 from attnflow.probes.spans import Spans, token_spans
 from attnflow.probes.stats import Layout, attention_stats, hidden_stats
 
-HEAD_VARS = ("received", "last_row", "entropy")
+HEAD_VARS = ("received", "last_row", "entropy", "topk_abs", "topk_dim")  # [B, L, H|K, T]
 POS_VARS = ("uniform", "n_seen", "update_cos", "norm", "max_abs", "argmax_dim", "median_abs", "rms")
 
 
@@ -182,9 +182,10 @@ def record(
             merge_size=int(getattr(getattr(model.config, "vision_config", None), "spatial_merge_size", 1) or 1),
             base_side=_base_side(model), n_answer=_n_answer(processor, group, with_answer))
         real = am.bool()
+        prompt = real & torch.as_tensor(spans.modality != "answer")  # the last prompt position predicts the answer
         positions = torch.arange(ids.shape[1]).expand_as(ids)
         layout = Layout(valid=real.to(device), group=torch.as_tensor(spans.group_index()).to(device),
-                        last=torch.where(real, positions, -1).max(1).values.to(device),
+                        last=torch.where(prompt, positions, -1).max(1).values.to(device),
                         n_groups=len(GROUPS), causal=adapter.causal)
         per_layer = _trace_batch(nm, model, {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()},
                                  layout, level=level, full_layers=set(full_layers), chunk=chunk,
@@ -196,7 +197,7 @@ def record(
 
 def _dataset(chunks, examples, model, processor, dims, level, full_layers, model_path, inputs) -> xr.Dataset:
     T = max(int(c["length"].max()) for c in chunks)
-    pos_axes = {"received": (3,), "last_row": (3,), "entropy": (3,), "attn": (3, 4), "modality": (1,),
+    pos_axes = {"received": (3,), "last_row": (3,), "entropy": (3,), "topk_abs": (3,), "topk_dim": (3,), "attn": (3, 4), "modality": (1,),
                 "image": (1,), "patch_row": (1,), "patch_col": (1,), "token_id": (1,), "token": (1,)}
     pos_axes.update({n: (2,) for n in POS_VARS})
     cat = {}
@@ -210,6 +211,8 @@ def _dataset(chunks, examples, model, processor, dims, level, full_layers, model
         "received": (("sample", "layer", "head", "pos"), cat["received"].astype(np.float32)),
         "last_row": (("sample", "layer", "head", "pos"), cat["last_row"].astype(np.float32)),
         "entropy": (("sample", "layer", "head", "pos"), cat["entropy"].astype(np.float32)),
+        "topk_abs": (("sample", "layer", "rank", "pos"), cat["topk_abs"].astype(np.float32)),
+        "topk_dim": (("sample", "layer", "rank", "pos"), cat["topk_dim"].astype(np.float32)),
         "flow": (("sample", "layer", "head", "src", "dst"), cat["flow"].astype(np.float32)),
         "arank": (("sample", "layer", "head"), cat["arank"].astype(np.float32)),
         "resid_last": (("sample", "depth", "hidden"), cat["resid_last"].astype(np.float32)),

@@ -12,7 +12,8 @@ Variables (summary level, O(L*H*n) memory per sample):
 - ``n_seen(sample, layer, pos)``: how many queries see key ``pos`` (the uniform-attention
   baseline of ``received`` is ``mean_q 1/|visible(q)|`` and is stored as ``uniform``).
 - ``uniform(sample, layer, pos)``: what ``received`` would be under uniform attention.
-- ``last_row(sample, layer, head, pos)``: A[last non-pad position, pos].
+- ``last_row(sample, layer, head, pos)``: A[last prompt position, pos] (the last non-pad,
+  non-answer position: the one that predicts the answer).
 - ``flow(sample, layer, head, src, dst)``: mean over queries of modality ``src`` of the
   summed attention they pay to keys of modality ``dst`` (NaN when the sample has no
   query of modality ``src``).
@@ -22,7 +23,9 @@ Variables (summary level, O(L*H*n) memory per sample):
 - ``update_cos(sample, layer, pos)``: cos(layer input, layer output) of the residual stream.
 - ``norm``, ``max_abs``, ``argmax_dim``, ``median_abs``, ``rms`` ``(sample, layer, pos)``:
   of each layer's output hidden state (pre final norm).
-- ``resid_last(sample, depth, hidden)``: the residual stream at the last non-pad position,
+- ``topk_abs``, ``topk_dim`` ``(sample, layer, rank, pos)``: the 3 largest |x| of each output
+  hidden state and their dimensions (a token can carry several massive dimensions).
+- ``resid_last(sample, depth, hidden)``: the residual stream at the last prompt position,
   depth 0 = input of layer 0 (embeddings) ... depth L = output of layer L-1 (pre final norm).
 - full level adds ``attn(sample, layer_full, head, q, k)`` for the chosen layers.
 

@@ -153,16 +153,22 @@ def _arank(a: torch.Tensor, layout: Layout) -> torch.Tensor:
     return out
 
 
+TOPK = 3  # entries per hidden state kept for massive activations (Sun et al. record the top 3)
+
+
 def hidden_stats(h_in: torch.Tensor, h_out: torch.Tensor) -> dict[str, torch.Tensor]:
-    """update_cos of each token's residual update; norm, max|x|, its dim, median|x|, rms of the output."""
+    """update_cos of each token's residual update; of the output: norm, the top-3 |x| and their
+    dims (a token can carry several massive dims), max|x|, its dim, median|x|, rms."""
     x = h_out.float()
     ax = x.abs()
-    top = ax.max(-1)
+    top = ax.topk(min(TOPK, ax.shape[-1]), dim=-1)
     return {
         "update_cos": torch.nn.functional.cosine_similarity(h_in.float(), x, dim=-1),
         "norm": x.norm(dim=-1),
-        "max_abs": top.values,
-        "argmax_dim": top.indices.float(),
+        "max_abs": top.values[..., 0],
+        "argmax_dim": top.indices[..., 0].float(),
+        "topk_abs": top.values.transpose(-1, -2),  # [B, K, T]
+        "topk_dim": top.indices.float().transpose(-1, -2),
         "median_abs": ax.median(-1).values,
         "rms": x.pow(2).mean(-1).sqrt(),
     }

@@ -180,8 +180,8 @@ def verification_section(run: Run, figures: dict[str, dict[str, Any]]) -> dict[s
                    [["unreduced model", "100%", "100%", full["prefill_ms"], "1.00", full["decode_ms_per_token"],
                      "1.00"]]
                    + [[words.config_name(r["name"]), words.pct(r["flops_ratio"], 1), words.pct(r["kv_bytes_ratio"], 1),
-                       r["prefill_ms"], f"{r['prefill_speedup']:.2f}", r["decode_ms_per_token"],
-                       f"{r['decode_speedup']:.2f}"] for r in rows])
+                       r["prefill_ms"], words.times(r["prefill_speedup"]), r["decode_ms_per_token"],
+                       words.times(r["decode_speedup"])] for r in rows])
     tables = [fidelity, speed]
     types = sorted(full.get("accuracy_by_type") or {})
     if types:

@@ -28,6 +28,11 @@ def num(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
+def times(x: float | None) -> str:
+    """A ratio such as a speedup: 1.234 -> '1.23'; None (not measurable) -> 'n/a'."""
+    return "n/a" if x is None else f"{x:.2f}"
+
+
 def layer_list(layers: list[int]) -> str:
     """[1, 2, 3, 5] -> '1–3, 5'."""
     out, run = [], []
@@ -163,7 +168,7 @@ def verified_sentence(schedule: dict[str, Any] | None) -> str:
     if ver.get("accuracy_delta") is not None:
         parts.append(f"accuracy change {100 * ver['accuracy_delta']:+.1f} points")
     if ver.get("prefill_speedup") is not None:
-        parts.append(f"prefill speedup {ver['prefill_speedup']:.2f}× ({ver.get('device', 'measured')})")
+        parts.append(f"prefill speedup {times(ver.get('prefill_speedup'))}× ({ver.get('device', 'measured')})")
     budget = ((schedule or {}).get("derived_from") or {}).get("budget") or {}
     if "within_budget" in ver and budget:
         limits = ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in budget.items())

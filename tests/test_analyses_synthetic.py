@@ -70,6 +70,7 @@ def make_trace(attn: np.ndarray, hidden: np.ndarray, modality: list[list[str]],
         patch_col[s, idx] = np.arange(len(idx)) % max(side, 1)
     entropy = -(attn * np.log(np.where(attn > 0, attn, 1))).sum(-1)
     sp, slp, slhp = ("sample", "pos"), ("sample", "layer", "pos"), ("sample", "layer", "head", "pos")
+    slkp = ("sample", "layer", "rank", "pos")
     data = {
         "received": (slhp, received), "last_row": (slhp, attn[..., -1, :]), "entropy": (slhp, entropy),
         "uniform": (slp, np.broadcast_to(uniform, (S, L, T)).copy()),
@@ -78,6 +79,8 @@ def make_trace(attn: np.ndarray, hidden: np.ndarray, modality: list[list[str]],
         "arank": (("sample", "layer", "head"), np.full((S, L, H), float(T - 1))),
         "update_cos": (slp, cos), "norm": (slp, np.linalg.norm(x_out, axis=-1)),
         "max_abs": (slp, absx.max(-1)), "argmax_dim": (slp, absx.argmax(-1).astype(float)),
+        "topk_abs": (slkp, -np.sort(-absx, -1)[..., :3].transpose(0, 1, 3, 2)),
+        "topk_dim": (slkp, np.argsort(-absx, -1, kind="stable")[..., :3].transpose(0, 1, 3, 2).astype(float)),
         "median_abs": (slp, np.median(absx, -1)), "rms": (slp, np.sqrt((x_out ** 2).mean(-1))),
         "resid_last": (("sample", "depth", "hidden"), hidden[:, :, -1]),
     }
@@ -171,6 +174,17 @@ def test_massive_activation_dims_are_discovered_and_scale_free():
     assert {(m["layer"], m["pos"], m["dim"]) for m in sinks["massive"]} == {(0, 0, 37), (1, 0, 37)}
     scaled = make_trace(maps, massive_hidden(S, L, T, d, dim=37, pos=0, value=5000.0) * 1e-3, vlm_modality(S))
     assert find_sinks(scaled, TH)["dims"] == [37]  # relative thresholds: units do not matter
+
+
+def test_a_token_carrying_two_massive_dims_reports_both():
+    S, L, T, d = 3, 2, 16, 64
+    hidden = massive_hidden(S, L, T, d, dim=37, pos=0, value=6000.0)
+    hidden[:, 1:, 0, 11] = -4000.0  # LLaMA-2-style: a second massive dim on the same token
+    trace = make_trace(stack([[causal_uniform(T)] * L] * S), hidden, vlm_modality(S))
+    assert sorted(find_sinks(trace, TH)["dims"]) == [11, 37]
+    phi = var_phi(trace, [11])  # the second-largest entry still counts for VAR's phi
+    x = hidden[0, 1, 0]
+    assert phi[0, 0, 0] == pytest.approx(4000.0 / np.sqrt((x ** 2).mean()))
 
 
 def test_no_massive_activation_when_the_largest_entry_is_only_tens_of_medians():

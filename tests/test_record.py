@@ -94,3 +94,19 @@ def test_received_matches_transformerlens_patterns():
         pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0].double().numpy()
         recv = pattern.sum(1) / np.arange(T, 0, -1)
         np.testing.assert_allclose(trace.received.values[0, layer, :, :T], recv, atol=TOL)
+
+
+def test_answer_tokens_are_labelled_and_last_row_stays_at_the_prompt():
+    model, processor = tiny.build("llava")
+    examples = [dict(ex, answer="red square") for ex in tiny.sample_prompts("llava")]
+    plain = record(model, examples, processor=processor, progress=False)
+    teacher = record(model, examples, processor=processor, with_answer=True, progress=False)
+    for i in range(len(examples)):
+        mods = teacher.modality.values[i][: int(teacher.length[i])].tolist()
+        assert mods[-2:] == ["answer", "answer"] and "answer" not in mods[:-2]
+    # causal: the last prompt position attends exactly as it did without the answer appended
+    for i in range(len(examples)):
+        n = int(plain.length[i])
+        np.testing.assert_allclose(teacher.last_row.values[i, ..., :n], plain.last_row.values[i, ..., :n], atol=TOL)
+        assert (teacher.last_row.values[i, ..., n:int(teacher.length[i])] == 0).all()  # the answer is unseen
+    np.testing.assert_allclose(teacher.resid_last.values, plain.resid_last.values, atol=1e-5)

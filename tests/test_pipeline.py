@@ -1,0 +1,91 @@
+"""`attnflow run` end to end on tiny models of three kinds (VLM, text-only decoder, encoder),
+its refusal to overwrite, its atomicity when interrupted, and the CLI's help and errors."""
+
+import json
+
+import pytest
+from pypdf import PdfReader
+from typer.testing import CliRunner
+
+from attnflow import pipeline
+from attnflow.cli import app
+
+runner = CliRunner()
+FAST = ["--repeats", "1", "--new-tokens", "2"]
+
+
+def _pdf_text(path):
+    return " ".join(page.extract_text() for page in PdfReader(path).pages)
+
+
+def test_run_on_a_vlm_writes_every_file_and_the_pdf_agrees(tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", "--model", "toy-llava", "--out", str(out), *FAST])
+    assert result.exit_code == 0, result.output
+    names = {p.name for p in out.iterdir()}
+    assert {"trace.nc", "findings.json", "schedule.json", "verdict.json", "run.json", "figures", "report.pdf"} <= names
+    findings = json.loads((out / "findings.json").read_text())
+    schedule = json.loads((out / "schedule.json").read_text())
+    verdict = json.loads((out / "verdict.json").read_text())
+    assert schedule["verified"]["agreement"] == verdict["rows"][0]["agreement"]
+    text = _pdf_text(out / "report.pdf")
+    if findings["exit"]["layer"] is not None:
+        assert f"Exit layer {findings['exit']['layer']}" in text
+    for step in schedule["steps"]:
+        assert f"layer {step['layer']}" in text if "layer" in step else True
+    figures = json.loads((out / "figures" / "index.json").read_text())
+    assert len(PdfReader(out / "report.pdf").pages) >= 2 and figures
+    assert "visual exit" in result.output and "report:" in result.output
+
+
+@pytest.mark.parametrize("family,reason", [("llama", "no visual tokens"), ("bert", "encoder")])
+def test_text_only_and_encoder_runs_skip_the_schedule_and_say_why(tmp_path, family, reason):
+    out = tmp_path / family
+    result = runner.invoke(app, ["run", "--model", f"toy-{family}", "--out", str(out), *FAST])
+    assert result.exit_code == 0, result.output
+    assert not (out / "schedule.json").exists() and (out / "report.pdf").is_file()
+    run_info = json.loads((out / "run.json").read_text())
+    assert reason in run_info["skipped"]["schedule"]
+    assert "not apply" in _pdf_text(out / "report.pdf").lower()
+
+
+def test_existing_run_is_refused_without_force(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = runner.invoke(app, ["run", "--model", "toy-llama", "--out", str(out)])
+    assert result.exit_code == 2 and "--force" in result.output
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_an_interrupted_run_leaves_nothing_half_written(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous run")
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("attnflow.analyses.analyze", boom)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run("toy-llama", out=out, force=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+@pytest.mark.parametrize("command", ["record", "analyze", "schedule", "verify", "report", "run", "bench"])
+def test_every_command_has_help(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "--model", "no/such/folder"], "neither a toy name"),
+    (["run", "--model", "toy-llama", "--batch-size", "0"], "batch-size"),
+    (["record", "--model", "toy-llama", "--level", "huge"], "level"),
+    (["report", "/no/such/run"], "does not exist"),
+])
+def test_bad_arguments_get_a_clear_message(args, message, tmp_path):
+    result = runner.invoke(app, args + (["--out", str(tmp_path / "x")] if args[0] == "run" else []))
+    assert result.exit_code == 2 and message in result.output
+    assert "Traceback" not in result.output
