@@ -61,6 +61,10 @@ def record(
     attn: Optional[str] = typer.Option(None, help="Attention backend override: eager or sdpa."),
 ) -> None:
     """Record per-layer, per-head attention statistics of MODEL on INPUTS into a trace."""
+    if level not in ("summary", "full"):
+        raise typer.BadParameter(f"choose summary or full, not {level!r}", param_hint="--level")
+    if attn not in (None, "eager", "sdpa"):
+        raise typer.BadParameter(f"choose eager or sdpa, not {attn!r}", param_hint="--attn")
     from attnflow.models import default_inputs, load_model
     from attnflow.probes.io import save_trace
     from attnflow.probes.record import record as record_trace
@@ -168,6 +172,8 @@ def schedule(
                                                      "the trace's inputs."),
     max_kl: Optional[float] = typer.Option(None, help="Fidelity budget: max mean KL(full || reduced), nats."),
     min_agreement: Optional[float] = typer.Option(None, help="Fidelity budget: min next-token top-1 agreement."),
+    max_accuracy_drop: Optional[float] = typer.Option(None, help="Fidelity budget: max accuracy loss as a share "
+                                                                 "(0.01 = one point; the inputs need answers)."),
     batch_size: int = typer.Option(8, min=1),
 ) -> None:
     """Derive a pruning schedule from FINDINGS under a fidelity budget (default --max-kl 0.01), verified."""
@@ -185,8 +191,8 @@ def schedule(
         raise typer.BadParameter("the findings do not name their model: pass --model", param_hint="--model")
     inputs = inputs or (Path(provenance["inputs_path"]) if provenance.get("inputs_path") else default_inputs(model))
     m, processor = load_model(model)
-    result = derive(findings, m, inputs, processor, Budget(max_kl=max_kl, min_agreement=min_agreement),
-                    verify_options={"batch_size": batch_size})
+    budget = Budget(max_kl=max_kl, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop)
+    result = derive(findings, m, inputs, processor, budget, verify_options={"batch_size": batch_size})
     result.save(out)
     ver, pred = result.verified, result.predicted
     console.print(f"wrote {out}: {len(result.steps)} step(s), predicted FLOPs ratio {pred['flops_ratio']:.3f}, "
