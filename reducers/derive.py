@@ -39,42 +39,53 @@ from attnflow.probes.inputs import Example, as_examples, encode
 from attnflow.reducers.apply import apply
 from attnflow.reducers.cost import Shape, predict
 from attnflow.reducers.schedule import DEFAULT_PROTECT, Schedule, ScheduleError, model_info
-from attnflow.reducers.verify import encode_batches, verify
+from attnflow.reducers.verify import answer_accuracy, encode_batches, generate_greedy, next_token_fidelity, verify
 
-DEFAULT_MAX_KL = 0.01  # nats; used when a budget names neither bound
+DEFAULT_MAX_KL = 0.01  # nats; used when a budget names no bound
+BUDGET_KEYS = ("max_kl", "min_agreement", "max_accuracy_drop")
 
 
 @dataclass(frozen=True)
 class Budget:
     """The fidelity a derived schedule must keep against the unreduced model on the inputs:
-    mean next-token KL(full || reduced) at most ``max_kl`` (nats) and/or top-1 agreement at
-    least ``min_agreement``; with neither, ``max_kl`` = DEFAULT_MAX_KL."""
+    mean next-token KL(full || reduced) at most ``max_kl`` (nats), top-1 agreement at least
+    ``min_agreement``, and/or task accuracy (answers required) at most ``max_accuracy_drop``
+    below the unreduced model's (a share: 0.01 = one point); with none, ``max_kl`` =
+    DEFAULT_MAX_KL."""
 
     max_kl: float | None = None
     min_agreement: float | None = None
+    max_accuracy_drop: float | None = None
 
     def __post_init__(self) -> None:
-        if self.max_kl is None and self.min_agreement is None:
+        if self.max_kl is None and self.min_agreement is None and self.max_accuracy_drop is None:
             object.__setattr__(self, "max_kl", DEFAULT_MAX_KL)
         if self.max_kl is not None and not self.max_kl >= 0:
             raise ScheduleError(f"budget max_kl must be >= 0, got {self.max_kl}")
-        if self.min_agreement is not None and not 0 <= self.min_agreement <= 1:
-            raise ScheduleError(f"budget min_agreement must lie in [0, 1], got {self.min_agreement}")
+        for name in ("min_agreement", "max_accuracy_drop"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise ScheduleError(f"budget {name} must lie in [0, 1], got {value}")
 
     @classmethod
     def of(cls, budget: "Budget | dict[str, float]") -> "Budget":
         if isinstance(budget, Budget):
             return budget
-        if not isinstance(budget, dict) or set(budget) - {"max_kl", "min_agreement"}:
-            raise ScheduleError(f"a budget takes max_kl and/or min_agreement, got {budget!r}")
+        if not isinstance(budget, dict) or set(budget) - set(BUDGET_KEYS):
+            raise ScheduleError(f"a budget takes {', '.join(BUDGET_KEYS)}, got {budget!r}")
         return cls(**budget)
 
     def to_dict(self) -> dict[str, float]:
-        return {k: v for k, v in (("max_kl", self.max_kl), ("min_agreement", self.min_agreement)) if v is not None}
+        return {k: getattr(self, k) for k in BUDGET_KEYS if getattr(self, k) is not None}
 
-    def holds(self, measured: dict[str, float]) -> bool:
+    def holds(self, measured: dict[str, Any]) -> bool:
+        """Whether ``measured`` (kl, agreement, accuracy_delta) is within the budget."""
+        if self.max_accuracy_drop is not None and measured.get("accuracy_delta") is None:
+            raise ScheduleError("a max_accuracy_drop budget needs inputs with answers")
         return ((self.max_kl is None or measured["kl"] <= self.max_kl)
-                and (self.min_agreement is None or measured["agreement"] >= self.min_agreement))
+                and (self.min_agreement is None or measured["agreement"] >= self.min_agreement)
+                and (self.max_accuracy_drop is None
+                     or -measured["accuracy_delta"] <= self.max_accuracy_drop + 1e-9))  # 3/300 is 0.01
 
 
 @dataclass
@@ -83,7 +94,7 @@ class Settings:
 
     coverage: float = 0.9  # share of last-row visual attention the kept tokens must cover
     fade: float = 0.5  # the text->visual curve has faded below this share of its peak
-    max_examples: int = 64  # prompts used for the search's fidelity checks
+    max_examples: int = 256  # prompts used for the search's fidelity checks
     batch_size: int = 16
     max_backoffs: int = 20
 
@@ -108,28 +119,31 @@ class Candidate:
 
 
 class _Probe:
-    """Prompts, encoded in left-padded batches, with the unreduced model's next-token
-    log-probabilities, against which a schedule's fidelity is measured."""
+    """Prompts, encoded in left-padded batches, with the unreduced model's greedy answers,
+    against which a schedule's fidelity is measured."""
 
     def __init__(self, model: nn.Module, processor: Any, examples: list[Example], batch_size: int) -> None:
         self.model, self.examples = model, examples
+        self.tok = getattr(processor, "tokenizer", processor)
         self.batches = encode_batches(processor, examples, batch_size, next(model.parameters()).device)
         image_id = adapters.image_token_id(model)
         self.layouts = [(int(am.sum()), int(((ids == image_id) & am.bool()).sum()))
                         for b in self.batches for ids, am in zip(b["input_ids"], b["attention_mask"])]
+        answers = [len(self.tok(ex.answer, add_special_tokens=False)["input_ids"])
+                   for ex in examples if ex.answer is not None]
+        self.new_tokens = 1 + max(answers, default=0)  # the answer and the token after it
         with torch.no_grad():
-            self.full = [model(**b).logits[:, -1].double().log_softmax(-1) for b in self.batches]
+            self.full = generate_greedy(model, self.batches, self.tok, self.new_tokens)
+        self.accuracy = answer_accuracy(self.full, examples)[0]
 
-    def fidelity(self, schedule: Schedule) -> dict[str, float]:
-        """Mean next-token KL(full || reduced) and top-1 agreement at the last prompt position
-        (what ``verify`` reports as ``kl`` and ``agreement``)."""
-        kls, agree = [], []
+    def fidelity(self, schedule: Schedule) -> dict[str, Any]:
+        """Next-token KL(full || reduced) and top-1 agreement at the last prompt position, and the
+        accuracy change when the prompts have answers (what ``verify`` reports)."""
         with torch.no_grad(), apply(self.model, schedule):
-            for batch, full in zip(self.batches, self.full):
-                red = self.model(**batch).logits[:, -1].double().log_softmax(-1)
-                kls.append((full.exp() * (full - red)).sum(-1).clamp_min(0))
-                agree.append((full.argmax(-1) == red.argmax(-1)).double())
-        return {"kl": float(torch.cat(kls).mean()), "agreement": float(torch.cat(agree).mean())}
+            run = generate_greedy(self.model, self.batches, self.tok, self.new_tokens)
+        accuracy = answer_accuracy(run, self.examples)[0]
+        return {**next_token_fidelity(self.full.first_logits, run.first_logits),
+                "accuracy_delta": None if accuracy is None else accuracy - self.accuracy}
 
 
 @dataclass
@@ -265,15 +279,18 @@ def keep_share(search: _Search, layer: int, coverage: float) -> tuple[float, str
 
 
 def _smallest_keep(search: _Search, cand: Candidate, layer: int, coverage: float) -> Candidate | None:
-    """``cand`` plus a prune step at ``layer`` with the smallest keep within budget, starting
-    from the coverage share and growing x1.5 per step; None when no keep below 1 fits."""
+    """``cand`` plus a prune step at ``layer`` with the smallest keep within budget: from the
+    coverage share, shrinking x2/3 while within budget, or growing x1.5 until it is; None when
+    no keep below 1 fits."""
     keep, why = keep_share(search, layer, coverage)
     search.reasons.append(why)
-    while keep < 1.0:
-        trial = replace(cand, prune_layer=layer, keep=keep)
-        if search.ok(trial):
-            return trial
-        keep *= 1.5
+    if search.ok(replace(cand, prune_layer=layer, keep=keep)):
+        while keep > 0.01 and search.ok(replace(cand, prune_layer=layer, keep=keep * 2 / 3)):
+            keep *= 2 / 3
+        return replace(cand, prune_layer=layer, keep=keep)
+    while (keep := keep * 1.5) < 1.0:
+        if search.ok(replace(cand, prune_layer=layer, keep=keep)):
+            return replace(cand, prune_layer=layer, keep=keep)
     return None
 
 

@@ -150,13 +150,17 @@ def _answer_matches(text: str, answer: str) -> bool:
 
 
 @dataclass
-class _Run:
+class Generated:
+    """Greedy generations of a list of prompts."""
+
     first_logits: torch.Tensor  # [n, V] logits of the first generated token
     tokens: torch.Tensor  # [n, new_tokens] generated ids (pad after EOS)
     texts: list[str]
 
 
-def _generate(model: nn.Module, batches: list[dict], tok: Any, new_tokens: int) -> _Run:
+def generate_greedy(model: nn.Module, batches: list[dict], tok: Any, new_tokens: int) -> Generated:
+    """Greedy ``generate`` of ``new_tokens`` tokens for every batch (under whatever schedule
+    is applied), with the first token's logits and the decoded texts."""
     logits, tokens, texts = [], [], []
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     for batch in batches:
@@ -167,10 +171,19 @@ def _generate(model: nn.Module, batches: list[dict], tok: Any, new_tokens: int) 
         logits.append(out.logits[0].float().cpu())
         tokens.append(new.cpu())
         texts += tok.batch_decode(new, skip_special_tokens=True)
-    return _Run(torch.cat(logits), torch.cat(tokens), texts)
+    return Generated(torch.cat(logits), torch.cat(tokens), texts)
 
 
-def _accuracy(run: _Run, examples: list[Example]) -> tuple[float | None, dict[str, float]]:
+def next_token_fidelity(full: torch.Tensor, reduced: torch.Tensor) -> dict[str, float]:
+    """Mean KL(full || reduced) (nats) and top-1 agreement of next-token logits [n, V]."""
+    log_full, log_red = full.double().log_softmax(-1), reduced.double().log_softmax(-1)
+    kl = (log_full.exp() * (log_full - log_red)).sum(-1).clamp_min(0)
+    return {"kl": float(kl.mean()), "agreement": float((full.argmax(-1) == reduced.argmax(-1)).double().mean())}
+
+
+def answer_accuracy(run: Generated, examples: list[Example]) -> tuple[float | None, dict[str, float]]:
+    """Share of the examples with answers whose generated text starts with the answer's words
+    (overall, and per question type); None without answers."""
     scored = [(ex.qtype or "all", _answer_matches(text, ex.answer))
               for ex, text in zip(examples, run.texts) if ex.answer is not None]
     if not scored:
@@ -255,27 +268,24 @@ def verify(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path",
         schedules.update({"fastv": fastv(model), "fastv_equal_flops": fastv_at_flops(model, target, shape, layouts),
                           "pdrop": pdrop(model)})
     with torch.no_grad():
-        full = _generate(model, batches, tok, new_tokens)
+        full = generate_greedy(model, batches, tok, new_tokens)
         runs = {}
         for name, s in schedules.items():
             with apply(model, s):
-                runs[name] = _generate(model, batches, tok, new_tokens)
+                runs[name] = generate_greedy(model, batches, tok, new_tokens)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         times = _timings(model, {"unreduced": None, **schedules}, timing_batch, new_tokens, repeats, pad)
-    full_accuracy, full_by_type = _accuracy(full, examples)
-    log_full = full.first_logits.double().log_softmax(-1)
+    full_accuracy, full_by_type = answer_accuracy(full, examples)
     rows = []
     for name, s in schedules.items():
         run = runs[name]
-        log_red = run.first_logits.double().log_softmax(-1)
-        kl = (log_full.exp() * (log_full - log_red)).sum(-1).clamp_min(0)
-        accuracy, by_type = _accuracy(run, examples)
+        fidelity = next_token_fidelity(full.first_logits, run.first_logits)
+        accuracy, by_type = answer_accuracy(run, examples)
         cost = predict(s, shape, layouts)
         t, t0 = times[name], times["unreduced"]
         rows.append(Row(
             name=name, steps=s.steps,
-            agreement=float((full.first_logits.argmax(-1) == run.first_logits.argmax(-1)).float().mean()),
-            kl=float(kl.mean()), generation_agreement=float((full.tokens == run.tokens).float().mean()),
+            agreement=fidelity["agreement"], kl=fidelity["kl"], generation_agreement=float((full.tokens == run.tokens).float().mean()),
             accuracy=accuracy, accuracy_delta=None if accuracy is None else accuracy - full_accuracy,
             accuracy_by_type=by_type, flops_ratio=cost["flops_ratio"],
             visual_tokens_equivalent=cost["visual_tokens_equivalent"], kv_bytes=cost["kv_bytes"],

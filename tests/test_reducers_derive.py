@@ -54,7 +54,7 @@ def test_derive_finds_the_planted_exit_whatever_the_findings_claim(exit_vlm, cla
 def test_budget_and_findings_errors(exit_vlm):
     with pytest.raises(ScheduleError, match="max_kl must be >= 0"):
         Budget(max_kl=-1.0)
-    with pytest.raises(ScheduleError, match="takes max_kl and/or min_agreement"):
+    with pytest.raises(ScheduleError, match="takes max_kl, min_agreement, max_accuracy_drop"):
         Budget.of({"max_lk": 0.1})
     assert Budget().to_dict() == {"max_kl": 0.01}
     other = dict(findings_claiming(2, 4), model={"fingerprint": "sha256:another"})
