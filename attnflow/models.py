@@ -91,7 +91,7 @@ def default_inputs(spec: str) -> Path:
 def _toy_inputs(folder: Path) -> Path:
     """Write a tiny toy's sample prompts (and their images as PNG) as JSONL beside it, once."""
     from attnflow.toys import tiny
-    from attnflow.toys.atomic import atomic_dir
+    from attnflow.fileio import atomic_dir
 
     family = folder.name.rsplit("-seed", 1)[0]
     target = folder / "inputs"
