@@ -9,13 +9,15 @@ Evidence (methods.md §9), each turned into a starting point:
   fades (the image has been read at the peak; attention from there ranks tokens best);
 - keep share: the smallest share of visual tokens whose last-row attention at layer K-1
   covers ``coverage`` of the visual mass (measured on the inputs, mean over prompts); the
-  prune step is searched at K and every earlier layer, and the cheapest within budget wins;
+  prune stage is searched at K and every earlier layer, the cheapest within budget wins, and
+  a second, smaller stage is tried at every later layer (PyramidDrop-style);
 - layers to skip: ``redundancy.candidates`` (most redundant first), tried one at a time;
 - protected visual sinks: ``sinks.visual`` positions, mapped to visual-token indices.
 
 Then a greedy search under the budget, each trial checked on the inputs (next-token KL and
-top-1 agreement against the unreduced model): the earliest exit within budget, the prune
-step with the lowest predicted FLOPs within budget, then every skip that stays within budget. Finally ``verify`` runs on all
+top-1 agreement, and accuracy when the prompts have answers, against the unreduced model):
+the earliest exit within budget, the prune stages with the lowest predicted FLOPs within
+budget, then every skip that stays within budget. Finally ``verify`` runs on all
 inputs: while the schedule's fidelity on all of them is outside the budget it backs off (drop
 the last skip, raise keep, move the exit later), then ``verify`` measures the result (the
 same KL and agreement, plus generation, accuracy, FLOPs and wall-clock, beside the
@@ -101,17 +103,15 @@ class Settings:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One point of the search: an exit layer, a prune step and skipped layers."""
+    """One point of the search: an exit layer, prune stages (layer, keep) and skipped layers."""
 
     exit: int | None
-    prune_layer: int | None
-    keep: float | None
+    prunes: tuple[tuple[int, float], ...] = ()
     skips: tuple[tuple[int, str], ...] = ()
 
     def steps(self) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        if self.prune_layer is not None and self.keep is not None and self.keep < 1.0:
-            out.append({"op": "prune_visual", "layer": self.prune_layer, "keep": round(self.keep, 4)})
+        out: list[dict[str, Any]] = [{"op": "prune_visual", "layer": layer, "keep": round(keep, 4)}
+                                     for layer, keep in self.prunes]
         if self.exit is not None:
             out.append({"op": "visual_exit", "layer": self.exit})
         out += [{"op": "skip_layers", "layers": [layer], "tokens": tokens} for layer, tokens in self.skips]
@@ -278,26 +278,43 @@ def keep_share(search: _Search, layer: int, coverage: float) -> tuple[float, str
                    f"of the last position's visual attention at layer {layer - 1}")
 
 
-def _smallest_keep(search: _Search, cand: Candidate, layer: int, coverage: float) -> Candidate | None:
-    """``cand`` plus a prune step at ``layer`` with the smallest keep within budget: from the
-    coverage share, shrinking x2/3 while within budget, or growing x1.5 until it is; None when
-    no keep below 1 fits."""
-    keep, why = keep_share(search, layer, coverage)
-    search.reasons.append(why)
-    if search.ok(replace(cand, prune_layer=layer, keep=keep)):
-        while keep > 0.01 and search.ok(replace(cand, prune_layer=layer, keep=keep * 2 / 3)):
+def _smallest_keep(search: _Search, cand: Candidate, layer: int, keep: float) -> Candidate | None:
+    """``cand`` plus a prune stage at ``layer`` with the smallest keep within budget: from
+    ``keep``, shrinking x2/3 while within budget, or growing x1.5 until it is (up to the
+    previous stage's keep, or 1); None when none fits."""
+    ceiling = cand.prunes[-1][1] if cand.prunes else 1.0
+
+    def at(k: float) -> Candidate:
+        return replace(cand, prunes=cand.prunes + ((layer, k),))
+
+    if search.ok(at(keep)):
+        while keep > 0.01 and search.ok(at(keep * 2 / 3)):
             keep *= 2 / 3
-        return replace(cand, prune_layer=layer, keep=keep)
-    while (keep := keep * 1.5) < 1.0:
-        if search.ok(replace(cand, prune_layer=layer, keep=keep)):
-            return replace(cand, prune_layer=layer, keep=keep)
+        return at(keep)
+    while (keep := keep * 1.5) < ceiling:
+        if search.ok(at(keep)):
+            return at(keep)
     return None
 
 
-def _greedy(search: _Search, start: Candidate, num_layers: int, coverage: float, skips: list[int]) -> Candidate:
-    """Earliest exit; then the cheapest prune step within budget at the evidence layer or any
-    earlier one; then every skip that stays within budget."""
-    cand = replace(start, prune_layer=None, keep=None)
+def _cheapest(search: _Search, found: list[Candidate], what: str) -> Candidate | None:
+    """The candidate of ``found`` with the lowest predicted FLOPs (logged), None if empty."""
+    if not found:
+        search.reasons.append(f"{what}: none stays within budget")
+        return None
+    best = min(found, key=search.flops)
+    layer, keep = best.prunes[-1]
+    search.reasons.append(f"{what}: keep {keep:.3f} at layer {layer} has the lowest predicted FLOPs "
+                          f"({search.flops(best):.3f}) of those within budget")
+    return best
+
+
+def _greedy(search: _Search, start: Candidate, first_prune: int, num_layers: int, coverage: float,
+            skips: list[int]) -> Candidate:
+    """Earliest exit; then the cheapest prune stage within budget at the evidence layer or any
+    earlier one, and a cheaper second stage after it if one fits (PyramidDrop-style); then
+    every skip that stays within budget."""
+    cand = start
     if cand.exit is not None:
         while cand.exit is not None and not search.ok(cand):  # back off towards no exit
             cand = replace(cand, exit=cand.exit + 1 if cand.exit + 1 < num_layers else None)
@@ -305,16 +322,17 @@ def _greedy(search: _Search, start: Candidate, num_layers: int, coverage: float,
             cand = replace(cand, exit=cand.exit - 1)
         search.reasons.append(f"visual_exit: layer {cand.exit} is the earliest within budget" if cand.exit
                               else "visual_exit: none within budget")
-    last = start.prune_layer if cand.exit is None else min(start.prune_layer, cand.exit - 1)
-    found = [c for c in (_smallest_keep(search, cand, k, coverage) for k in range(last, 0, -1)) if c is not None]
-    if found:
-        best = min(found, key=search.flops)
-        search.reasons.append(f"prune_visual: keep {best.keep:.3f} at layer {best.prune_layer} has the lowest "
-                              f"predicted FLOPs ({search.flops(best):.3f}) of the prune steps within budget at "
-                              f"layers {last}..1")
-        cand = best
-    elif last >= 1:
-        search.reasons.append(f"prune_visual: no keep below 1 stays within budget at layers {last}..1")
+    limit = num_layers if cand.exit is None else cand.exit  # prune stages lie before the exit
+    first = []
+    for layer in range(min(first_prune, limit - 1), 0, -1):
+        keep, why = keep_share(search, layer, coverage)
+        search.reasons.append(why)
+        first.append(_smallest_keep(search, cand, layer, keep))
+    cand = _cheapest(search, [c for c in first if c is not None], "prune_visual (first stage)") or cand
+    if cand.prunes:
+        layer, keep = cand.prunes[0]
+        second = [_smallest_keep(search, cand, later, keep * 2 / 3) for later in range(layer + 1, limit)]
+        cand = _cheapest(search, [c for c in second if c is not None], "prune_visual (second stage)") or cand
     for layer in skips:
         for tokens in ("all", "visual"):
             if tokens == "visual" and cand.exit is not None and layer >= cand.exit:
@@ -329,12 +347,15 @@ def _greedy(search: _Search, start: Candidate, num_layers: int, coverage: float,
 
 
 def _relax(cand: Candidate, num_layers: int) -> Candidate | None:
-    """The next more conservative candidate: drop the last skip, raise keep, move the exit later."""
+    """The next more conservative candidate: drop the last skip, raise the last stage's keep
+    (dropping the stage at 1 or above the previous one), move the exit later."""
     if cand.skips:
         return replace(cand, skips=cand.skips[:-1])
-    if cand.keep is not None:
-        keep = cand.keep * 1.5
-        return replace(cand, keep=keep) if keep < 1.0 else replace(cand, keep=None, prune_layer=None)
+    if cand.prunes:
+        layer, keep = cand.prunes[-1]
+        ceiling = cand.prunes[-2][1] if len(cand.prunes) > 1 else 1.0
+        rest = cand.prunes[:-1]
+        return replace(cand, prunes=rest + (((layer, keep * 1.5),) if keep * 1.5 < ceiling else ()))
     if cand.exit is not None:
         return replace(cand, exit=cand.exit + 1 if cand.exit + 1 < num_layers else None)
     return None
@@ -364,7 +385,7 @@ def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
     prune_layer, prune_why = first_prune_layer(curve, num_layers, cfg.fade)
     candidates = [int(c) for c in (data.get("redundancy") or {}).get("candidates") or [] if 0 < int(c) < num_layers]
     search.reasons += [exit_why, prune_why, sink_why, f"redundancy candidates (most redundant first): {candidates}"]
-    cand = _greedy(search, Candidate(exit_layer, prune_layer, None), num_layers, cfg.coverage, candidates)
+    cand = _greedy(search, Candidate(exit_layer), prune_layer, num_layers, cfg.coverage, candidates)
     every = probe if len(examples) <= cfg.max_examples else _Probe(model, processor, examples, cfg.batch_size)
     for _ in range(cfg.max_backoffs):  # the budget must hold on every prompt, not only the probe ones
         measured = every.fidelity(search.schedule(cand))

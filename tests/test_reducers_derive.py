@@ -110,3 +110,23 @@ def test_verdict_is_self_consistent():
     data = json.loads(json.dumps(verdict.to_dict()))
     assert data["attnflow_verdict"] == 1 and data["model"]["num_layers"] == 3
     assert set(verdict.verified()) >= {"agreement", "kl", "accuracy_delta", "prefill_speedup", "device"}
+
+
+def test_back_off_order():
+    """Drop the last skip, then raise the last prune stage's keep until it would pass the
+    previous stage (or 1) and drop it, then move the exit later until there is none."""
+    from attnflow.reducers.derive import Candidate, _relax
+
+    cand = Candidate(exit=4, prunes=((1, 0.5), (2, 0.3)), skips=((3, "all"),))
+    seen = []
+    while cand is not None:
+        seen.append(cand.steps())
+        cand = _relax(cand, num_layers=6)
+    keeps = [[(s["layer"], s["keep"]) for s in steps if s["op"] == "prune_visual"] for steps in seen]
+    assert keeps[:5] == [[(1, 0.5), (2, 0.3)], [(1, 0.5), (2, 0.3)], [(1, 0.5), (2, 0.45)], [(1, 0.5)], [(1, 0.75)]]
+    assert [s["op"] for s in seen[0]] == ["prune_visual", "prune_visual", "visual_exit", "skip_layers"]
+    assert "skip_layers" not in [s["op"] for s in seen[1]]
+    exits = [next((s["layer"] for s in steps if s["op"] == "visual_exit"), None) for steps in seen[5:]]
+    assert exits == [4, 5, None]
+    for steps in seen:
+        Schedule(model={"model_type": "llava", "fingerprint": "sha256:x", "num_layers": 6}, steps=steps)
