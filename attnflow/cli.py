@@ -134,6 +134,8 @@ def run(
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
     max_kl: Optional[float] = typer.Option(None, help="Fidelity budget: max KL(full || reduced)."),
     min_agreement: Optional[float] = typer.Option(None, help="Fidelity budget: min next-token agreement."),
+    max_accuracy_drop: Optional[float] = typer.Option(
+        None, help="Fidelity budget: max accuracy loss (share; default 0.01 when inputs have answers)."),
     batch_size: int = typer.Option(16, min=1),
     limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N inputs."),
     new_tokens: int = typer.Option(8, min=1, help="Greedy tokens generated per prompt when verifying."),
@@ -155,6 +157,7 @@ def run(
                        completed=STAGES.index(name))
 
         result = run_pipeline(model, inputs, out, force=force, max_kl=max_kl, min_agreement=min_agreement,
+                              max_accuracy_drop=max_accuracy_drop,
                               batch_size=batch_size, limit=limit, new_tokens=new_tokens, repeats=repeats, command="attnflow " + " ".join(sys.argv[1:]),
                               on_stage=on_stage)
     console.print(summarize(result.out))
@@ -226,6 +229,34 @@ def verify(
                           for part, x in (("prefill", r.prefill_speedup), ("decode", r.decode_speedup)))
         console.print(f"{r.name:>18}: FLOPs {r.flops_ratio:.3f}, T_eq {r.visual_tokens_equivalent:.1f}, agreement "
                       f"{r.agreement:.3f}, KL {r.kl:.4g}{acc}, {speed}{' (Pareto)' if r.pareto else ''}")
+
+
+@app.command("eval")
+@friendly
+def eval_answers(
+    model: str = typer.Option("toy-vlm", help="Local HF model folder, toy-vlm, or toy-<family>."),
+    inputs: Optional[Path] = typer.Option(None, help="JSONL with answers; default: the model's bundled inputs."),
+    batch_size: int = typer.Option(32, min=1),
+    out: Optional[Path] = typer.Option(None, help="Also write both results here (JSON)."),
+) -> None:
+    """Accuracy of MODEL's greedy answers on INPUTS, overall and per type, with real and with blank images."""
+    from attnflow.fileio import write_json
+    from attnflow.models import default_inputs, load_model
+    from attnflow.probes.inputs import load_examples
+    from attnflow.toys.evaluate import evaluate
+
+    m, processor = load_model(model)
+    examples = load_examples(inputs or default_inputs(model))
+    seen = evaluate(m, processor, examples, batch_size=batch_size)
+    blank = evaluate(m, processor, examples, blank=True, batch_size=batch_size)
+    console.print(f"{model}: {seen['n']} prompts, greedy; accuracy {seen['accuracy']:.3f} with the images, "
+                  f"{blank['accuracy']:.3f} with blank images "
+                  f"({100 * (blank['accuracy'] - seen['accuracy']):+.1f} pts)")
+    for qtype, acc in seen["per_type"].items():
+        console.print(f"{qtype:>18}: {acc:.3f}  blank {blank['per_type'][qtype]:.3f}  (n={seen['n_per_type'][qtype]})")
+    if out:
+        write_json(out, {"model": model, "images": seen, "blank_images": blank})
+        console.print(f"wrote {out}")
 
 
 bench_app = typer.Typer(no_args_is_help=True,

@@ -50,6 +50,18 @@ def schedule_applies(model: torch.nn.Module, trace: Any) -> str | None:
     return None
 
 
+def default_budget(examples: list, max_kl: float | None, min_agreement: float | None,
+                   max_accuracy_drop: float | None) -> "Budget":
+    """The budget asked for, or one point of accuracy when every example has an answer, else KL 0.01."""
+    from attnflow.reducers.derive import Budget
+
+    if max_kl is None and min_agreement is None and max_accuracy_drop is None:
+        if all(ex.answer for ex in examples):
+            return Budget(max_accuracy_drop=0.01)
+        return Budget(max_kl=0.01)
+    return Budget(max_kl=max_kl, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop)
+
+
 def run(
     model: str = "toy-vlm",
     inputs: str | Path | None = None,
@@ -58,6 +70,7 @@ def run(
     force: bool = False,
     max_kl: float | None = None,
     min_agreement: float | None = None,
+    max_accuracy_drop: float | None = None,
     batch_size: int = 16,
     limit: int | None = None,
     new_tokens: int = 8,
@@ -68,11 +81,13 @@ def run(
     """Run the whole toolkit on ``model`` (a local folder or a toy name) and its ``inputs``
     (default: the model's bundled inputs; ``limit`` keeps the first N examples).
 
-    The schedule is searched without timing (derive), then verified once with the baselines,
+    With no budget given, inputs with answers get ``max_accuracy_drop=0.01`` (one point of
+    task accuracy) and inputs without get ``max_kl=0.01``. The schedule is searched without
+    timing (derive), then verified once with the baselines,
     ``new_tokens`` greedy tokens and ``repeats`` timing rounds; that verdict is what the
     schedule's ``verified`` section records."""
     from attnflow.analyses import analyze
-    from attnflow.reducers.derive import Budget, derive
+    from attnflow.reducers.derive import derive
     from attnflow.reducers.verify import verify
     from attnflow.reports.build import build
 
@@ -106,7 +121,7 @@ def run(
             result.skipped.update(schedule=why_not, verify=why_not)
         else:
             stage("schedule")
-            budget = Budget(max_kl=max_kl, min_agreement=min_agreement)
+            budget = default_budget(examples, max_kl, min_agreement, max_accuracy_drop)
             schedule = derive(findings.to_dict(), m, examples, processor, budget,
                               verify_options={"baselines": False, "repeats": 1, "new_tokens": new_tokens,
                                               "batch_size": batch_size})
