@@ -1,0 +1,238 @@
+"""Train the toy VLM (a tiny LLaVA) on the procedural task of ``attnflow.toys.vqa_task``, on the CPU.
+
+``python -m attnflow.toys.train_toy_vlm --out data/toy-vlm [--seed 0]`` builds the processor
+(a word-level tokenizer and a CLIP image processor, both made here, no hub) and an
+``LlavaForConditionalGeneration`` (CLIP vision tower -> GELU projector -> Llama decoder), trains it
+with one thread so that a seed gives the same weights, and replaces ``--out`` atomically with the
+``save_pretrained`` model and processor plus ``training.json`` (recipe, wall time, held-out
+accuracy with real and with blank images, the training log).
+
+The answer loss falls on the answer word, plus a small weight on ``<eos>`` so that greedy
+generation stops after it. Training is staged (see ``Recipe``):
+
+1. one object per image, answer loss plus a per-patch captioning loss: through the LM head, the
+   last layer's state at an object's visual token must name its colour, shape and quadrant (the
+   vision tower and projector learn readable features before the decoder has learnt to look);
+2. one or two objects, mostly two (only two objects teach binding a question word to an
+   object), both losses;
+3. the answer loss alone for the last steps, so the final model is a plain VQA model.
+Measured on the way (seed 0): with prompts ending in "?" and no captioning loss, 42% after 500
+steps of 64 images, near the answer prior; captioning colour and shape but not the quadrant left
+"where" at chance; with one or two objects equally often, 2,000 steps gave 89% overall but 62% on
+``exists_color``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from attnflow.toys import vqa_task
+from attnflow.fileio import atomic_dir, write_json
+from attnflow.toys.evaluate import evaluate
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Model size and optimisation settings; the defaults are the shipped model's."""
+
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    text_hidden: int = 128
+    text_layers: int = 6
+    text_heads: int = 4
+    text_mlp: int = 512
+    steps: int = 2400
+    batch_size: int = 32
+    lr: float = 5e-4
+    warmup: int = 100
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0
+    eos_weight: float = 0.1
+    patch_weight: float = 1.0  # per-patch captioning loss: an object's visual tokens name its colour, shape, quadrant
+    patch_steps: int = 2000  # the per-patch loss is on for these first steps (stages 1-2)
+    single_object_steps: int = 200  # stage 1: one object per image for the first steps
+    two_object_share: float = 0.7  # then two objects this often: only they teach binding a word to an object
+
+
+def build_processor() -> LlavaProcessor:
+    """A LlavaProcessor over the task's words: ``<image>`` expands to one token per patch, BOS is prepended."""
+    vocab = vqa_task.vocabulary()
+    ids = {w: i for i, w in enumerate(vocab)}
+    core = Tokenizer(models.WordLevel(ids, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", ids["<bos>"])])
+    core.add_special_tokens(list(vqa_task.SPECIAL_TOKENS))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        padding_side="left", extra_special_tokens={"image_token": vqa_task.IMAGE_TOKEN})
+    size = vqa_task.IMAGE_SIZE
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vqa_task.PATCH,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          image_token=vqa_task.IMAGE_TOKEN)
+
+
+def build_model(processor: LlavaProcessor, recipe: Recipe, seed: int) -> LlavaForConditionalGeneration:
+    """A freshly initialised LLaVA whose sizes come from the recipe and whose ids match the processor."""
+    tok = processor.tokenizer
+    vision = CLIPVisionConfig(
+        hidden_size=recipe.vision_hidden, intermediate_size=4 * recipe.vision_hidden,
+        num_hidden_layers=recipe.vision_layers, num_attention_heads=recipe.vision_heads,
+        image_size=vqa_task.IMAGE_SIZE, patch_size=vqa_task.PATCH)
+    text = LlamaConfig(
+        vocab_size=len(tok), hidden_size=recipe.text_hidden, intermediate_size=recipe.text_mlp,
+        num_hidden_layers=recipe.text_layers, num_attention_heads=recipe.text_heads,
+        num_key_value_heads=recipe.text_heads, max_position_embeddings=128, tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=processor.image_token_id,
+        projector_hidden_act="gelu", vision_feature_layer=-1, vision_feature_select_strategy="default",
+        image_seq_length=vqa_task.GRID ** 2)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    gen = model.generation_config
+    gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    gen.max_new_tokens, gen.do_sample = 2, False
+    return model
+
+
+def training_batch(processor: LlavaProcessor, examples: list[vqa_task.VQAExample]) -> dict[str, torch.Tensor]:
+    """Processor inputs for the prompts, left-padded, with ``answer <eos>`` appended and position ids."""
+    batch = processor(text=[e.prompt for e in examples], images=[e.image for e in examples],
+                      padding=True, return_tensors="pt")
+    tok = processor.tokenizer
+    answers = torch.tensor(tok.convert_tokens_to_ids([e.answer for e in examples]))
+    tail = torch.stack([answers, torch.full_like(answers, tok.eos_token_id)], dim=1)
+    ids = torch.cat([batch["input_ids"], tail], dim=1)
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(tail)], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate uses with left padding
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+            "pixel_values": batch["pixel_values"], "targets": tail, "patch_targets": _patch_targets(tok, examples)}
+
+
+def _patch_targets(tok: PreTrainedTokenizerFast, examples: list[vqa_task.VQAExample]) -> torch.Tensor:
+    """[B, patches, 3] colour, shape and quadrant word ids of the object in each patch; -100 where none is."""
+    targets = torch.full((len(examples), vqa_task.GRID ** 2, 3), -100)
+    for i, e in enumerate(examples):
+        for o in e.objects:
+            targets[i, o.patch] = torch.tensor(tok.convert_tokens_to_ids([o.color, o.shape, o.quadrant]))
+    return targets
+
+
+def _n_objects(step: int, recipe: Recipe, rng: np.random.Generator) -> int:
+    """Objects in a training image: one during the curriculum's first stage, then two at ``two_object_share``."""
+    if step < recipe.single_object_steps:
+        return 1
+    return 2 if rng.random() < recipe.two_object_share else 1
+
+
+def _lr_factor(step: int, recipe: Recipe) -> float:
+    """Linear warmup, then cosine decay to zero."""
+    if step < recipe.warmup:
+        return (step + 1) / recipe.warmup
+    progress = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def train(model: LlavaForConditionalGeneration, processor: LlavaProcessor, recipe: Recipe, seed: int,
+          log_every: int = 50) -> list[dict[str, float]]:
+    """Train in place on freshly sampled examples; return the logged (step, loss, answer accuracy) rows."""
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, recipe))
+    weights = torch.tensor([1.0, recipe.eos_weight])
+    log, losses, hits, t0 = [], [], defaultdict(list), time.perf_counter()
+    model.train()
+    for step in range(recipe.steps):
+        examples = [vqa_task.sample_example(rng, n_objects=_n_objects(step, recipe, rng))
+                    for _ in range(recipe.batch_size)]
+        batch = training_batch(processor, examples)
+        targets, patch_targets = batch.pop("targets"), batch.pop("patch_targets")
+        patch_on = step < recipe.patch_steps and recipe.patch_weight > 0
+        all_logits = model(**batch, logits_to_keep=0 if patch_on else 3).logits
+        logits = all_logits[:, -3:-1]  # predictions of answer and <eos>
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        loss = (ce.mean(0) * weights).sum()
+        if patch_on:
+            visual = all_logits[batch["input_ids"] == model.config.image_token_id]  # [B * patches, V], row-major
+            patch = visual.unsqueeze(1).expand(-1, patch_targets.shape[-1], -1).reshape(-1, visual.shape[-1])
+            loss = loss + recipe.patch_weight * torch.nn.functional.cross_entropy(patch, patch_targets.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        for e, ok in zip(examples, (logits[:, 0].argmax(-1) == targets[:, 0]).tolist()):
+            hits[e.qtype].append(ok)
+        if (step + 1) % log_every == 0:
+            row = {"step": step + 1, "loss": float(np.mean(losses)),
+                   "train_acc": float(np.mean([h for v in hits.values() for h in v])),
+                   **{f"acc_{t}": float(np.mean(v)) for t, v in sorted(hits.items())},
+                   "seconds": time.perf_counter() - t0}
+            print(json.dumps({k: round(v, 3) for k, v in row.items()}), flush=True)
+            log.append(row)
+            losses, hits = [], defaultdict(list)
+    model.eval()
+    return log
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: train the toy VLM and write it to ``--out``."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True, help="output folder, e.g. data/toy-vlm")
+    ap.add_argument("--seed", type=int, default=0, help="seed for initialisation and training data")
+    ap.add_argument("--steps", type=int, default=Recipe.steps, help="optimiser steps")
+    args = ap.parse_args(argv)
+    if args.seed == vqa_task.HELDOUT_SEED:
+        raise ValueError(f"seed {args.seed} is the held-out seed; pick another")
+    torch.set_num_threads(1)  # a seed fixes the weights only at a fixed thread count
+    recipe = Recipe(steps=args.steps)
+    processor = build_processor()
+    model = build_model(processor, recipe, args.seed)
+    t0 = time.perf_counter()
+    log = train(model, processor, recipe, args.seed)
+    wall = time.perf_counter() - t0
+    heldout = [e.as_input() for e in vqa_task.heldout_examples()]
+    result = evaluate(model, processor, heldout)
+    blank = evaluate(model, processor, heldout, blank=True)
+    print(json.dumps({"heldout": result, "blank": blank}), flush=True)
+    info = {"recipe": asdict(recipe), "seed": args.seed, "threads": 1, "wall_seconds": round(wall, 1),
+            "seconds_per_step": round(wall / recipe.steps, 3),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "heldout": {"seed": vqa_task.HELDOUT_SEED, "size": vqa_task.HELDOUT_SIZE, **result},
+            "heldout_blank_images": blank,
+            "log": log}
+    with atomic_dir(args.out) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        write_json(tmp / "training.json", info)
+    print(f"wrote {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
