@@ -110,3 +110,22 @@ def test_answer_tokens_are_labelled_and_last_row_stays_at_the_prompt():
         np.testing.assert_allclose(teacher.last_row.values[i, ..., :n], plain.last_row.values[i, ..., :n], atol=TOL)
         assert (teacher.last_row.values[i, ..., n:int(teacher.length[i])] == 0).all()  # the answer is unseen
     np.testing.assert_allclose(teacher.resid_last.values, plain.resid_last.values, atol=1e-5)
+
+
+def test_batched_arank_equals_the_rank_of_each_real_sized_map():
+    from attnflow.probes.stats import Layout, _arank
+
+    torch.manual_seed(0)
+    B, H, T = 3, 2, 12
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :4] = valid[2, :7] = False  # left padding of different lengths
+    a = torch.rand(B, H, T, T).tril() * valid[:, None, :, None] * valid[:, None, None, :]
+    a[0, 1, 9, :9] = a[0, 1, 10, :9] = 0.5  # rows equal once the diagonal is zeroed: rank drops
+    a[0, 1, 9, 9:] = a[0, 1, 10, 9:] = 0.0
+    layout = Layout(valid, torch.zeros(B, T, dtype=torch.long), torch.full((B,), T - 1), 5, True)
+    got = _arank(a, layout)
+    for b in range(B):
+        idx = valid[b].nonzero().flatten()
+        sub = a[b][:, idx][:, :, idx].clone()
+        sub.diagonal(dim1=-2, dim2=-1).zero_()
+        assert got[b].tolist() == torch.linalg.matrix_rank(sub.double()).float().tolist()
