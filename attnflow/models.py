@@ -8,7 +8,6 @@ of that family, saved once to a cache folder. Both then go through the same real
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,8 @@ class ModelSpecError(ValueError):
 def resolve(spec: str) -> Path:
     """The local folder a model spec stands for."""
     if spec == "toy-vlm":
-        path = Path(str(resources.files("attnflow.data") / "toy-vlm"))
+        from attnflow.toys.toy_vlm import model_dir
+        path = model_dir()
         if not (path / "config.json").is_file():
             raise ModelSpecError(f"the bundled toy VLM is missing from {path}; rebuild it with `make toy-vlm`")
         return path
@@ -79,7 +79,8 @@ def load_model(spec: str | Path, *, attn_implementation: str | None = None,
 def default_inputs(spec: str) -> Path:
     """The inputs that go with a bundled model: the toy VLM's held-out set, or a toy's samples."""
     if spec == "toy-vlm":
-        path = Path(str(resources.files("attnflow.data") / "toy-vqa" / "heldout.jsonl"))
+        from attnflow.toys.toy_vlm import heldout_path
+        path = heldout_path()
         if not path.is_file():
             raise ModelSpecError(f"the bundled held-out set is missing from {path}")
         return path
