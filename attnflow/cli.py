@@ -14,6 +14,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console(stderr=True, soft_wrap=True)
 
 
+MODEL = typer.Option("toy-vlm", help="Local HF model folder, toy-vlm, or toy-<family>.")
+INPUTS = typer.Option(None, help="JSONL of {image, prompt, answer}; default: the model's bundled inputs.")
+
+
 @app.callback()
 def main() -> None:
     """attnflow: record -> analyze -> schedule -> verify -> report, or all at once with `run`."""
@@ -52,8 +56,8 @@ def parse_layers(text: Optional[str]) -> Optional[list[int]]:
 @app.command()
 @friendly
 def record(
-    model: str = typer.Option("toy-vlm", help="Local HF model folder, toy-vlm, or toy-<family>."),
-    inputs: Optional[Path] = typer.Option(None, help="JSONL of {image, prompt, answer}; default: the model's bundled inputs."),
+    model: str = MODEL,
+    inputs: Optional[Path] = INPUTS,
     out: Path = typer.Option(Path("trace.nc"), help="Where to write the trace (.nc)."),
     level: str = typer.Option("summary", help="summary (O(n) per layer) or full (adds n×n maps of --layers)."),
     layers: Optional[str] = typer.Option(None, help="Layers whose full maps are kept, e.g. 0,3."),
@@ -128,8 +132,8 @@ def report(
 @app.command()
 @friendly
 def run(
-    model: str = typer.Option("toy-vlm", help="Local HF model folder, toy-vlm, or toy-<family>."),
-    inputs: Optional[Path] = typer.Option(None, help="JSONL inputs; default: the model's bundled inputs."),
+    model: str = MODEL,
+    inputs: Optional[Path] = INPUTS,
     out: Path = typer.Option(Path("runs/latest"), help="Run folder to write."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
     max_kl: Optional[float] = typer.Option(None, help="Fidelity budget: max KL(full || reduced)."),
@@ -207,8 +211,8 @@ def schedule(
 @friendly
 def verify(
     schedule: Path = typer.Option(..., help="Schedule (JSON) written by `attnflow schedule`."),
-    model: str = typer.Option("toy-vlm", help="Local HF model folder, toy-vlm, or toy-<family>."),
-    inputs: Optional[Path] = typer.Option(None, help="JSONL inputs; default: the model's bundled inputs."),
+    model: str = MODEL,
+    inputs: Optional[Path] = INPUTS,
     out: Path = typer.Option(Path("verdict.json"), help="Where to write the verdict (JSON)."),
     new_tokens: int = typer.Option(8, min=1, help="Greedy tokens generated per prompt."),
     repeats: int = typer.Option(5, min=1, help="Timing repeats (medians are reported)."),
@@ -234,7 +238,7 @@ def verify(
 @app.command("eval")
 @friendly
 def eval_answers(
-    model: str = typer.Option("toy-vlm", help="Local HF model folder, toy-vlm, or toy-<family>."),
+    model: str = MODEL,
     inputs: Optional[Path] = typer.Option(None, help="JSONL with answers; default: the model's bundled inputs."),
     batch_size: int = typer.Option(32, min=1),
     out: Optional[Path] = typer.Option(None, help="Also write both results here (JSON)."),
