@@ -3,26 +3,51 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements/lock.txt
+PYTEST := python -m pytest -q --nbmake -p no:cacheprovider
+# `make lock` resolves with uv for this machine's Python and platform; torch is the CPU build on
+# local disk (requirements/overrides.txt), which pip finds through its find-links.
+UV := uv==0.13.9
+LOCK_FLAGS := --extra dev --override requirements/overrides.txt --find-links /opt/wheels \
+	--python-version 3.11 --python-platform x86_64-manylinux_2_28
 
-.PHONY: demo test bench lab toy-vlm eval-toy-vlm clean
+.PHONY: install demo test test-latest lock bench lab toy-vlm eval-toy-vlm clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# torch first, pinned to the CPU wheel on local disk; pyproject keeps a range it satisfies.
-$(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+# Every version from the lock (what the suite passed with); attnflow itself editable, no re-resolve.
+$(STAMP): $(BIN)/python $(LOCK) pyproject.toml
+	$(BIN)/pip install -q -r $(LOCK)
+	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/pip check
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-resolve the lock to the newest versions pyproject's ranges allow (then run `make test`).
+lock:
+	$(PY) -m venv .venv-tools
+	.venv-tools/bin/pip install -q $(UV)
+	.venv-tools/bin/uv pip compile pyproject.toml $(LOCK_FLAGS) --upgrade --no-header -o $(LOCK)
+
+# Drift check: a fresh venv with the newest versions the ranges allow, then the whole suite.
+test-latest:
+	rm -rf .venv-latest
+	$(PY) -m venv .venv-latest
+	.venv-latest/bin/pip install -q --upgrade pip
+	.venv-latest/bin/pip install -q torch==2.13.0
+	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	.venv-latest/bin/pip freeze --exclude-editable > .venv-latest/versions.txt
+	@echo "newer than $(LOCK):"; grep -vxFf $(LOCK) .venv-latest/versions.txt || echo "  nothing"
+	.venv-latest/bin/$(PYTEST)
 
 demo: $(STAMP)
 	$(BIN)/attnflow run --out runs/demo --force
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --nbmake -p no:cacheprovider
+	$(BIN)/$(PYTEST)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
@@ -37,4 +62,4 @@ eval-toy-vlm: $(STAMP)
 	$(BIN)/attnflow eval --model toy-vlm
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) .venv-latest .venv-tools runs

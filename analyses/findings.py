@@ -27,12 +27,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from attnflow.errors import UserError
 from attnflow.fileio import write_json
 
 FINDINGS_VERSION = 1
 
 
-class FindingsError(ValueError):
+class FindingsError(UserError, ValueError):
     """A file is not a readable attnflow findings file of this version."""
 
 

@@ -20,16 +20,18 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 import xarray as xr
-from torch import nn
-
+from attnflow import compat
 from attnflow.analyses.batches import aligned_batches
 from attnflow.analyses.exits import first_stable
 from attnflow.analyses.thresholds import Thresholds
 from attnflow.probes import adapters
 from attnflow.probes.inputs import Example
+from torch import nn
+
+from attnflow.errors import UserError
 
 
-class KnockoutError(RuntimeError):
+class KnockoutError(UserError, RuntimeError):
     """The model's attention modules do not take the mask the knockout needs."""
 
 
@@ -64,12 +66,12 @@ def cut_visual(model: nn.Module, layers: Iterable[int], queries: torch.Tensor,
     causal = adapters.adapter_for(model).causal
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if "attention_mask" not in kwargs:
+        if compat.ATTENTION_MASK not in kwargs:
             raise KnockoutError(f"{type(module).__name__} is called without an attention_mask keyword; "
                                 "attnflow cannot cut its attention")
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        return args, {**kwargs, "attention_mask": cut_mask(kwargs["attention_mask"], blocked.to(hidden.device),
-                                                           hidden.dtype, causal)}
+        hidden = kwargs.get(compat.HIDDEN_STATES, args[0] if args else None)
+        cut = cut_mask(kwargs[compat.ATTENTION_MASK], blocked.to(hidden.device), hidden.dtype, causal)
+        return args, {**kwargs, compat.ATTENTION_MASK: cut}
 
     stack = adapters.decoder_layers(model)
     handles = [_attention_module(model, stack[l]).register_forward_pre_hook(hook, with_kwargs=True)

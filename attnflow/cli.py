@@ -9,6 +9,8 @@ from typing import Callable, Optional
 import typer
 from rich.console import Console
 
+from attnflow.fileio import ensure_writable
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="How attention flows through vision-language transformers, and faster models from it.")
 console = Console(stderr=True, soft_wrap=True)
@@ -34,10 +36,11 @@ def friendly(fn: Callable) -> Callable:
     """Turn attnflow's input errors into one clear line and exit code 2, not a traceback."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from attnflow.errors import USER_ERRORS
+        from attnflow.compat import InternalsError
+        from attnflow.errors import UserError
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as exc:
+        except (UserError, InternalsError) as exc:
             console.print(f"[bold red]error:[/] {exc}")
             raise typer.Exit(2) from None
     return wrapper
@@ -65,6 +68,7 @@ def record(
     attn: Optional[str] = typer.Option(None, help="Attention backend override: eager or sdpa."),
 ) -> None:
     """Record per-layer, per-head attention statistics of MODEL on INPUTS into a trace."""
+    ensure_writable(out)
     if level not in ("summary", "full"):
         raise typer.BadParameter(f"choose summary or full, not {level!r}", param_hint="--level")
     if attn not in (None, "eager", "sdpa"):
@@ -93,6 +97,7 @@ def analyze(
     batch_size: int = typer.Option(8, min=1),
 ) -> None:
     """Find sinks, redundant layers, the visual exit layer and cross-modal flow in TRACE."""
+    ensure_writable(out)
     from attnflow.analyses import Thresholds
     from attnflow.analyses import analyze as run_analyses
     from attnflow.models import load_model
@@ -146,6 +151,7 @@ def run(
     repeats: int = typer.Option(5, min=1, help="Timing repeats when verifying (medians are reported)."),
 ) -> None:
     """Record -> analyze -> schedule -> verify -> report, and print what was found."""
+    ensure_writable(out)
     import sys
 
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -184,6 +190,7 @@ def schedule(
     batch_size: int = typer.Option(8, min=1),
 ) -> None:
     """Derive a pruning schedule from FINDINGS under a fidelity budget (default --max-kl 0.01), verified."""
+    ensure_writable(out)
     import json
 
     from attnflow.models import default_inputs, load_model
@@ -219,6 +226,7 @@ def verify(
     batch_size: int = typer.Option(8, min=1),
 ) -> None:
     """Verify SCHEDULE on MODEL: fidelity and cost against the unreduced model, FastV and PyramidDrop."""
+    ensure_writable(out)
     from attnflow.models import default_inputs, load_model
     from attnflow.reducers.verify import verify as run_verify
 
@@ -244,6 +252,8 @@ def eval_answers(
     out: Optional[Path] = typer.Option(None, help="Also write both results here (JSON)."),
 ) -> None:
     """Accuracy of MODEL's greedy answers on INPUTS, overall and per type, with real and with blank images."""
+    if out:
+        ensure_writable(out)
     from attnflow.fileio import write_json
     from attnflow.models import default_inputs, load_model
     from attnflow.probes.inputs import load_examples

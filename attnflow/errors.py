@@ -1,14 +1,9 @@
-"""The errors attnflow raises for bad input; the CLI prints them as one line."""
+"""The base of every error attnflow raises for bad input; the CLI prints them as one line.
 
-from attnflow.analyses.findings import FindingsError
-from attnflow.analyses.knockout import KnockoutError
-from attnflow.models import ModelSpecError
-from attnflow.pipeline import RunExistsError
-from attnflow.probes.adapters import UnsupportedModelError
-from attnflow.probes.inputs import InputError
-from attnflow.probes.io import TraceError
-from attnflow.reducers.schedule import ScheduleError
-from attnflow.reports.rundir import ReportError
+A leaf module: it imports nothing of attnflow, so every layer can derive its errors from it
+without pulling in the others.
+"""
 
-USER_ERRORS: tuple[type[Exception], ...] = (ModelSpecError, UnsupportedModelError, InputError, TraceError,
-                                            FindingsError, KnockoutError, ScheduleError, ReportError, RunExistsError)
+
+class UserError(Exception):
+    """Bad input (a model, file, schedule or option the user gave): one clear line, no traceback."""

@@ -1,7 +1,10 @@
 """Atomic file writing shared by every stage: a reader sees the old file or the whole new one.
 
 Everything is written to a temporary sibling and renamed into place; on any error (including
-Ctrl-C) the temporary is removed and the target is left as it was.
+Ctrl-C) the temporary is removed and the target is left as it was. What lands gets the
+permissions a plain ``open``/``mkdir`` would give it (the umask's), not the private ones of
+a temporary file, so runs can be shared. A target that cannot be written is one
+``OutputError`` naming it, raised before anything is computed into it.
 """
 
 from __future__ import annotations
@@ -15,16 +18,44 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from attnflow.errors import UserError
+
+
+class OutputError(UserError, OSError):
+    """An output path that cannot be written (read-only folder, a file in the way...)."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _share(path: Path, mode: int) -> None:
+    """Give ``path`` the permissions a plain create would have (``mode`` less the umask)."""
+    os.chmod(path, mode & ~_umask())
+
+
+def ensure_writable(path: Path) -> None:
+    """Create ``path``'s folder, or raise one OutputError saying why it cannot be written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {path}: its folder {path.parent} is not writable")
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed to ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_writable(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        _share(Path(tmp), 0o666)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -47,10 +78,11 @@ def write_json(path: str | Path, data: Any) -> Path:
 def atomic_dir(out: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``out``; on success it replaces ``out`` whole."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ensure_writable(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-new-", dir=out.parent))
     try:
         yield tmp
+        _share(tmp, 0o777)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
             os.replace(out, old)

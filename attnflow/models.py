@@ -13,13 +13,20 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText,
-                          AutoProcessor, AutoTokenizer)
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+)
 
+from attnflow.errors import UserError
 from attnflow.probes.adapters import ADAPTERS, HOW_TO_ADD, UnsupportedModelError
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(UserError, ValueError):
     """The model spec names nothing attnflow can load."""
 
 
@@ -91,8 +98,8 @@ def default_inputs(spec: str) -> Path:
 
 def _toy_inputs(folder: Path) -> Path:
     """Write a tiny toy's sample prompts (and their images as PNG) as JSONL beside it, once."""
-    from attnflow.toys import tiny
     from attnflow.fileio import atomic_dir
+    from attnflow.toys import tiny
 
     family = folder.name.rsplit("-seed", 1)[0]
     target = folder / "inputs"

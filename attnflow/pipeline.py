@@ -17,6 +17,7 @@ import torch
 import transformers
 
 import attnflow
+from attnflow.errors import UserError
 from attnflow.fileio import atomic_dir, write_json
 from attnflow.models import default_inputs, load_model
 from attnflow.probes import adapters
@@ -27,7 +28,7 @@ from attnflow.probes.record import record
 STAGES: tuple[str, ...] = ("record", "analyze", "schedule", "verify", "report")
 
 
-class RunExistsError(FileExistsError):
+class RunExistsError(UserError, FileExistsError):
     """The output folder already holds a run and ``force`` was not given."""
 
 

@@ -4,21 +4,22 @@ One ``Adapter`` entry per family, keyed by ``config.model_type``; dispatch never
 class names. Paths are dotted attribute paths from the loaded model object; several
 candidates cover the bare model and its ``*ForCausalLM``/``*ForConditionalGeneration``
 wrapper. Attention is read at one place for every family: the call of the attention
-interface inside ``self_attn.forward`` (transformers 5.x), whose inputs are
-``(module, query, key, value, mask)`` with keys already rotated and ``scaling`` as a kwarg.
+interface inside the attention module's forward, located by attnflow.compat.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import reduce
 
 from torch import nn
 
+from attnflow.errors import UserError
 
-class UnsupportedModelError(ValueError):
+
+class UnsupportedModelError(UserError, ValueError):
     """The model's family has no adapter entry."""
 
 
@@ -34,11 +35,7 @@ class Adapter:
     image_token_field: str | None = None
     causal: bool = True
     multimodal: bool = False
-    # the op inside the attention module's forward whose inputs are (module, q, k, v, mask)
-    attention_call: str = "attention_interface_1"
     text_config: str | None = "text_config"
-    notes: str = ""
-    extra_inputs: tuple[str, ...] = field(default_factory=tuple)
 
 
 _VLM_LM = dict(
@@ -51,20 +48,18 @@ _DECODER = dict(layers=("model.layers", "layers"), final_norm=("model.norm", "no
 
 ADAPTERS: dict[str, Adapter] = {
     "llava": Adapter("llava", **_VLM_LM),
-    "llava_next": Adapter("llava_next", **_VLM_LM, extra_inputs=("image_sizes",)),
-    "llava_onevision": Adapter("llava_onevision", **_VLM_LM, extra_inputs=("image_sizes",)),
-    "qwen2_vl": Adapter("qwen2_vl", **_VLM_LM, extra_inputs=("image_grid_thw", "mm_token_type_ids")),
-    "qwen2_5_vl": Adapter("qwen2_5_vl", **_VLM_LM, extra_inputs=("image_grid_thw", "mm_token_type_ids")),
-    "gemma3": Adapter("gemma3", **_VLM_LM, extra_inputs=("token_type_ids",),
-                      notes="image tokens attend bidirectionally within an image"),
-    "paligemma": Adapter("paligemma", **_VLM_LM, extra_inputs=("token_type_ids",),
-                         notes="prefix-LM: the prompt attends bidirectionally"),
+    "llava_next": Adapter("llava_next", **_VLM_LM),
+    "llava_onevision": Adapter("llava_onevision", **_VLM_LM),
+    "qwen2_vl": Adapter("qwen2_vl", **_VLM_LM),
+    "qwen2_5_vl": Adapter("qwen2_5_vl", **_VLM_LM),
+    "gemma3": Adapter("gemma3", **_VLM_LM),  # image tokens attend bidirectionally within an image
+    "paligemma": Adapter("paligemma", **_VLM_LM),  # prefix-LM: the prompt attends bidirectionally
     "idefics3": Adapter("idefics3", layers=("model.text_model.layers",),
                         final_norm=("model.text_model.norm",), image_token_field="image_token_id",
-                        multimodal=True, extra_inputs=("pixel_attention_mask",)),
+                        multimodal=True),
     "smolvlm": Adapter("smolvlm", layers=("model.text_model.layers",),
                        final_norm=("model.text_model.norm",), image_token_field="image_token_id",
-                       multimodal=True, extra_inputs=("pixel_attention_mask",)),
+                       multimodal=True),
     "llama": Adapter("llama", **_DECODER),
     "qwen2": Adapter("qwen2", **_DECODER),
     "mistral": Adapter("mistral", **_DECODER),

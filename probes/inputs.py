@@ -15,8 +15,10 @@ from typing import Any, Iterable
 
 from PIL import Image
 
+from attnflow.errors import UserError
 
-class InputError(ValueError):
+
+class InputError(UserError, ValueError):
     """The inputs cannot be used: the message names the file, line and problem."""
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import xarray as xr
-
-from attnflow.fileio import atomic_path
-
 from attnflow.probes.schema import SCHEMA_VERSION
 
+from attnflow.errors import UserError
+from attnflow.fileio import atomic_path
 
-class TraceError(ValueError):
+
+class TraceError(UserError, ValueError):
     """A file is not a readable attnflow trace of the current schema."""
 
 

@@ -11,15 +11,16 @@ import nnsight
 import numpy as np
 import torch
 import xarray as xr
-from torch import nn
-from tqdm.auto import tqdm
-
-import attnflow
 from attnflow.probes import adapters
 from attnflow.probes.inputs import Example, as_examples, encode, file_sha256
 from attnflow.probes.schema import GROUPS, SCHEMA_VERSION
 from attnflow.probes.spans import Spans, token_spans
 from attnflow.probes.stats import Layout, attention_stats, hidden_stats
+from torch import nn
+from tqdm.auto import tqdm
+
+import attnflow
+from attnflow import compat
 
 HEAD_VARS = ("received", "last_row", "entropy", "topk_abs", "topk_dim")  # [B, L, H|K, T]
 POS_VARS = ("uniform", "n_seen", "update_cos", "norm", "max_abs", "argmax_dim", "median_abs", "rms")
@@ -59,7 +60,7 @@ def _trace_batch(nm: nnsight.NNsight, model: nn.Module, batch: dict, layout: Lay
     with torch.no_grad(), nm.trace(**batch):
         for i, layer in enumerate(envoys):
             h_in = layer.inputs[0][0]
-            call = _submodule(layer, adapter.attention).source.attention_interface_1
+            call = compat.attention_call(_submodule(layer, adapter.attention))
             args, kwargs = call.inputs
             _, q, k, _, mask = args[:5]
             weights = call.output[1] if eager else None
@@ -68,8 +69,7 @@ def _trace_batch(nm: nnsight.NNsight, model: nn.Module, batch: dict, layout: Lay
                 mask=mask, scaling=kwargs.get("scaling"), softcap=kwargs.get("softcap"),
                 chunk=chunk, keep_full=level == "full" and i in full_layers,
                 rank_max_tokens=rank_max_tokens)
-            out = layer.output
-            h_out = out[0] if isinstance(out, tuple) else out
+            h_out = compat.layer_hidden(layer.output)
             stats.update(hidden_stats(h_in, h_out))
             rows = torch.arange(h_in.shape[0], device=h_in.device)
             stats["resid_in_last"] = h_in[rows, layout.last].float()

@@ -12,13 +12,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from torch import nn
-
 from attnflow.probes import adapters
 from attnflow.reducers.plan import Planner
 from attnflow.reducers.rank import attach_rankers
 from attnflow.reducers.schedule import Schedule, ScheduleError, load_schedule
 from attnflow.reducers.shorten import Shortener
+from torch import nn
+
+from attnflow import compat
 
 BACKENDS: tuple[str, ...] = ("eager", "sdpa")
 
@@ -49,8 +50,7 @@ def apply(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path", 
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ScheduleError("reducers.apply needs input_ids (not only inputs_embeds) to find the visual tokens")
-        past = kwargs.get("past_key_values")
-        planner.begin(input_ids, kwargs.get("attention_mask"), past is not None and past.get_seq_length() > 0)
+        planner.begin(input_ids, kwargs.get(compat.ATTENTION_MASK), compat.is_decode_step(kwargs))
 
     shortener = Shortener(layers, planner, bool_mask=backend != "eager")
     handles = [model.register_forward_pre_hook(begin, with_kwargs=True)]

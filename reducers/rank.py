@@ -13,11 +13,12 @@ import importlib
 from typing import Any
 
 import torch
+from attnflow.reducers.plan import Planner
+from attnflow.reducers.shorten import gather_seq
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from attnflow.reducers.plan import Planner
-from attnflow.reducers.shorten import gather_seq
+from attnflow import compat
 
 
 def _rope(attn: nn.Module):
@@ -81,7 +82,7 @@ def attach_rankers(layers: nn.ModuleList, planner: Planner, attention: str) -> l
             if window:
                 key_ok &= rows > planner.query_position - window
             scores = last_row_attention(module, captured.pop("q"), captured.pop("k"),
-                                        kwargs["position_embeddings"], slot, key_ok)
+                                        kwargs[compat.POSITION_EMBEDDINGS], slot, key_ok)
             planner.ranked(layer, scores)
 
         handles.append(attn.q_proj.register_forward_hook(keep_output("q")))

@@ -37,10 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from attnflow.probes import adapters
 from torch import nn
 
+from attnflow.errors import UserError
 from attnflow.fileio import write_json
-from attnflow.probes import adapters
 
 SCHEDULE_VERSION = 1
 OPS: tuple[str, ...] = ("prune_visual", "visual_exit", "skip_layers")
@@ -56,7 +57,7 @@ _STEP_KEYS: dict[str, dict[str, Any]] = {  # op -> {key: default, or ... when re
 }
 
 
-class ScheduleError(ValueError):
+class ScheduleError(UserError, ValueError):
     """A schedule is malformed, inconsistent, or made for another model."""
 
 

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from attnflow import compat
+
 
 @dataclass
 class Cut:
@@ -121,22 +123,23 @@ class Shortener:
 
     def _sliced(self, cut: Cut, kwargs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
         """The position embeddings, position ids and mask of ``kwargs`` cut by ``cut``."""
-        pe, ids, mask = kwargs.get("position_embeddings"), kwargs.get("position_ids"), kwargs.get("attention_mask")
+        pe, ids = kwargs.get(compat.POSITION_EMBEDDINGS), kwargs.get(compat.POSITION_IDS)
+        mask = kwargs.get(compat.ATTENTION_MASK)
         key = (cut, *(pe or (None, None)), ids, mask)
         if self._memo is not None and all(a is b for a, b in zip(self._memo[0], key)):
             return self._memo[1]
-        out: dict[str, Any] = {"attention_mask": _cut_mask(mask, cut, self.bool_mask, dtype)}
+        out: dict[str, Any] = {compat.ATTENTION_MASK: _cut_mask(mask, cut, self.bool_mask, dtype)}
         if pe is not None and cut.rows is not None:
-            out["position_embeddings"] = tuple(gather_seq(t, cut.rows, -2) for t in pe)
+            out[compat.POSITION_EMBEDDINGS] = tuple(gather_seq(t, cut.rows, -2) for t in pe)
         if ids is not None and cut.rows is not None:
-            out["position_ids"] = gather_seq(ids, cut.rows, -1)
+            out[compat.POSITION_IDS] = gather_seq(ids, cut.rows, -1)
         self._memo = (key, out)
         return out
 
     def _pre(self, i: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
             positional = bool(args)
-            hidden = args[0] if positional else kwargs["hidden_states"]
+            hidden = args[0] if positional else kwargs[compat.HIDDEN_STATES]
             cut = self.planner(i, hidden)
             if cut is None:
                 return None
@@ -145,7 +148,7 @@ class Shortener:
             self._pending[i] = (cut, hidden)
             if positional:
                 return (new_hidden, *args[1:]), new_kwargs
-            new_kwargs["hidden_states"] = new_hidden
+            new_kwargs[compat.HIDDEN_STATES] = new_hidden
             return args, new_kwargs
         return hook
 
@@ -154,7 +157,7 @@ class Shortener:
             cut, incoming = self._pending.pop(i, (None, None))
             if cut is None or cut.keep is None:
                 return None
-            out = output[0] if isinstance(output, tuple) else output
+            out = compat.layer_hidden(output)
             merged = gather_seq(incoming, cut.keep, 1)
             put = cut.put[..., None].expand(-1, -1, merged.shape[-1])
             merged = merged.scatter(1, put, torch.where(cut.write[..., None], out, merged.gather(1, put)))

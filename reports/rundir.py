@@ -14,16 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import xarray as xr
-
 from attnflow.analyses.findings import Findings, FindingsError
 from attnflow.probes.io import load_trace
 from attnflow.reducers.schedule import ScheduleError, load_schedule
 from attnflow.reducers.verify import VERDICT_VERSION
 
+from attnflow.errors import UserError
+
 TRACE, FINDINGS, SCHEDULE, VERDICT, RUN = "trace.nc", "findings.json", "schedule.json", "verdict.json", "run.json"
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """The run directory cannot be reported on: the message names the file and the problem."""
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attnflow import compat
 from attnflow.probes import adapters
 from attnflow.reducers import Schedule, ScheduleError, apply
 from attnflow.toys import tiny
@@ -206,8 +207,8 @@ def test_misuse_gets_a_clear_error(models):
     batch = encode(processor, prompts()[:1])
     schedule = Schedule.for_model(model, STEPS["exit"])
     with torch.no_grad():
-        cache = model(**batch, use_cache=True).past_key_values  # a prefill outside the schedule
-        nxt = {"input_ids": batch["input_ids"][:, -1:], "past_key_values": cache,
+        cache = compat.output_cache(model(**batch, use_cache=True))  # a prefill outside the schedule
+        nxt = {"input_ids": batch["input_ids"][:, -1:], **compat.cache_kwargs(cache),
                "attention_mask": torch.ones(1, batch["input_ids"].shape[1] + 1, dtype=torch.long)}
         with apply(model, schedule), pytest.raises(ScheduleError, match="without a prefill"):
             model(**nxt)

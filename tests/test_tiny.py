@@ -19,6 +19,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from attnflow import compat
 from attnflow.probes.adapters import adapter_for, decoder_layers, dims, image_token_id, layers_path
 from attnflow.toys import tiny
 
@@ -183,7 +184,7 @@ def test_attention_call_reachable_through_nnsight(family):
     layer = reduce(getattr, layers_path(model).split("."), wrapped)[0]
     attention = reduce(getattr, adapter.attention.split("."), layer)
     with torch.no_grad(), wrapped.trace(**inputs):
-        args, kwargs = getattr(attention.source, adapter.attention_call).inputs
+        args, kwargs = compat.attention_call(attention).inputs
         shapes = nnsight.save([tuple(a.shape) for a in args[1:4]])
         scaling = nnsight.save(kwargs["scaling"])
     head_dim = d["hidden_size"] // d["num_heads"]
