@@ -32,6 +32,16 @@ lock:
 	.venv-tools/bin/pip install -q $(UV)
 	.venv-tools/bin/uv pip compile pyproject.toml $(LOCK_FLAGS) --upgrade --no-header -o $(LOCK)
 
+# names normalised (PEP 503): pip freeze and uv spell some differently
+define DRIFT
+import re, sys
+key = lambda line: re.sub(r"[-_.]+", "-", line.strip().lower())
+lock = {key(l) for l in open(sys.argv[1]) if "==" in l}
+new = [l.strip() for l in open(sys.argv[2]) if "==" in l and key(l) not in lock]
+print("not in the lock:", ", ".join(new) or "nothing")
+endef
+export DRIFT
+
 # Drift check: a fresh venv with the newest versions the ranges allow, then the whole suite.
 test-latest:
 	rm -rf .venv-latest
@@ -40,7 +50,7 @@ test-latest:
 	.venv-latest/bin/pip install -q torch==2.13.0
 	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
 	.venv-latest/bin/pip freeze --exclude-editable > .venv-latest/versions.txt
-	@echo "newer than $(LOCK):"; grep -vxFf $(LOCK) .venv-latest/versions.txt || echo "  nothing"
+	@.venv-latest/bin/python -c "$$DRIFT" $(LOCK) .venv-latest/versions.txt
 	.venv-latest/bin/$(PYTEST)
 
 demo: $(STAMP)

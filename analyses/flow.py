@@ -32,16 +32,14 @@ CAPACITY_SCALE = 1_000_000
 
 
 def flow_matrix(trace: xr.Dataset) -> dict[str, Any]:
-    """The layer x src x dst attention matrix, head-mean and per head, with its labels."""
+    """The layer x src x dst attention matrix (sample- and head-mean), with its labels."""
     flow = trace["flow"].transpose("sample", "layer", "head", "src", "dst").values
     per_head = nanmean(flow, 0)
     return {"matrix": np.nan_to_num(nanmean(per_head, 1)).round(6).tolist(),
-            "per_head": np.nan_to_num(per_head).round(6).tolist(),
             "labels": {"layer": [int(l) for l in trace["layer"].values],
-                       "head": [int(h) for h in trace["head"].values],
                        "src": [str(s) for s in trace["src"].values],
                        "dst": [str(d) for d in trace["dst"].values]},
-            "axes": ["layer", "src", "dst"], "per_head_axes": ["layer", "head", "src", "dst"]}
+            "axes": ["layer", "src", "dst"]}
 
 
 def augmented(maps: np.ndarray) -> np.ndarray:

@@ -69,8 +69,6 @@ def find_redundancy(trace: xr.Dataset, th: Thresholds) -> dict[str, Any]:
     return {
         "block_influence": {g: listed(v) for g, v in bi.items()},
         "angular_distance": [listed(d) for d in angular],
-        "best_block_start": [int(np.nanargmin(d)) if np.isfinite(d).any() else None for d in angular],
         "attention_rank": listed(attention_rank(trace)),
         "candidates": candidates(bi["all"], layers, num_layers, th),
-        "candidates_by_group": {g: candidates(v, layers, num_layers, th) for g, v in bi.items()},
     }

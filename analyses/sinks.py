@@ -112,11 +112,6 @@ def massive_entries(trace: xr.Dataset, th: Thresholds) -> np.ndarray:
                 & (top_abs >= th.massive_layer_ratio * typical[None, :, None, None]))
 
 
-def massive_mask(trace: xr.Dataset, th: Thresholds) -> np.ndarray:
-    """Boolean (sample, layer, pos): the hidden state holds a massive activation."""
-    return massive_entries(trace, th).any(-1)
-
-
 def massive_activations(trace: xr.Dataset, th: Thresholds) -> tuple[list[dict[str, Any]], list[int]]:
     """Massive activations per (layer, pos) frequent enough to report, and the hidden
     dimensions that hold any massive entry among each state's top 3 (discovered, most

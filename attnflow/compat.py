@@ -13,6 +13,7 @@ This module imports nothing of attnflow, so every layer may use it.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata as metadata
 from functools import cache
 from typing import Any
@@ -128,6 +129,16 @@ def cache_kwarg() -> str:
 def layer_hidden(output: Any) -> Tensor:
     """The hidden states a decoder layer returned (a plain tensor in 5.x, a tuple before)."""
     return output[0] if isinstance(output, tuple) else output
+
+
+def rope_function(attention: Any) -> Any:
+    """The ``apply_rotary_pos_emb`` that ``attention``'s forward calls: the function of that
+    name in the module that defines its class (each family's modeling file has its own)."""
+    module = importlib.import_module(type(attention).__module__)
+    fn = getattr(module, "apply_rotary_pos_emb", None)
+    if fn is None:
+        raise internals_error(f"{module.__name__} has no apply_rotary_pos_emb beside {type(attention).__name__}")
+    return fn
 
 
 def attention_call(attention: Any) -> Any:

@@ -66,13 +66,13 @@ def load_model(spec: str | Path, *, attn_implementation: str | None = None,
         kwargs["attn_implementation"] = attn_implementation
     if dtype is not None:
         kwargs["dtype"] = dtype
-    if config.model_type == "qwen2_vl":
-        # registers an image-only Qwen2-VL processor: the stock one builds a video processor
-        # that needs torchvision, which the CPU torch wheel cannot import
-        import attnflow.toys.tiny  # noqa: F401
     if adapter.multimodal:
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        if adapter.processor:
+            from attnflow import processors
+            processor = processors.load(adapter.processor, path, local_files_only=True)
+        else:
+            processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     else:
         arch = (config.architectures or [None])[0]
         auto = getattr(transformers, arch, None) if arch else None

@@ -25,7 +25,11 @@ class UnsupportedModelError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class Adapter:
-    """Where a family keeps its decoder layers, norm, unembedding and image tokens."""
+    """Everything attnflow knows about one model family; nothing family-specific lives elsewhere.
+
+    Paths are dotted attribute paths from the loaded model (several candidates cover the bare
+    model and its wrapper); ``*_field`` names are config attributes.
+    """
 
     family: str
     layers: tuple[str, ...]
@@ -36,6 +40,24 @@ class Adapter:
     causal: bool = True
     multimodal: bool = False
     text_config: str | None = "text_config"
+    # the processor attribute that holds the string a prompt writes for one image
+    placeholder_attr: str = "image_token"
+    # encoders always start with their CLS token, which plays BOS's part; decoders start with
+    # BOS only when the first token is the config's bos_token_id
+    leading_cls: bool = False
+    # the processor output giving each image's (t, h, w) patch grid, and the vision config
+    # field saying how many patches per side merge into one token (Qwen-VL); without a grid
+    # input the patch grid is the vision tower's image_size / patch_size
+    grid_input: str | None = None
+    merge_size_field: str | None = None
+    # the attention module's projections and norms, to recompute one attention row for ranking
+    projections: tuple[str, str] = ("q_proj", "k_proj")
+    qk_norms: tuple[str, str] | None = None
+    softcap_field: str | None = None  # text-config field with the attention-logit soft cap
+    sliding_window: bool = False  # some layers attend within a window (module attr sliding_window)
+    # a processor class of attnflow.processors to load instead of the stock one (whose video
+    # half needs torchvision)
+    processor: str | None = None
 
 
 _VLM_LM = dict(
@@ -44,29 +66,35 @@ _VLM_LM = dict(
     image_token_field="image_token_id",
     multimodal=True,
 )
+_QWEN_VL = dict(_VLM_LM, grid_input="image_grid_thw", merge_size_field="spatial_merge_size", sliding_window=True)
+_IDEFICS = dict(layers=("model.text_model.layers",), final_norm=("model.text_model.norm",),
+                image_token_field="image_token_id", multimodal=True)
 _DECODER = dict(layers=("model.layers", "layers"), final_norm=("model.norm", "norm"), text_config=None)
 
 ADAPTERS: dict[str, Adapter] = {
     "llava": Adapter("llava", **_VLM_LM),
     "llava_next": Adapter("llava_next", **_VLM_LM),
-    "llava_onevision": Adapter("llava_onevision", **_VLM_LM),
-    "qwen2_vl": Adapter("qwen2_vl", **_VLM_LM),
-    "qwen2_5_vl": Adapter("qwen2_5_vl", **_VLM_LM),
-    "gemma3": Adapter("gemma3", **_VLM_LM),  # image tokens attend bidirectionally within an image
+    "llava_onevision": Adapter("llava_onevision", **_VLM_LM, sliding_window=True),  # Qwen2 LM
+    "qwen2_vl": Adapter("qwen2_vl", **_QWEN_VL, processor="Qwen2VLImageOnlyProcessor"),
+    "qwen2_5_vl": Adapter("qwen2_5_vl", **_QWEN_VL, processor="Qwen2_5_VLImageOnlyProcessor"),
+    # image tokens attend bidirectionally within an image; local layers use a sliding window
+    "gemma3": Adapter("gemma3", **_VLM_LM, placeholder_attr="boi_token", qk_norms=("q_norm", "k_norm"),
+                      softcap_field="attn_logit_softcapping", sliding_window=True),
     "paligemma": Adapter("paligemma", **_VLM_LM),  # prefix-LM: the prompt attends bidirectionally
-    "idefics3": Adapter("idefics3", layers=("model.text_model.layers",),
-                        final_norm=("model.text_model.norm",), image_token_field="image_token_id",
-                        multimodal=True),
-    "smolvlm": Adapter("smolvlm", layers=("model.text_model.layers",),
-                       final_norm=("model.text_model.norm",), image_token_field="image_token_id",
-                       multimodal=True),
+    "idefics3": Adapter("idefics3", **_IDEFICS),
+    "smolvlm": Adapter("smolvlm", **_IDEFICS),
     "llama": Adapter("llama", **_DECODER),
-    "qwen2": Adapter("qwen2", **_DECODER),
-    "mistral": Adapter("mistral", **_DECODER),
+    "qwen2": Adapter("qwen2", **_DECODER, sliding_window=True),
+    "mistral": Adapter("mistral", **_DECODER, sliding_window=True),
     "gemma": Adapter("gemma", **_DECODER),
-    "bert": Adapter("bert", layers=("bert.encoder.layer", "encoder.layer"),
-                    attention="attention.self", unembed=(), causal=False, text_config=None),
+    "bert": Adapter("bert", layers=("bert.encoder.layer", "encoder.layer"), attention="attention.self",
+                    unembed=(), causal=False, text_config=None, leading_cls=True),
 }
+
+# every attribute under which some family's processor keeps its image placeholder, the
+# family-specific ones first (a Gemma3 processor has an image_token too, but prompts write boi_token)
+PLACEHOLDER_ATTRS: tuple[str, ...] = tuple(dict.fromkeys(
+    [a.placeholder_attr for a in ADAPTERS.values() if a.placeholder_attr != "image_token"] + ["image_token"]))
 
 HOW_TO_ADD = (
     "To add a family, add an Adapter entry to attnflow.probes.adapters.ADAPTERS keyed by its "
@@ -134,6 +162,39 @@ def image_token_id(model: nn.Module) -> int | None:
     """The id of the image placeholder token, None for text-only families."""
     field_name = adapter_for(model).image_token_field
     return None if field_name is None else int(getattr(model.config, field_name))
+
+
+def bos_ids(model: nn.Module) -> set[int] | None:
+    """Token ids that make a prompt's first real token its BOS (from the model's configs);
+    None when the first token always plays that part (an encoder's CLS)."""
+    if adapter_for(model).leading_cls:
+        return None
+    configs = (model.config, text_config(model))
+    return {int(c.bos_token_id) for c in configs if getattr(c, "bos_token_id", None) is not None}
+
+
+def patch_geometry(model: nn.Module) -> dict[str, int | None]:
+    """The vision tower's patch grid side (``base_side``: image_size / patch_size, None when the
+    config does not say) and how many patches per side merge into one token (``merge_size``)."""
+    adapter = adapter_for(model)
+    vc = getattr(model.config, "vision_config", None)
+    size, patch = getattr(vc, "image_size", None), getattr(vc, "patch_size", None)
+    merge = getattr(vc, adapter.merge_size_field, 1) if adapter.merge_size_field else 1
+    return {"base_side": int(size) // int(patch) if isinstance(size, int) and isinstance(patch, int) else None,
+            "merge_size": int(merge or 1)}
+
+
+def image_grids(model: nn.Module, batch: dict):
+    """The per-image (t, h, w) patch grids a processor returned with ``batch`` (None when the
+    family has none)."""
+    name = adapter_for(model).grid_input
+    return batch.get(name) if name else None
+
+
+def window_layer_types(model: nn.Module) -> list[str]:
+    """The kinds of windowed (not full) attention the language model's layers use."""
+    layer_types = getattr(text_config(model), "layer_types", None) or []
+    return sorted({t for t in layer_types if t != "full_attention"})
 
 
 def dims(model: nn.Module) -> dict[str, int]:

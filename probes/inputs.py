@@ -16,6 +16,7 @@ from typing import Any, Iterable
 from PIL import Image
 
 from attnflow.errors import UserError
+from attnflow.probes import adapters
 
 
 class InputError(UserError, ValueError):
@@ -93,7 +94,7 @@ def file_sha256(path: str | Path) -> str:
 
 def placeholder(processor: Any) -> str | None:
     """The string a prompt uses for one image with this processor (None: text-only)."""
-    for name in ("boi_token", "image_token"):
+    for name in adapters.PLACEHOLDER_ATTRS:
         token = getattr(processor, name, None)
         if isinstance(token, str) and token:
             return token

@@ -32,17 +32,6 @@ def _submodule(envoy: Any, dotted: str) -> Any:
     return envoy
 
 
-def _bos_ids(processor: Any) -> set[int]:
-    tok = getattr(processor, "tokenizer", processor)
-    return {i for i in (getattr(tok, "bos_token_id", None), getattr(tok, "cls_token_id", None)) if i is not None}
-
-
-def _base_side(model: nn.Module) -> int | None:
-    vc = getattr(model.config, "vision_config", None)
-    size, patch = getattr(vc, "image_size", None), getattr(vc, "patch_size", None)
-    return int(size) // int(patch) if isinstance(size, int) and isinstance(patch, int) else None
-
-
 def _n_answer(processor: Any, examples: list[Example], with_answer: bool) -> list[int] | None:
     if not with_answer:
         return None
@@ -177,10 +166,9 @@ def record(
             am = torch.ones_like(ids)
             batch["attention_mask"] = am
         spans = token_spans(
-            ids, am, image_token_id=adapters.image_token_id(model), bos_ids=_bos_ids(processor),
-            n_images=[len(ex.images) for ex in group], grid_thw=batch.get("image_grid_thw"),
-            merge_size=int(getattr(getattr(model.config, "vision_config", None), "spatial_merge_size", 1) or 1),
-            base_side=_base_side(model), n_answer=_n_answer(processor, group, with_answer))
+            ids, am, image_token_id=adapters.image_token_id(model), bos_ids=adapters.bos_ids(model),
+            n_images=[len(ex.images) for ex in group], grid_thw=adapters.image_grids(model, batch),
+            **adapters.patch_geometry(model), n_answer=_n_answer(processor, group, with_answer))
         real = am.bool()
         prompt = real & torch.as_tensor(spans.modality != "answer")  # the last prompt position predicts the answer
         positions = torch.arange(ids.shape[1]).expand_as(ids)

@@ -4,7 +4,8 @@ Everything is derived from the input ids, the attention mask and the adapter's i
 id; nothing assumes an offset or a fixed token count. Rules, per sample:
 
 - ``pad``: attention_mask == 0.
-- ``bos``: the first real token when it is the tokenizer's BOS or CLS token.
+- ``bos``: the first real token when its id is in ``bos_ids`` (always, when that is None: an
+  encoder's CLS).
 - ``visual``: the image placeholder id (after the processor expanded it).
 - ``system``: real tokens before the first visual token; ``text``: the rest.
 - ``answer``: the last ``n_answer`` real tokens when the answer was appended.
@@ -72,7 +73,7 @@ def token_spans(
     attention_mask: torch.Tensor | None,
     *,
     image_token_id: int | None,
-    bos_ids: set[int],
+    bos_ids: set[int] | None,
     n_images: list[int] | None = None,
     grid_thw: torch.Tensor | None = None,
     merge_size: int = 1,
@@ -98,7 +99,7 @@ def token_spans(
         vis_pos = np.flatnonzero(visual)
         if vis_pos.size:
             modality[b, pos[pos < vis_pos[0]]] = "system"
-        if ids[b, pos[0]] in bos_ids:
+        if bos_ids is None or ids[b, pos[0]] in bos_ids:
             modality[b, pos[0]] = "bos"
         if n_answer is not None and n_answer[b]:
             modality[b, pos[-n_answer[b]:]] = "answer"

@@ -40,7 +40,7 @@ from attnflow.probes import adapters
 from attnflow.probes.inputs import Example, as_examples, encode
 from attnflow.reducers.apply import apply
 from attnflow.reducers.cost import Shape, predict
-from attnflow.reducers.schedule import DEFAULT_PROTECT, Schedule, ScheduleError, model_info
+from attnflow.reducers.schedule import Schedule, ScheduleError, model_info
 from attnflow.reducers.verify import answer_accuracy, encode_batches, generate_greedy, next_token_fidelity, verify
 
 DEFAULT_MAX_KL = 0.01  # nats; used when a budget names no bound
@@ -378,7 +378,7 @@ def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
     num_layers = info["num_layers"]
     probe = _Probe(model, processor, examples[:cfg.max_examples], cfg.batch_size)
     sinks, sink_why = visual_sink_indices(data, probe.examples, processor, model)
-    protect = {"modalities": list(DEFAULT_PROTECT["modalities"]), "visual_sinks": sinks}
+    protect = {"visual_sinks": sinks}
     search = _Search(model, probe, budget, protect)
     exit_layer, exit_why = exit_evidence(data, num_layers)
     curve = ((data.get("exit") or {}).get("curves") or {}).get("observational")

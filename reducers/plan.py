@@ -24,12 +24,6 @@ def kept_count(keep: float, n: Tensor) -> Tensor:
     return torch.floor(keep * n.to(torch.float64) + 0.5).to(torch.long)
 
 
-def bos_ids(model: nn.Module) -> set[int]:
-    """The BOS ids the model's configs declare (the first real token is 'bos' when it is one)."""
-    configs = (model.config, adapters.text_config(model))
-    return {int(c.bos_token_id) for c in configs if getattr(c, "bos_token_id", None) is not None}
-
-
 def _rectangular(want: Tensor, pad: Tensor, min_width: int = 0) -> tuple[Tensor, Tensor]:
     """Per sample, the slots where ``want`` holds, plus filler up to the batch's largest count
     (at least ``min_width``; pads first, then the earliest other slots), in slot order.
@@ -55,14 +49,13 @@ class Planner:
     def __init__(self, schedule: Schedule, model: nn.Module, *, prompt_length: int | None = None) -> None:
         self.num_layers = schedule.num_layers
         self.image_token_id = adapters.image_token_id(model)
-        self.bos_ids = bos_ids(model)
+        self.bos_ids = adapters.bos_ids(model)
         self.prompt_length = prompt_length
         self.sinks = schedule.protect["visual_sinks"]
         self.exit = next((s["layer"] for s in schedule.steps_of("visual_exit")), None)
         self.prunes = {s["layer"]: s["keep"] for s in schedule.steps_of("prune_visual")}
         self.skips = {layer: s["tokens"] for s in schedule.steps_of("skip_layers") for layer in s["layers"]}
-        layer_types = getattr(adapters.text_config(model), "layer_types", None) or []
-        self.sliding = sorted({t for t in layer_types if t != "full_attention"})
+        self.sliding = adapters.window_layer_types(model)
         self.decoding = False
         self.layer_tokens: dict[int, tuple[Tensor, Tensor]] = {}
         self.scores: dict[int, Tensor] = {}

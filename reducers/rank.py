@@ -1,15 +1,15 @@
 """Rank tokens by the attention the last prompt position pays them (FastV / PyramidDrop).
 
 The head-mean attention row of one query is recomputed from that layer's own q/k: forward
-hooks keep the ``q_proj``/``k_proj`` outputs the layer computes anyway, and after the attention
+hooks keep the query/key projection outputs the layer computes anyway, and after the attention
 module has run the row is ``softmax(q_last · Kᵀ · scaling)`` with the family's own RoPE (and
-q/k norms, soft-capping and sliding window when it has them). It costs O(n·d) and works the same
+q/k norms, soft-capping and sliding window when its adapter entry has them). It costs O(n·d) and works the same
 under eager and SDPA, which never return attention weights.
 """
 
 from __future__ import annotations
 
-import importlib
+from functools import reduce
 from typing import Any
 
 import torch
@@ -19,50 +19,44 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from attnflow import compat
+from attnflow.probes import adapters
 
 
-def _rope(attn: nn.Module):
-    """The family's ``apply_rotary_pos_emb`` (the function its attention forward calls)."""
-    fn = getattr(importlib.import_module(type(attn).__module__), "apply_rotary_pos_emb", None)
-    if fn is None:
-        raise TypeError(f"{type(attn).__name__} has no apply_rotary_pos_emb next to it; attnflow cannot "
-                        "recompute its attention row for ranking")
-    return fn
-
-
-def last_row_attention(attn: nn.Module, q: Tensor, k: Tensor, position_embeddings: tuple[Tensor, Tensor],
-                       query_slot: Tensor, key_ok: Tensor) -> Tensor:
+def last_row_attention(attn: nn.Module, adapter: adapters.Adapter, q: Tensor, k: Tensor,
+                       position_embeddings: tuple[Tensor, Tensor], query_slot: Tensor, key_ok: Tensor) -> Tensor:
     """Head-mean attention [B, R] of the query at ``query_slot`` [B] over the R keys of one
-    call of ``attn``, from its q/k projection outputs q [B, R, H·dh], k [B, R, Hkv·dh];
-    keys with ``key_ok`` False get none."""
+    call of ``attn`` (a module of ``adapter``'s family), from its q/k projection outputs
+    q [B, R, H·dh], k [B, R, Hkv·dh]; keys with ``key_ok`` False get none."""
     b, r, _ = k.shape
     dh = attn.head_dim
     q_row = q[torch.arange(b, device=q.device), query_slot].view(b, 1, -1, dh)
     keys = k.view(b, r, -1, dh)
-    if getattr(attn, "q_norm", None) is not None:
-        q_row, keys = attn.q_norm(q_row), attn.k_norm(keys)
+    if adapter.qk_norms:
+        q_norm, k_norm = (getattr(attn, name) for name in adapter.qk_norms)
+        q_row, keys = q_norm(q_row), k_norm(keys)
     q_row, keys = q_row.transpose(1, 2), keys.transpose(1, 2)  # [B, H, 1, dh], [B, Hkv, R, dh]
     cos, sin = position_embeddings
-    rope = _rope(attn)
+    rope = compat.rope_function(attn)
     q_row = rope(q_row, q_row[:, :1], gather_seq(cos, query_slot[:, None], -2),
                  gather_seq(sin, query_slot[:, None], -2))[0]
     keys = rope(keys[:, :1], keys, cos, sin)[1]
     heads, kv_heads = q_row.shape[1], keys.shape[1]
     grouped = q_row.reshape(b, kv_heads, heads // kv_heads, dh)  # GQA: query heads grouped by KV head
     logits = (grouped @ keys.transpose(-1, -2)).reshape(b, heads, r) * attn.scaling
-    softcap = getattr(getattr(attn, "config", None), "attn_logit_softcapping", None)
+    softcap = getattr(attn.config, adapter.softcap_field, None) if adapter.softcap_field else None
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     logits = logits.float().masked_fill(~key_ok[:, None, :].to(logits.device), float("-inf"))
     return logits.softmax(-1).mean(1)
 
 
-def attach_rankers(layers: nn.ModuleList, planner: Planner, attention: str) -> list[RemovableHandle]:
+def attach_rankers(layers: nn.ModuleList, planner: Planner, adapter: adapters.Adapter) -> list[RemovableHandle]:
     """Hooks on the attention module of every layer whose last-row attention a prune step
     needs; each hands its scores to ``planner.ranked``."""
     handles: list[RemovableHandle] = []
+    q_proj, k_proj = adapter.projections
     for layer in sorted(k - 1 for k in planner.prunes):
-        attn = getattr(layers[layer], attention)
+        attn = reduce(getattr, adapter.attention.split("."), layers[layer])
         captured: dict[str, Tensor] = {}
 
         def keep_output(name: str, layer: int = layer, captured: dict = captured):
@@ -78,14 +72,14 @@ def attach_rankers(layers: nn.ModuleList, planner: Planner, attention: str) -> l
             rows, real = planner.layer_tokens[layer]
             slot = planner.query_slots(layer)
             key_ok = real.clone()
-            window = getattr(module, "sliding_window", None)
+            window = getattr(module, "sliding_window", None) if adapter.sliding_window else None
             if window:
                 key_ok &= rows > planner.query_position - window
-            scores = last_row_attention(module, captured.pop("q"), captured.pop("k"),
+            scores = last_row_attention(module, adapter, captured.pop("q"), captured.pop("k"),
                                         kwargs[compat.POSITION_EMBEDDINGS], slot, key_ok)
             planner.ranked(layer, scores)
 
-        handles.append(attn.q_proj.register_forward_hook(keep_output("q")))
-        handles.append(attn.k_proj.register_forward_hook(keep_output("k")))
+        handles.append(getattr(attn, q_proj).register_forward_hook(keep_output("q")))
+        handles.append(getattr(attn, k_proj).register_forward_hook(keep_output("k")))
         handles.append(attn.register_forward_hook(rank, with_kwargs=True))
     return handles

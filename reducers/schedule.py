@@ -1,12 +1,11 @@
 """The Schedule contract (reducers, saved per model): which tokens each decoder layer keeps.
 
-JSON form (``attnflow_schedule: 1``)::
+JSON form (``attnflow_schedule: 2``)::
 
-    {"attnflow_schedule": 1,
+    {"attnflow_schedule": 2,
      "model": {"model_type": "llava", "fingerprint": "sha256:...", "num_layers": 6},
-     "positions": "keep_original",
-     "protect": {"modalities": ["bos", "system"], "visual_sinks": [0, 5]},
-     "steps": [{"op": "prune_visual", "layer": 2, "keep": 0.5, "rank_by": "last_row"},
+     "protect": {"visual_sinks": [0, 5]},
+     "steps": [{"op": "prune_visual", "layer": 2, "keep": 0.5},
                {"op": "visual_exit", "layer": 5},
                {"op": "skip_layers", "layers": [4], "tokens": "visual"}],
      "derived_from": {...} | null, "predicted": {...}, "verified": {...}}
@@ -18,12 +17,11 @@ ranked by the head-mean attention the last prompt position pays them at ``layer 
 ``visual_exit`` removes every unprotected visual token from ``layer`` on. ``skip_layers`` lets
 tokens bypass whole layers (``tokens: "all"``) or lets only the unprotected visual tokens bypass
 them (``"visual"``: their residual stream passes the layer unchanged, the other tokens do not
-see them there). Protected tokens are never removed: the listed modalities (``bos``,
-``system``, ``text``; the ops only ever remove visual tokens, so this records the guarantee),
-and the visual tokens whose index among a sample's visual tokens (0-based, across its images)
-is listed in ``visual_sinks`` (a list rather than DESIGN's ``true``, so that a schedule applies
-on its own, without the findings it came from); protected sinks are kept without taking a
-place in the ranking. A whole-layer skip acts on every token. Kept tokens keep their original
+see them there). Only visual tokens are ever removed (BOS, system and text tokens always stay,
+whatever the ops), and of those never the ones whose index among a sample's visual tokens
+(0-based, across its images) is listed in ``protect.visual_sinks`` (indices rather than a flag,
+so that a schedule applies on its own, without the findings it came from); protected sinks are
+kept without taking a place in the ranking. A whole-layer skip acts on every token. Kept tokens keep their original
 RoPE positions; pads are dropped with the first cut.
 
 No op may act on layer 0: transformers sizes the KV cache and the decode masks from layer 0,
@@ -43,15 +41,12 @@ from torch import nn
 from attnflow.errors import UserError
 from attnflow.fileio import write_json
 
-SCHEDULE_VERSION = 1
+SCHEDULE_VERSION = 2
 OPS: tuple[str, ...] = ("prune_visual", "visual_exit", "skip_layers")
-RANK_BY: tuple[str, ...] = ("last_row",)
 SKIP_TOKENS: tuple[str, ...] = ("all", "visual")
-PROTECTABLE: tuple[str, ...] = ("bos", "system", "text")
-POSITIONS: tuple[str, ...] = ("keep_original",)
-DEFAULT_PROTECT: dict[str, Any] = {"modalities": ["bos", "system"], "visual_sinks": []}
+DEFAULT_PROTECT: dict[str, Any] = {"visual_sinks": []}
 _STEP_KEYS: dict[str, dict[str, Any]] = {  # op -> {key: default, or ... when required}
-    "prune_visual": {"layer": ..., "keep": ..., "rank_by": "last_row"},
+    "prune_visual": {"layer": ..., "keep": ...},
     "visual_exit": {"layer": ...},
     "skip_layers": {"layers": ..., "tokens": "all"},
 }
@@ -68,7 +63,6 @@ class Schedule:
     model: dict[str, Any]
     steps: list[dict[str, Any]]
     protect: dict[str, Any] = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_PROTECT)))
-    positions: str = "keep_original"
     derived_from: dict[str, Any] | None = None
     predicted: dict[str, Any] = field(default_factory=dict)
     verified: dict[str, Any] = field(default_factory=dict)
@@ -92,13 +86,13 @@ class Schedule:
     def from_dict(cls, data: Any, source: str = "schedule") -> "Schedule":
         """Validate a schedule's JSON form; every problem is a ScheduleError naming ``source``."""
         d = _validate(data, source)
-        return cls(model=d["model"], steps=d["steps"], protect=d["protect"], positions=d["positions"],
+        return cls(model=d["model"], steps=d["steps"], protect=d["protect"],
                    derived_from=d.get("derived_from"), predicted=dict(d.get("predicted") or {}),
                    verified=dict(d.get("verified") or {}))
 
     def to_dict(self) -> dict[str, Any]:
         return {"attnflow_schedule": SCHEDULE_VERSION, "model": dict(self.model),
-                "positions": self.positions, "protect": dict(self.protect),
+                "protect": dict(self.protect),
                 "steps": [dict(s) for s in self.steps], "derived_from": self.derived_from,
                 "predicted": dict(self.predicted), "verified": dict(self.verified)}
 
@@ -177,9 +171,6 @@ def _step(raw: Any, where: str, num_layers: int) -> dict[str, Any]:
         if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 <= keep <= 1.0:
             raise ScheduleError(f"{where} (prune_visual) keep must be a number in [0, 1], got {keep!r}")
         step["keep"] = float(keep)
-        if step["rank_by"] not in RANK_BY:
-            raise ScheduleError(f"{where} (prune_visual) rank_by {step['rank_by']!r} is not supported; "
-                                f"supported: {', '.join(RANK_BY)}")
     if op == "skip_layers":
         layers = step["layers"]
         if not isinstance(layers, list) or not layers:
@@ -231,16 +222,9 @@ def _validate(data: Any, source: str) -> dict[str, Any]:
     if not isinstance(model, dict) or any(k not in model for k in ("model_type", "fingerprint", "num_layers")):
         raise ScheduleError(f"{source}: 'model' must hold model_type, fingerprint and num_layers, got {model!r}")
     num_layers = _int(model["num_layers"], f"{source}: model.num_layers", 2, 1_000_000)
-    positions = data.get("positions", "keep_original")
-    if positions not in POSITIONS:
-        raise ScheduleError(f"{source}: positions {positions!r} is not supported; supported: {list(POSITIONS)}")
     protect = data.get("protect", DEFAULT_PROTECT)
-    if not isinstance(protect, dict) or set(protect) - {"modalities", "visual_sinks"}:
-        raise ScheduleError(f"{source}: 'protect' takes 'modalities' and 'visual_sinks', got {protect!r}")
-    modalities = protect.get("modalities", [])
-    if not isinstance(modalities, list) or any(m not in PROTECTABLE for m in modalities):
-        raise ScheduleError(f"{source}: protect.modalities must be a list drawn from {list(PROTECTABLE)}, "
-                            f"got {modalities!r}")
+    if not isinstance(protect, dict) or set(protect) - set(DEFAULT_PROTECT):
+        raise ScheduleError(f"{source}: 'protect' takes only {sorted(DEFAULT_PROTECT)}, got {protect!r}")
     sinks = protect.get("visual_sinks", [])
     if not isinstance(sinks, list):
         raise ScheduleError(f"{source}: protect.visual_sinks must be a list of visual-token indices")
@@ -253,5 +237,4 @@ def _validate(data: Any, source: str) -> dict[str, Any]:
     for key in ("predicted", "verified"):
         if not isinstance(data.get(key) or {}, dict):
             raise ScheduleError(f"{source}: {key!r} must be an object")
-    return {**data, "model": dict(model), "positions": positions, "steps": steps,
-            "protect": {"modalities": list(modalities), "visual_sinks": sinks}}
+    return {**data, "model": dict(model), "steps": steps, "protect": {"visual_sinks": sinks}}

@@ -244,11 +244,10 @@ def _ratio(reference: float, reduced: float) -> float | None:
 
 
 def verify(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path", inputs: Any, processor: Any, *,
-           new_tokens: int = 8, batch_size: int = 8, repeats: int = 5, baselines: bool = True,
-           timing_examples: int | None = None) -> Verdict:
+           new_tokens: int = 8, batch_size: int = 8, repeats: int = 5, baselines: bool = True) -> Verdict:
     """Fidelity and cost of ``schedule`` (and, with ``baselines``, of FastV and PyramidDrop)
     on ``inputs`` (Examples or a JSONL path), against the unreduced model; wall-clock time is
-    measured on the first ``timing_examples`` examples (default: one batch)."""
+    measured on the first batch."""
     sched = load_schedule(schedule)
     sched.check_model(model)
     if new_tokens < 1 or batch_size < 1 or repeats < 1:
@@ -257,7 +256,7 @@ def verify(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path",
     device = next(model.parameters()).device
     tok = getattr(processor, "tokenizer", processor)
     batches = encode_batches(processor, examples, batch_size, device)
-    timing_batch = encode_batches(processor, examples[:timing_examples or batch_size], len(examples), device)[0]
+    timing_batch = encode_batches(processor, examples[:batch_size], len(examples), device)[0]
     image_id = adapters.image_token_id(model)
     layouts = [(int(am.sum()), int(((ids == image_id) & am.bool()).sum()) if image_id is not None else 0)
                for b in batches for ids, am in zip(b["input_ids"], b["attention_mask"])]

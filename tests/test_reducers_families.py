@@ -76,7 +76,7 @@ def test_protected_visual_sinks_are_never_removed(steps):
     prompts = tiny.sample_prompts("llava")
     batch = encode(processor, prompts)
     sinks = [0, 5, 20]  # visual-token indices; 20 exists only in the two-image prompt
-    schedule = Schedule.for_model(model, steps, protect={"modalities": ["bos", "system"], "visual_sinks": sinks})
+    schedule = Schedule.for_model(model, steps, protect={"visual_sinks": sinks})
     with torch.no_grad(), apply(model, schedule) as planner:
         model(**batch)
     visual = batch["input_ids"] == model.config.image_token_id

@@ -24,15 +24,15 @@ def schedule_dict(llava, steps):
 
 def test_round_trip_through_json(llava, tmp_path):
     steps = [{"op": "prune_visual", "layer": 1, "keep": 0.5}, {"op": "skip_layers", "layers": [2], "tokens": "visual"}]
-    schedule = Schedule.for_model(llava, steps, protect={"modalities": ["bos"], "visual_sinks": [3, 0]},
+    schedule = Schedule.for_model(llava, steps, protect={"visual_sinks": [3, 0]},
                                   predicted={"flops_ratio": 0.5})
     path = save_schedule(schedule, tmp_path / "s.json")
     data = json.loads(path.read_text())
-    assert data["attnflow_schedule"] == 1
+    assert data["attnflow_schedule"] == 2
     assert data["model"] == {"model_type": "llava", "fingerprint": adapters.fingerprint(llava), "num_layers": 3}
-    assert data["positions"] == "keep_original"
-    assert data["protect"] == {"modalities": ["bos"], "visual_sinks": [0, 3]}
-    assert data["steps"][0] == {"op": "prune_visual", "layer": 1, "keep": 0.5, "rank_by": "last_row"}
+    assert set(data) == {"attnflow_schedule", "model", "protect", "steps", "derived_from", "predicted", "verified"}
+    assert data["protect"] == {"visual_sinks": [0, 3]}
+    assert data["steps"][0] == {"op": "prune_visual", "layer": 1, "keep": 0.5}
     loaded = load_schedule(path)
     assert loaded.to_dict() == schedule.to_dict()
     assert load_schedule(data).to_dict() == schedule.to_dict()
@@ -41,7 +41,7 @@ def test_round_trip_through_json(llava, tmp_path):
 
 def test_malformed_json_names_the_file_and_the_problem(tmp_path):
     path = tmp_path / "bad.json"
-    path.write_text('{"attnflow_schedule": 1, "steps": [')
+    path.write_text('{"attnflow_schedule": 2, "steps": [')
     with pytest.raises(ScheduleError, match=r"bad\.json.*not valid JSON"):
         load_schedule(path)
     with pytest.raises(ScheduleError, match="does not exist"):
@@ -55,7 +55,7 @@ def test_malformed_json_names_the_file_and_the_problem(tmp_path):
     ([{"op": "drop_everything", "layer": 1}], "unknown op 'drop_everything'.*prune_visual"),
     ([{"op": "prune_visual", "layer": 1}], r"missing key\(s\) \['keep'\]"),
     ([{"op": "prune_visual", "layer": 1, "keep": 1.5}], r"keep must be a number in \[0, 1\]"),
-    ([{"op": "prune_visual", "layer": 1, "keep": 0.5, "rank_by": "entropy"}], "rank_by 'entropy'"),
+    ([{"op": "prune_visual", "layer": 1, "keep": 0.5, "rank_by": "last_row"}], r"unknown key\(s\) \['rank_by'\]"),
     ([{"op": "visual_exit", "layer": 0}], r"layer must be an integer in \[1, 2\]"),
     ([{"op": "visual_exit", "layer": 3}], r"layer must be an integer in \[1, 2\]"),
     ([{"op": "visual_exit", "layer": 1, "keep": 0.5}], r"unknown key\(s\) \['keep'\]"),
@@ -76,8 +76,14 @@ def test_inconsistent_steps_are_refused(llava, steps, message):
 
 def test_bad_protect_is_refused(llava):
     data = schedule_dict(llava, [])
-    data["protect"] = {"modalities": ["visual"], "visual_sinks": []}
-    with pytest.raises(ScheduleError, match="protect.modalities"):
+    data["protect"] = {"modalities": ["bos"], "visual_sinks": []}
+    with pytest.raises(ScheduleError, match="'protect' takes only"):
+        load_schedule(data)
+    data["protect"] = {"visual_sinks": [-1]}
+    with pytest.raises(ScheduleError, match="visual_sinks entry"):
+        load_schedule(data)
+    data.update(protect={"visual_sinks": []}, attnflow_schedule=1)
+    with pytest.raises(ScheduleError, match="'attnflow_schedule' must be 2, got 1"):
         load_schedule(data)
 
 

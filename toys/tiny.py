@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,15 +50,14 @@ from transformers import (
     LlavaProcessor,
     PreTrainedModel,
     PreTrainedTokenizerFast,
-    ProcessorMixin,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
-    Qwen2VLProcessor,
     SiglipVisionConfig,
 )
 
 from attnflow.fileio import atomic_dir
+from attnflow.processors import Qwen2VLImageOnlyProcessor
 
 FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "idefics3", "gemma3", "llama",
                              "bert")
@@ -151,25 +151,6 @@ def _llava_next() -> tuple[LlavaNextConfig, LlavaNextProcessor]:
     proc = LlavaNextProcessor(images, tok, patch_size=8, vision_feature_select_strategy="default",
                               num_additional_image_tokens=1)
     return cfg, proc
-
-
-class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
-    """Qwen2-VL's own processor minus its video processor.
-
-    transformers builds Qwen2-VL's video processor on torchvision, which attnflow does not
-    depend on (and whose PyPI wheels do not load against a CPU torch), so the stock
-    ``Qwen2VLProcessor`` cannot even be constructed here. Images go through the stock code
-    (``Qwen2VLImageProcessorPil``, placeholder expansion, ``mm_token_type_ids``)."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None):
-        self.image_token, self.image_token_id = tokenizer.image_token, tokenizer.image_token_id
-        self.video_token, self.video_token_id = tokenizer.video_token, tokenizer.video_token_id
-        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-
-# AutoProcessor.from_pretrained finds the class named in processor_config.json among the
-# registered ones, so a saved toy loads once this module is imported.
-AutoProcessor.register(Qwen2VLConfig, Qwen2VLImageOnlyProcessor, exist_ok=True)
 
 
 def _qwen2_vl() -> tuple[Qwen2VLConfig, Qwen2VLImageOnlyProcessor]:
@@ -268,7 +249,7 @@ def placeholder(family: str) -> str | None:
 
 
 def build(family: str, *, seed: int = 0, attn_implementation: str = "sdpa",
-          ) -> tuple[PreTrainedModel, ProcessorMixin | PreTrainedTokenizerFast]:
+          ) -> tuple[PreTrainedModel, Any]:
     """A tiny random ``family`` model (float32, eval mode) and its processor (VLMs) or
     tokenizer (text-only). The same seed gives the same weights."""
     spec = _family(family)
