@@ -9,13 +9,10 @@ from typer.testing import CliRunner
 
 from attnflow import pipeline
 from attnflow.cli import app
+from tests.pdfcheck import pdf_text, schedule_phrases
 
 runner = CliRunner()
 FAST = ["--repeats", "1", "--new-tokens", "2"]
-
-
-def _pdf_text(path):
-    return " ".join(page.extract_text() for page in PdfReader(path).pages)
 
 
 def test_run_on_a_vlm_writes_every_file_and_the_pdf_agrees(tmp_path):
@@ -28,11 +25,11 @@ def test_run_on_a_vlm_writes_every_file_and_the_pdf_agrees(tmp_path):
     schedule = json.loads((out / "schedule.json").read_text())
     verdict = json.loads((out / "verdict.json").read_text())
     assert schedule["verified"]["agreement"] == verdict["rows"][0]["agreement"]
-    text = _pdf_text(out / "report.pdf")
+    text = pdf_text(out / "report.pdf")
     if findings["exit"]["layer"] is not None:
         assert f"Exit layer {findings['exit']['layer']}" in text
-    for step in schedule["steps"]:
-        assert f"layer {step['layer']}" in text if "layer" in step else True
+    for phrase in schedule_phrases(schedule):
+        assert phrase in text
     figures = json.loads((out / "figures" / "index.json").read_text())
     assert len(PdfReader(out / "report.pdf").pages) >= 2 and figures
     assert "visual exit" in result.output and "report:" in result.output
@@ -46,7 +43,7 @@ def test_text_only_and_encoder_runs_skip_the_schedule_and_say_why(tmp_path, fami
     assert not (out / "schedule.json").exists() and (out / "report.pdf").is_file()
     run_info = json.loads((out / "run.json").read_text())
     assert reason in run_info["skipped"]["schedule"]
-    assert "not apply" in _pdf_text(out / "report.pdf").lower()
+    assert "not apply" in pdf_text(out / "report.pdf").lower()
 
 
 def test_existing_run_is_refused_without_force(tmp_path):
