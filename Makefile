@@ -60,7 +60,7 @@ test: $(STAMP)
 	$(BIN)/$(PYTEST)
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m attnflow.benchmarks.run
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/

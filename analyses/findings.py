@@ -23,7 +23,7 @@ Keys other folders and outside checks rely on:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -60,19 +60,34 @@ class Findings:
         """Write the JSON to ``path`` atomically."""
         return write_json(path, self.to_dict())
 
+    @property
+    def exit_applies(self) -> bool:
+        """Whether the exit analysis applies (the trace has visual tokens)."""
+        return bool(self.exit["applies"])
+
     @classmethod
-    def load(cls, path: str | Path) -> "Findings":
-        """Read a findings file; another version or a damaged file is a FindingsError."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise FindingsError(f"{str(path)!r} is not a readable findings file: {exc}") from exc
-        version = data.pop("attnflow_findings", None) if isinstance(data, dict) else None
+    def load(cls, source: "str | Path | dict[str, Any] | Findings") -> "Findings":
+        """Findings from a findings file, its JSON dict or a Findings; another version, a damaged
+        file or a missing section is a FindingsError naming the source."""
+        if isinstance(source, Findings):
+            return source
+        name = "<dict>"
+        if not isinstance(source, dict):
+            name = str(source)
+            try:
+                source = json.loads(Path(source).read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise FindingsError(f"{name!r} is not a readable findings file: {exc}") from exc
+        data = dict(source) if isinstance(source, dict) else {}
+        version = data.pop("attnflow_findings", None)
         if version != FINDINGS_VERSION:
-            raise FindingsError(f"{str(path)!r} is not an attnflow findings file of version "
+            raise FindingsError(f"{name!r} is not an attnflow findings file of version "
                                 f"{FINDINGS_VERSION} (found {version!r}): analyze the trace again")
+        required = [f.name for f in fields(cls) if f.name != "costs"]
+        missing = [k for k in required if not isinstance(data.get(k), dict)]
+        if missing or not isinstance(data["exit"].get("applies"), bool):
+            raise FindingsError(f"{name!r} lacks the section(s) {missing or ['exit.applies']}: analyze the trace again")
         try:
             return cls(**data)
         except TypeError as exc:
-            raise FindingsError(f"{str(path)!r} has unexpected keys: {exc}") from exc
+            raise FindingsError(f"{name!r} has unexpected keys: {exc}") from exc

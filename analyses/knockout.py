@@ -1,8 +1,8 @@
 """Causal exit: cut attention from non-visual queries to visual keys from layer l on.
 
 For each l = 0..L-1 the model runs with the edges (non-visual query -> visual key) removed
-in every layer >= l (attention knockout, Zhang et al. 2024, applied to all later layers as
-the exit criterion of methods.md §6.1), and the next-token distribution at the last prompt
+in every layer >= l (attention knockout, Zhang et al., arXiv 2411.18620, applied to all later
+layers as an exit criterion), and the next-token distribution at the last prompt
 position is compared with the unmodified run: KL(full || cut), the |relative change| of the
 answer token's probability (the greedy token when there are no answers), and accuracy when
 answers exist. The cut is an additive mask handed to the attention module through a
@@ -20,15 +20,15 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 import xarray as xr
+from torch import nn
+
 from attnflow import compat
 from attnflow.analyses.batches import aligned_batches
 from attnflow.analyses.exits import first_stable
 from attnflow.analyses.thresholds import Thresholds
+from attnflow.errors import UserError
 from attnflow.probes import adapters
 from attnflow.probes.inputs import Example
-from torch import nn
-
-from attnflow.errors import UserError
 
 
 class KnockoutError(UserError, RuntimeError):

@@ -3,7 +3,7 @@
 p^d = softmax(W_U · FinalNorm(x^d_last)) at every depth d (d = 0: embeddings, d = L: the
 last layer's output before the final norm, so that p^L is the model's own next-token
 distribution). The final norm is applied explicitly: HF's last hidden state is already
-normed and the others are not (methods.md §2.6). Tracked token: the answer's first token
+normed and the others are not (transformers 5.x's ``output_hidden_states``). Tracked token: the answer's first token
 when the trace has answers, else the model's greedy token; the exit depth is the first one
 from which the greedy token is the lens' top-1 in at least 1 - ``lens_tol`` of the samples
 at every later depth (the answer can be read out there, so later layers need no image).

@@ -12,12 +12,7 @@ from torch import nn
 
 from attnflow.probes import adapters
 from attnflow.probes.io import TraceError
-from attnflow.probes.schema import SCHEMA_VERSION
-
-REQUIRED_VARIABLES = ("received", "uniform", "n_seen", "last_row", "flow", "update_cos",
-                      "max_abs", "argmax_dim", "topk_abs", "topk_dim", "median_abs", "rms", "resid_last")
-REQUIRED_COORDS = ("modality", "token")
-
+from attnflow.probes import schema
 
 class TraceMismatchError(TraceError):
     """The trace cannot be analysed (schema version, missing data, or another model or
@@ -26,18 +21,9 @@ class TraceMismatchError(TraceError):
 
 def check_trace(trace: xr.Dataset) -> None:
     """Raise TraceMismatchError unless ``trace`` follows this version of the Trace contract."""
-    version = trace.attrs.get("attnflow_trace")
-    if version is None:
-        raise TraceMismatchError("not an attnflow trace: attr 'attnflow_trace' is missing")
-    if int(version) != SCHEMA_VERSION:
-        raise TraceMismatchError(
-            f"trace schema version {version} != {SCHEMA_VERSION} (this attnflow); "
-            "re-record it with `attnflow record`")
-    missing = [v for v in REQUIRED_VARIABLES if v not in trace.data_vars]
-    missing += [c for c in REQUIRED_COORDS if c not in trace.coords]
-    if missing:
-        raise TraceMismatchError(f"trace lacks {missing}; it was not recorded at summary level "
-                                 "or more")
+    wrong = schema.problems(trace)
+    if wrong:
+        raise TraceMismatchError("this trace cannot be analysed: " + "; ".join(wrong))
 
 
 def check_model(trace: xr.Dataset, model: nn.Module) -> None:

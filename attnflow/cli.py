@@ -156,7 +156,8 @@ def run(
 
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from attnflow.pipeline import STAGES, run as run_pipeline, summarize
+    from attnflow.pipeline import STAGES, summarize
+    from attnflow.pipeline import run as run_pipeline
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
@@ -191,22 +192,23 @@ def schedule(
 ) -> None:
     """Derive a pruning schedule from FINDINGS under a fidelity budget (default --max-kl 0.01), verified."""
     ensure_writable(out)
-    import json
-
     from attnflow.models import default_inputs, load_model
     from attnflow.reducers.derive import Budget, derive
+    from attnflow.reducers.verify import verify_schedule
 
-    try:
-        provenance = json.loads(findings.read_text()).get("trace") or {}
-    except (OSError, json.JSONDecodeError, AttributeError) as exc:
-        raise typer.BadParameter(f"cannot read findings {str(findings)!r}: {exc}", param_hint="FINDINGS") from None
+    from attnflow.analyses.findings import Findings
+
+    loaded = Findings.load(findings)
+    provenance = loaded.trace
     model = model or provenance.get("model_path")
     if not model:
         raise typer.BadParameter("the findings do not name their model: pass --model", param_hint="--model")
     inputs = inputs or (Path(provenance["inputs_path"]) if provenance.get("inputs_path") else default_inputs(model))
     m, processor = load_model(model)
     budget = Budget(max_kl=max_kl, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop)
-    result = derive(findings, m, inputs, processor, budget, verify_options={"batch_size": batch_size})
+    result = derive(findings, m, inputs, processor, budget)
+    verify_schedule(m, result, inputs, processor, budget, batch_size=batch_size, baselines=False, repeats=1,
+                    new_tokens=4)
     result.save(out)
     ver, pred = result.verified, result.predicted
     console.print(f"wrote {out}: {len(result.steps)} step(s), predicted FLOPs ratio {pred['flops_ratio']:.3f}, "
@@ -274,7 +276,7 @@ def eval_answers(
 
 
 bench_app = typer.Typer(no_args_is_help=True,
-                        help="Speed and memory benchmarks (benchmarks/ of a source checkout).")
+                        help="Speed and memory benchmarks (attnflow.benchmarks).")
 app.add_typer(bench_app, name="bench")
 
 
@@ -287,21 +289,13 @@ def bench_probe(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (top-level summary_ratio)."),
 ) -> None:
     """Time attnflow's summary recording against a plain forward, HF output_attentions and TransformerLens."""
-    import importlib.util
     import json
-    import sys
 
     import torch
 
-    if importlib.util.find_spec("benchmarks") is None and (Path.cwd() / "benchmarks" / "__init__.py").is_file():
-        sys.path.insert(0, str(Path.cwd()))  # benchmarks/ ships with the source, not the package
-    try:
-        from benchmarks import probe, report
-        from benchmarks.machine import describe
-    except ImportError:
-        console.print("[bold red]error:[/] `attnflow bench` needs the benchmarks/ folder of a source checkout: "
-                      "run it from the repository root")
-        raise typer.Exit(2) from None
+    from attnflow.benchmarks import probe, report
+    from attnflow.benchmarks.machine import describe
+
     torch.set_num_threads(threads)
     result = probe.run(tokens, repeats=repeats, measure_memory=memory, threads=threads)
     if as_json:

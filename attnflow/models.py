@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from attnflow.errors import UserError
-from attnflow.probes.adapters import ADAPTERS, HOW_TO_ADD, UnsupportedModelError
+from attnflow.probes.adapters import adapter_of_type
 
 
 class ModelSpecError(UserError, ValueError):
@@ -57,10 +57,7 @@ def load_model(spec: str | Path, *, attn_implementation: str | None = None,
     """(model in eval mode, processor or tokenizer) for a local folder or a toy name."""
     path = resolve(str(spec))
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    if config.model_type not in ADAPTERS:
-        raise UnsupportedModelError(f"{path}: model_type {config.model_type!r} is not supported. "
-                                    f"Supported: {', '.join(sorted(ADAPTERS))}. {HOW_TO_ADD}")
-    adapter = ADAPTERS[config.model_type]
+    adapter = adapter_of_type(config.model_type, str(path))
     kwargs: dict[str, Any] = {"local_files_only": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

@@ -89,7 +89,7 @@ def run(
     schedule's ``verified`` section records."""
     from attnflow.analyses import analyze
     from attnflow.reducers.derive import derive
-    from attnflow.reducers.verify import verify
+    from attnflow.reducers.verify import verify_schedule
     from attnflow.reports.build import build
 
     out = Path(out)
@@ -123,15 +123,11 @@ def run(
         else:
             stage("schedule")
             budget = default_budget(examples, max_kl, min_agreement, max_accuracy_drop)
-            schedule = derive(findings.to_dict(), m, examples, processor, budget,
-                              verify_options={"baselines": False, "repeats": 1, "new_tokens": new_tokens,
-                                              "batch_size": batch_size})
+            schedule = derive(findings.to_dict(), m, examples, processor, budget)
             stage("verify")
-            verdict = verify(m, schedule, examples, processor, batch_size=batch_size, new_tokens=new_tokens,
-                             repeats=repeats)
+            verdict = verify_schedule(m, schedule, examples, processor, budget, batch_size=batch_size,
+                                      new_tokens=new_tokens, repeats=repeats)
             verdict.save(tmp / "verdict.json")
-            schedule.predicted = verdict.predicted()
-            schedule.verified = {**verdict.verified(), "within_budget": budget.holds(verdict.verified())}
             schedule.save(tmp / "schedule.json")
         write_json(tmp / "run.json", _provenance(model, inputs, len(examples), command, result))
         stage("report")
@@ -158,10 +154,11 @@ def _provenance(model: str, inputs: Path, n_examples: int, command: str, result:
 
 def summarize(out: str | Path) -> str:
     """A few lines a researcher reads first: sinks, exit layer, schedule, verified fidelity and speed."""
-    import json
+    from attnflow.reports.rundir import load_run
 
     out = Path(out)
-    findings = json.loads((out / "findings.json").read_text())
+    run = load_run(out)  # every file validated by its own loader
+    findings = run.findings
     lines = []
     sinks = findings["sinks"]["tokens"]
     top = sorted(sinks, key=lambda s: -s["frequency"])[:3]
@@ -175,8 +172,8 @@ def summarize(out: str | Path) -> str:
                  else f"visual exit: {ex.get('criterion') or 'not applicable'}")
     cands = findings["redundancy"]["candidates"]
     lines.append(f"most redundant layers: {cands[:3]}")
-    if (out / "schedule.json").is_file():
-        sched = json.loads((out / "schedule.json").read_text())
+    if run.schedule is not None:
+        sched = run.schedule
         lines.append("schedule: " + "; ".join(_step(st) for st in sched["steps"]) if sched["steps"]
                      else "schedule: no step fits the budget (the model runs unreduced)")
         v = sched.get("verified") or {}
@@ -186,8 +183,7 @@ def summarize(out: str | Path) -> str:
                      f"FLOPs x{_num(pred.get('flops_ratio'), '.2f')}, prefill speedup "
                      f"x{_num(v.get('prefill_speedup'), '.2f')}")
     else:
-        run_info = json.loads((out / "run.json").read_text())
-        lines.append(f"schedule: none ({run_info['skipped'].get('schedule', 'skipped')})")
+        lines.append(f"schedule: none ({run.why_missing('schedule', 'schedule.json')})")
     lines.append(f"report: {out / 'report.pdf'}")
     return "\n".join(lines)
 

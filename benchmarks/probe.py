@@ -1,10 +1,10 @@
 """What recording attention costs: attnflow's summary against a plain forward and the usual
 alternatives (HF ``output_attentions``, TransformerLens ``run_with_cache``), in time and memory.
 
-All methods run on one LLaVA-shaped random model (benchmarks.shapes) and one prompt of N
-tokens. Times come from one process with the methods alternated (benchmarks.timing); peak
+All methods run on one LLaVA-shaped random model (attnflow.benchmarks.shapes) and one prompt of N
+tokens. Times come from one process with the methods alternated (attnflow.timing); peak
 memory from a fresh process per method on the CPU, or torch's CUDA peak on a GPU
-(benchmarks.memory). ``python -m benchmarks.probe --tokens N`` prints the JSON.
+(attnflow.benchmarks.memory). ``python -m attnflow.benchmarks.probe --tokens N`` prints the JSON.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from attnflow import timing
 from attnflow.probes.inputs import Example
 from attnflow.probes.record import record
-from benchmarks import memory, shapes, timing
-from benchmarks.machine import describe, gpu_name
+from attnflow.benchmarks import memory, shapes
+from attnflow.benchmarks.machine import describe, gpu_name
 
 METHODS: dict[str, str] = {
     "plain_sdpa": "plain forward (SDPA)",
@@ -104,7 +105,7 @@ def _peaks_cpu(tokens: int, shape: shapes.Shape, threads: int) -> dict[str, int]
     is not disturbed by a neighbour the way time is)."""
     def one(name: str) -> int:
         args = ["--tokens", str(tokens), "--shape", shape.name, "--threads", str(threads), "--memory-of", name]
-        return int(memory.in_fresh_process("benchmarks.probe", args)["peak_bytes"])
+        return int(memory.in_fresh_process("attnflow.benchmarks.probe", args)["peak_bytes"])
     with ThreadPoolExecutor(max_workers=2) as pool:
         return dict(zip(METHODS, pool.map(one, METHODS)))
 

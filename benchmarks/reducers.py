@@ -3,30 +3,29 @@ PyramidDrop and a derived schedule against the unreduced model, beside each one'
 FLOPs ratio (attnflow.reducers.cost).
 
 Every configuration runs the same model object under ``attnflow.reducers.apply`` (real
-shortening), timed in one process with all configurations alternated (benchmarks.timing).
-Decode per token is (generate N+1 tokens − generate 1 token) / N, taken within each round.
-``python -m benchmarks.reducers`` prints the JSON.
+shortening), timed by the harness ``verify`` uses (attnflow.reducers.speed): one process, all
+configurations alternated, decode per token = (generate N+1 − generate 1) / N per round.
+``python -m attnflow.benchmarks.reducers`` prints the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from attnflow import timing
 from attnflow.probes import adapters
-from attnflow.reducers.apply import apply
+from attnflow.reducers.baselines import fastv, pdrop
 from attnflow.reducers.cost import Shape, predict
 from attnflow.reducers.schedule import Schedule, load_schedule
-from attnflow.reducers.verify import fastv, pdrop
-from benchmarks import shapes, timing
-from benchmarks.machine import describe, gpu_name
+from attnflow.reducers.speed import speed
+from attnflow.benchmarks import shapes
+from attnflow.benchmarks.machine import describe, gpu_name
 
 SPEEDUP_TARGET = 0.85  # measured prefill speedup >= 0.85 x the predicted FLOPs speedup
 
@@ -39,35 +38,12 @@ def _configs(schedule: Schedule | None, model: nn.Module) -> dict[str, Schedule 
     return configs
 
 
-def _calls(model: nn.Module, schedule: Schedule | None, batch: dict[str, torch.Tensor],
-           new_tokens: int, pad: int) -> dict[str, Callable[[], Any]]:
-    """Prefill, generate-1 and generate-(N+1) of ``model`` under ``schedule`` (None: unreduced)."""
-
-    def under(fn: Callable[[], Any]) -> Callable[[], Any]:
-        def call() -> Any:
-            with torch.no_grad(), (apply(model, schedule) if schedule is not None else nullcontext()):
-                return fn()
-        return call
-
-    def gen(n: int) -> Callable[[], Any]:
-        return under(lambda: model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                            pad_token_id=pad))
-    return {"prefill": under(lambda: model(**batch)), "gen1": gen(1), "genN": gen(new_tokens + 1)}
-
-
-def _per_token(times: dict[str, list[float]], name: str, new_tokens: int) -> list[float]:
-    """Per round, seconds per decoded token: (generate N+1 − generate 1) / N."""
-    return [(n - one) / new_tokens for n, one in zip(times[f"{name}/genN"], times[f"{name}/gen1"])]
-
-
 def run_model(model: nn.Module, batch: dict[str, torch.Tensor], *, pad_token_id: int,
               schedule: Schedule | None = None, repeats: int = 5, new_tokens: int = 8,
               device: str = "cpu") -> dict[str, Any]:
     """Measured prefill and decode speedups of each configuration next to its predicted ratios."""
     configs = _configs(schedule, model)
-    fns = {f"{name}/{part}": fn for name, s in configs.items()
-           for part, fn in _calls(model, s, batch, new_tokens, pad_token_id).items()}
-    samples = timing.interleaved(fns, repeats, device=device)
+    timed = speed(model, configs, batch, new_tokens=new_tokens, repeats=repeats, pad=pad_token_id)
     ids, am = batch["input_ids"][0], batch["attention_mask"][0].bool()
     layout = [(int(am.sum()), int(((ids == adapters.image_token_id(model)) & am).sum()))]
     shape = Shape.of(model)
@@ -77,11 +53,9 @@ def run_model(model: nn.Module, batch: dict[str, torch.Tensor], *, pad_token_id:
         row: dict[str, Any] = {"steps": s.steps if s is not None else [], "predicted_flops_ratio": pred["flops_ratio"],
                                "predicted_speedup": 1 / pred["flops_ratio"],
                                "predicted_decode_flops_ratio": pred["decode_flops_ratio"]}
-        for clock, times in (("wall", samples.wall), ("cpu", samples.cpu)):
-            decode = _per_token(times, name, new_tokens)
-            prefill = timing.stats(times[f"{name}/prefill"], times["unreduced/prefill"])
-            dec = timing.stats(decode, _per_token(times, "unreduced", new_tokens))
-            tag = "" if clock == "wall" else "cpu_"
+        for tag in ("", "cpu_"):
+            prefill = timing.stats(timed[name][f"{tag}prefill"], timed["unreduced"][f"{tag}prefill"])
+            dec = timing.stats(timed[name][f"{tag}decode"], timed["unreduced"][f"{tag}decode"])
             row.update({f"{tag}prefill_min_s": prefill["min_s"], f"{tag}prefill_median_s": prefill["median_s"],
                         f"{tag}prefill_speedup": 1 / prefill["ratio_median"],
                         f"{tag}prefill_speedup_min": 1 / prefill["ratio_min"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.probe import ADVANTAGE_TARGET, METHODS, SUMMARY_TARGET
+from attnflow.benchmarks.probe import ADVANTAGE_TARGET, METHODS, SUMMARY_TARGET
 
 
 def _f(x: float | None, digits: int = 2) -> str:
@@ -55,7 +55,7 @@ def reducer_table(results: list[dict[str, Any]]) -> str:
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every target of issue 7 with what was measured and whether it was met."""
+    """Every benchmark target (README "Benchmarks") with what was measured and whether it was met."""
     rows = []
     for r in results["probe"]:
         where = f"{r['device']}, {r['tokens']} tokens"

@@ -1,4 +1,4 @@
-"""`make bench`: every benchmark, written to benchmarks/results/latest.{json,md} atomically.
+"""`make bench`: every benchmark, written to ./benchmarks/results/latest.{json,md} (or --out) atomically.
 
 CPU rows always; rows for a LLaVA-1.5-7B-shaped decoder in bf16 when a CUDA device is there
 (marked with its name), and a line saying they were skipped when not. ``--smoke`` runs the
@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from attnflow.fileio import write_json, write_text
-from benchmarks import probe, reducers, report, shapes, soak
-from benchmarks.machine import describe, gpu_name
+from attnflow.benchmarks import probe, reducers, report, shapes, soak
+from attnflow.benchmarks.machine import describe, gpu_name
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path("benchmarks") / "results"  # relative to where it runs: the repository root for `make bench`
 METHOD = ("Times: methods alternated in one process, order rotated every round; min and median of the "
           "rounds, ratios to the plain forward as min/min and as the median of per-round ratios; targets are "
           "judged on the median per-round wall-clock ratio. The process's CPU time is given beside it: with "
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny model, one repeat: checks the code, measures nothing")
     args = parser.parse_args(argv)
-    command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m attnflow.benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
     results = run(SMOKE if args.smoke else FULL, args.out, args.threads, command.strip())
     print(report.markdown(results))
 

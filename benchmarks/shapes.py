@@ -16,8 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                          LlavaImageProcessorPil, LlavaProcessor)
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaImageProcessorPil,
+    LlavaProcessor,
+)
 
 from attnflow.probes.inputs import Example
 from attnflow.toys import tiny

@@ -2,7 +2,7 @@
 
 The resident set after the first 50 recordings (allocator pools, caches and lazy imports have
 settled by then) is the reference; growth after 1,000 beyond it would be a leak a user running
-a long sweep would hit. ``python -m benchmarks.soak`` prints the JSON.
+a long sweep would hit. ``python -m attnflow.benchmarks.soak`` prints the JSON.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from attnflow.probes.record import record
 from attnflow.toys import tiny
-from benchmarks.machine import describe
+from attnflow.benchmarks.machine import describe
 
 GROWTH_TARGET = 5.0  # percent, from recording 50 to the last
 

@@ -103,15 +103,20 @@ HOW_TO_ADD = (
 )
 
 
-def adapter_for(model: nn.Module) -> Adapter:
-    """The adapter of ``model``'s family, or a clear error naming the supported ones."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+def adapter_of_type(model_type: str | None, where: str = "") -> Adapter:
+    """The adapter of a ``config.model_type``, or a clear error (naming ``where`` the model
+    came from, when given) that lists the supported ones."""
     if model_type not in ADAPTERS:
         raise UnsupportedModelError(
-            f"attnflow does not support model_type {model_type!r}. "
+            f"{where + ': ' if where else ''}attnflow does not support model_type {model_type!r}. "
             f"Supported: {', '.join(sorted(ADAPTERS))}. {HOW_TO_ADD}"
         )
     return ADAPTERS[model_type]
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter of ``model``'s family, or a clear error naming the supported ones."""
+    return adapter_of_type(getattr(getattr(model, "config", None), "model_type", None))
 
 
 def _resolve(root: nn.Module, candidates: tuple[str, ...]) -> tuple[str, nn.Module] | None:

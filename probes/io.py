@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import xarray as xr
-from attnflow.probes.schema import SCHEMA_VERSION
 
 from attnflow.errors import UserError
 from attnflow.fileio import atomic_path
+from attnflow.probes import schema
 
 
 class TraceError(UserError, ValueError):
@@ -32,10 +32,7 @@ def load_trace(path: str | Path) -> xr.Dataset:
             trace = ds.load()
     except Exception as exc:  # h5py/netCDF raise many types for a damaged file
         raise TraceError(f"{str(path)!r} is not a readable attnflow trace (.nc): {exc}") from exc
-    version = trace.attrs.get("attnflow_trace")
-    if version is None:
-        raise TraceError(f"{str(path)!r} is a netCDF file but not an attnflow trace (no 'attnflow_trace' attr)")
-    if int(version) != SCHEMA_VERSION:
-        raise TraceError(f"{str(path)!r} uses trace schema {version}; this attnflow reads schema "
-                         f"{SCHEMA_VERSION}: record it again")
+    wrong = schema.problems(trace)
+    if wrong:
+        raise TraceError(f"{str(path)!r} is a netCDF file but not a usable attnflow trace: {'; '.join(wrong)}")
     return trace

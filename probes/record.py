@@ -11,19 +11,21 @@ import nnsight
 import numpy as np
 import torch
 import xarray as xr
-from attnflow.probes import adapters
-from attnflow.probes.inputs import Example, as_examples, encode, file_sha256
-from attnflow.probes.schema import GROUPS, SCHEMA_VERSION
-from attnflow.probes.spans import Spans, token_spans
-from attnflow.probes.stats import Layout, attention_stats, hidden_stats
 from torch import nn
 from tqdm.auto import tqdm
 
 import attnflow
 from attnflow import compat
+from attnflow.probes import adapters
+from attnflow.probes.inputs import Example, as_examples, encode, file_sha256
+from attnflow.probes import schema
+from attnflow.probes.schema import GROUPS, SCHEMA_VERSION
+from attnflow.probes.spans import Spans, token_spans
+from attnflow.probes.stats import Layout, attention_stats, hidden_stats
 
-HEAD_VARS = ("received", "last_row", "entropy", "topk_abs", "topk_dim")  # [B, L, H|K, T]
-POS_VARS = ("uniform", "n_seen", "update_cos", "norm", "max_abs", "argmax_dim", "median_abs", "rms")
+# what the reductions return per layer, stacked along the schema's layer dim
+LAYER_FIELDS = ("received", "uniform", "n_seen", "last_row", "flow", "arank", "update_cos", "max_abs",
+                "argmax_dim", "median_abs", "rms", "topk_abs", "topk_dim")
 
 
 def _submodule(envoy: Any, dotted: str) -> Any:
@@ -78,34 +80,32 @@ def _left_align(x: np.ndarray, real: np.ndarray, T: int, fill: Any) -> np.ndarra
 
 def _batch_dataset(per_layer: list[dict], spans: Spans, ids: np.ndarray, real: np.ndarray,
                    tokens: list[list[str]], full_layers: list[int]) -> dict[str, np.ndarray]:
-    """Stack one batch's per-layer tensors into [B, L, ...] numpy arrays, positions left-aligned."""
+    """Stack one batch's per-layer tensors into [B, L, ...] numpy arrays (the schema's dim
+    order), positions left-aligned per sample."""
     T = int(real.sum(1).max())
     arrays: dict[str, np.ndarray] = {}
-    for name in HEAD_VARS:  # [B, H, T] per layer -> [B, L, H, T]
-        arrays[name] = _left_align(np.stack([r[name].numpy() for r in per_layer], 1), real, T, np.nan)
-    for name in POS_VARS:
-        stacked = np.stack([r[name].numpy() for r in per_layer], 1)  # [B, L, T]
-        arrays[name] = _left_align(stacked, real, T, np.nan)
-    arrays["flow"] = np.stack([r["flow"].numpy() for r in per_layer], 1)
-    arrays["arank"] = np.stack([r["arank"].numpy() for r in per_layer], 1)
+    for name in LAYER_FIELDS:  # [B, ...] per layer -> [B, L, ...]
+        stacked = np.stack([r[name].numpy() for r in per_layer], 1)
+        arrays[name] = _left_align(stacked, real, T, np.nan) if schema.padded_axes(name) else stacked
     ins = np.stack([per_layer[0]["resid_in_last"].numpy()] + [r["resid_out_last"].numpy() for r in per_layer], 1)
     arrays["resid_last"] = ins
     if full_layers:
         full = np.stack([per_layer[i]["attn"].numpy() for i in full_layers], 1)  # [B, Lf, H, T, T]
         full = _left_align(full, real, T, np.nan)
         arrays["attn"] = np.moveaxis(_left_align(np.moveaxis(full, -1, -2), real, T, np.nan), -1, -2)
-    arrays["modality"] = _left_align(spans.modality, real, T, "pad")
-    arrays["image"] = _left_align(spans.image, real, T, -1)
-    arrays["patch_row"] = _left_align(spans.patch_row, real, T, -1)
-    arrays["patch_col"] = _left_align(spans.patch_col, real, T, -1)
-    arrays["token_id"] = _left_align(ids, real, T, -1)
-    tok = np.array([t + [""] * (ids.shape[1] - len(t)) for t in tokens], dtype=object)
-    arrays["token"] = _left_align(tok, real, T, "")
+    per_position = {"modality": spans.modality, "image": spans.image, "patch_row": spans.patch_row,
+                    "patch_col": spans.patch_col, "token_id": ids,
+                    "token": np.array([t + [""] * (ids.shape[1] - len(t)) for t in tokens], dtype=object)}
+    for name, values in per_position.items():
+        arrays[name] = _left_align(values, real, T, schema.FIELDS[name].fill)
     arrays["length"] = real.sum(1)
     return arrays
 
 
 def _pad_to(x: np.ndarray, T: int, axes: tuple[int, ...], fill: Any) -> np.ndarray:
+    """``x`` padded with ``fill`` to length ``T`` along ``axes`` (the position axes)."""
+    if not axes:
+        return x
     widths = [(0, 0)] * x.ndim
     for a in axes:
         widths[a] = (0, T - x.shape[a])
@@ -114,12 +114,6 @@ def _pad_to(x: np.ndarray, T: int, axes: tuple[int, ...], fill: Any) -> np.ndarr
         out[tuple(slice(0, s) for s in x.shape)] = x
         return out
     return np.pad(x, widths, constant_values=fill)
-
-
-def _fill(x: np.ndarray) -> Any:
-    if x.dtype == object:
-        return "pad" if x.ndim == 2 else ""
-    return np.nan if np.issubdtype(x.dtype, np.floating) else -1
 
 
 def record(
@@ -185,45 +179,20 @@ def record(
 
 def _dataset(chunks, examples, model, processor, dims, level, full_layers, model_path, inputs) -> xr.Dataset:
     T = max(int(c["length"].max()) for c in chunks)
-    pos_axes = {"received": (3,), "last_row": (3,), "entropy": (3,), "topk_abs": (3,), "topk_dim": (3,), "attn": (3, 4), "modality": (1,),
-                "image": (1,), "patch_row": (1,), "patch_col": (1,), "token_id": (1,), "token": (1,)}
-    pos_axes.update({n: (2,) for n in POS_VARS})
-    cat = {}
-    for name in chunks[0]:
-        parts = [c[name] for c in chunks]
-        if name in pos_axes:
-            parts = [_pad_to(p, T, pos_axes[name], _fill(p)) for p in parts]
-        cat[name] = np.concatenate(parts, 0)
-    sp = ("sample", "pos")
-    data_vars = {
-        "received": (("sample", "layer", "head", "pos"), cat["received"].astype(np.float32)),
-        "last_row": (("sample", "layer", "head", "pos"), cat["last_row"].astype(np.float32)),
-        "entropy": (("sample", "layer", "head", "pos"), cat["entropy"].astype(np.float32)),
-        "topk_abs": (("sample", "layer", "rank", "pos"), cat["topk_abs"].astype(np.float32)),
-        "topk_dim": (("sample", "layer", "rank", "pos"), cat["topk_dim"].astype(np.float32)),
-        "flow": (("sample", "layer", "head", "src", "dst"), cat["flow"].astype(np.float32)),
-        "arank": (("sample", "layer", "head"), cat["arank"].astype(np.float32)),
-        "resid_last": (("sample", "depth", "hidden"), cat["resid_last"].astype(np.float32)),
-    }
-    for name in POS_VARS:
-        data_vars[name] = (("sample", "layer", "pos"), cat[name].astype(np.float32))
-    if "attn" in cat:
-        data_vars["attn"] = (("sample", "layer_full", "head", "q", "k"), cat["attn"].astype(np.float32))
-    coords = {
-        "modality": (sp, cat["modality"].astype(str)),
-        "token": (sp, cat["token"].astype(str)),
-        "token_id": (sp, cat["token_id"].astype(np.int64)),
-        "image": (sp, cat["image"].astype(np.int64)),
-        "patch_row": (sp, cat["patch_row"].astype(np.int64)),
-        "patch_col": (sp, cat["patch_col"].astype(np.int64)),
-        "length": ("sample", cat["length"].astype(np.int64)),
-        "answer": ("sample", np.array([ex.answer or "" for ex in examples], dtype=str)),
-        "qtype": ("sample", np.array([ex.qtype or "" for ex in examples], dtype=str)),
-        "prompt": ("sample", np.array([ex.prompt for ex in examples], dtype=str)),
-        "sample": np.arange(len(examples)), "layer": np.arange(dims["num_layers"]),
-        "head": np.arange(dims["num_heads"]), "pos": np.arange(T), "src": list(GROUPS), "dst": list(GROUPS),
-        "depth": np.arange(dims["num_layers"] + 1),
-    }
+    per_sample = {"answer": [ex.answer or "" for ex in examples], "qtype": [ex.qtype or "" for ex in examples],
+                  "prompt": [ex.prompt for ex in examples]}
+    data_vars, coords = {}, {}
+    for name, f in schema.FIELDS.items():
+        if name in per_sample:
+            values = np.array(per_sample[name], dtype=object)
+        elif name in chunks[0]:
+            values = np.concatenate([_pad_to(c[name], T, schema.padded_axes(name), f.fill) for c in chunks], 0)
+        else:
+            continue  # an optional field this level does not record
+        (coords if f.coord else data_vars)[name] = schema.as_field(name, values)
+    coords.update({"sample": np.arange(len(examples)), "layer": np.arange(dims["num_layers"]),
+                   "head": np.arange(dims["num_heads"]), "pos": np.arange(T), "src": list(GROUPS),
+                   "dst": list(GROUPS), "depth": np.arange(dims["num_layers"] + 1)})
     if full_layers:
         coords["layer_full"] = np.array(full_layers)
     attrs = {

@@ -53,14 +53,14 @@ def _key_end(vis: torch.Tensor, rows: slice, mask: torch.Tensor | None, causal: 
     return int(seen.max()) + 1 if seen.numel() else rows.stop
 
 
-def _log_attention(qs, k, vis, softcap: float | None, rows: slice, kend: int) -> torch.Tensor:
-    """log A for the query rows ``rows`` over keys [0, kend): masked keys get log A = -huge,
-    so A = exp(log A) is exactly 0 there without a NaN-producing -inf."""
+def _attention(qs, k, vis, softcap: float | None, rows: slice, kend: int) -> torch.Tensor:
+    """A for the query rows ``rows`` over keys [0, kend): masked keys get a score of -huge,
+    so their weight is exactly 0 without a NaN-producing -inf."""
     scores = qs[:, :, rows] @ k[:, :, :kend].transpose(-1, -2)
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
     scores.masked_fill_(~vis, torch.finfo(scores.dtype).min)
-    return scores.sub_(scores.logsumexp(-1, keepdim=True))
+    return scores.softmax(-1)
 
 
 def attention_stats(
@@ -76,7 +76,7 @@ def attention_stats(
     keep_full: bool = False,
     rank_max_tokens: int = 256,
 ) -> dict[str, torch.Tensor]:
-    """received, uniform, n_seen, last_row, flow, entropy, arank (and attn if keep_full).
+    """received, uniform, n_seen, last_row, flow, arank (and attn if keep_full).
 
     Give ``weights`` [B,H,T,T] (eager) or ``q`` [B,H,T,d], ``k`` [B,Hkv,T,d], ``mask``,
     ``scaling`` (recomputed per query chunk, memory O(B·H·chunk·T)). Each chunk only visits
@@ -94,7 +94,6 @@ def attention_stats(
     onehot = onehot * validf[..., None]  # [B, T, G]
     recv = torch.zeros(B, H, T, device=ref.device)
     flow = torch.zeros(B, H, layout.n_groups, layout.n_groups, device=ref.device)
-    entropy = torch.zeros(B, H, T, device=ref.device)
     last_row = torch.zeros(B, H, T, device=ref.device)
     n_seen = torch.zeros(B, T, device=ref.device)
     uniform = torch.zeros(B, T, device=ref.device)
@@ -108,11 +107,8 @@ def attention_stats(
         uniform[:, :kend] += (visf / visf.sum(2, keepdim=True).clamp_min(1)).sum(1)
         if weights is not None:
             a = weights[:, :, rows, :kend].float().masked_fill(~vis, 0.0)
-            entropy[:, :, rows] = -torch.special.xlogy(a, a).sum(-1)
         else:
-            log_a = _log_attention(qs, k, vis, softcap, rows, kend)
-            a = log_a.exp()
-            entropy[:, :, rows] = -(a * log_a).sum(-1)
+            a = _attention(qs, k, vis, softcap, rows, kend)
         if not all_valid:
             a = a * validf[:, None, rows, None]
         recv[..., :kend] += a.sum(2)
@@ -131,7 +127,6 @@ def attention_stats(
         "n_seen": n_seen,
         "last_row": last_row,
         "flow": flow / n_src[:, None, :, None].clamp_min(1),
-        "entropy": entropy,
     }
     out["flow"] = out["flow"].masked_fill(n_src[:, None, :, None] == 0, float("nan"))
     out["arank"] = _arank(torch.cat(full, 2), layout) if full is not None and T <= rank_max_tokens \
@@ -157,14 +152,13 @@ TOPK = 3  # entries per hidden state kept for massive activations (Sun et al. re
 
 
 def hidden_stats(h_in: torch.Tensor, h_out: torch.Tensor) -> dict[str, torch.Tensor]:
-    """update_cos of each token's residual update; of the output: norm, the top-3 |x| and their
+    """update_cos of each token's residual update; of the output: the top-3 |x| and their
     dims (a token can carry several massive dims), max|x|, its dim, median|x|, rms."""
     x = h_out.float()
     ax = x.abs()
     top = ax.topk(min(TOPK, ax.shape[-1]), dim=-1)
     return {
         "update_cos": torch.nn.functional.cosine_similarity(h_in.float(), x, dim=-1),
-        "norm": x.norm(dim=-1),
         "max_abs": top.values[..., 0],
         "argmax_dim": top.indices[..., 0].float(),
         "topk_abs": top.values.transpose(-1, -2),  # [B, K, T]

@@ -12,14 +12,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from torch import nn
+
+from attnflow import compat
 from attnflow.probes import adapters
 from attnflow.reducers.plan import Planner
 from attnflow.reducers.rank import attach_rankers
 from attnflow.reducers.schedule import Schedule, ScheduleError, load_schedule
 from attnflow.reducers.shorten import Shortener
-from torch import nn
-
-from attnflow import compat
 
 BACKENDS: tuple[str, ...] = ("eager", "sdpa")
 

@@ -1,7 +1,7 @@
 """The cost model: FLOPs, visual-token equivalent and KV-cache bytes of a schedule.
 
 FLOPs of one decoder layer over n tokens (FastV's multiply-accumulate convention, SwiGLU
-MLP, methods.md §8.1) with the GQA correction: the q and o projections cost n·d·d_q each,
+MLP; FastV, arXiv 2403.06764) with the GQA correction: the q and o projections cost n·d·d_q each,
 k and v n·d·d_kv each (d_q = H·d_h, d_kv = H_kv·d_h; with d_q = d_kv = d this is the usual
 4nd²), attention 2n²·d_q, the MLP 3ndm. A schedule's predicted ratio is
 Σ_l F(n_l) / (L·F(n)) summed over prompts; T_eq = Σ_l n_visual(l) / L (visual tokens a layer
@@ -20,6 +20,8 @@ from torch import nn
 from attnflow.probes import adapters
 from attnflow.reducers.plan import kept_count
 from attnflow.reducers.schedule import Schedule
+
+PREDICTED = ("flops_ratio", "visual_tokens_equivalent", "kv_bytes_ratio", "decode_flops_ratio")
 
 
 @dataclass(frozen=True)
@@ -108,3 +110,9 @@ def predict(schedule: Schedule, shape: Shape, prompts: list[tuple[int, int]]) ->
             "visual_tokens": sum(v for _, v in prompts) / m,
             "kv_bytes": kv * per_token / m, "kv_bytes_full": kv_full * per_token / m,
             "kv_bytes_ratio": kv / kv_full, "decode_flops_ratio": dec / dec_full}
+
+
+def prediction(schedule: Schedule, shape: Shape, layouts: list[tuple[int, int]]) -> dict[str, float]:
+    """The ``predicted`` section of a Schedule: its cost-model ratios on ``layouts``."""
+    cost = predict(schedule, shape, layouts)
+    return {k: cost[k] for k in PREDICTED}

@@ -1,6 +1,7 @@
-"""Derive a model's schedule from its Findings under a fidelity budget, then verify it.
+"""Derive a model's schedule from its Findings under a fidelity budget.
 
-Evidence (methods.md §9), each turned into a starting point:
+Evidence, each turned into a starting point (FastV arXiv 2403.06764 for ranking by the last
+position's attention after the image is read, PyramidDrop arXiv 2410.17247 for later stages):
 
 - visual exit: the Findings' knockout exit layer (``exit.layers.knockout``, else
   ``exit.layer``): from there on cutting text->visual attention barely changes the output;
@@ -17,11 +18,11 @@ Evidence (methods.md §9), each turned into a starting point:
 Then a greedy search under the budget, each trial checked on the inputs (next-token KL and
 top-1 agreement, and accuracy when the prompts have answers, against the unreduced model):
 the earliest exit within budget, the prune stages with the lowest predicted FLOPs within
-budget, then every skip that stays within budget. Finally ``verify`` runs on all
-inputs: while the schedule's fidelity on all of them is outside the budget it backs off (drop
-the last skip, raise keep, move the exit later), then ``verify`` measures the result (the
-same KL and agreement, plus generation, accuracy, FLOPs and wall-clock, beside the
-baselines). Every choice is written to ``derived_from.reasons``.
+budget, then every skip that stays within budget. Finally, while the schedule's fidelity on
+all the inputs is outside the budget it backs off (drop the last skip, raise keep, move the
+exit later). Every choice is written to ``derived_from.reasons``; ``predicted`` holds the cost
+model's figures. Nothing here times or verifies: callers verify the result once
+(``reducers.verify.verify_schedule``).
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from attnflow.analyses.findings import Findings
 from attnflow.probes import adapters
 from attnflow.probes.inputs import Example, as_examples, encode
 from attnflow.reducers.apply import apply
-from attnflow.reducers.cost import Shape, predict
+from attnflow.reducers.cost import Shape, predict, prediction
+from attnflow.reducers.fidelity import answer_accuracy, encode_batches, generate_greedy, next_token_fidelity
 from attnflow.reducers.schedule import Schedule, ScheduleError, model_info
-from attnflow.reducers.verify import answer_accuracy, encode_batches, generate_greedy, next_token_fidelity, verify
 
 DEFAULT_MAX_KL = 0.01  # nats; used when a budget names no bound
 BUDGET_KEYS = ("max_kl", "min_agreement", "max_accuracy_drop")
@@ -92,7 +94,7 @@ class Budget:
 
 @dataclass
 class Settings:
-    """Knobs of the derivation (defaults from methods.md §9)."""
+    """Knobs of the derivation (coverage and fade: the shares the search starts from)."""
 
     coverage: float = 0.9  # share of last-row visual attention the kept tokens must cover
     fade: float = 0.5  # the text->visual curve has faded below this share of its peak
@@ -181,25 +183,15 @@ class _Search:
 
 
 def _findings(findings: Any) -> tuple[dict[str, Any], str]:
-    """Findings as a dict, from a Findings object, its dict, or a JSON path; and its source."""
-    if isinstance(findings, (str, Path)):
-        path = Path(findings)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ScheduleError(f"cannot read findings {str(path)!r}: {exc}") from exc
-        return data, str(path)
-    if hasattr(findings, "to_dict"):
-        return findings.to_dict(), "<Findings>"
-    if isinstance(findings, dict):
-        return findings, "<dict>"
-    raise ScheduleError(f"findings must be a Findings, its dict or a JSON path, not {type(findings).__name__}")
+    """Findings as validated data (Findings.load), from a Findings, its dict or a JSON path; and its source."""
+    source = str(findings) if isinstance(findings, (str, Path)) else f"<{type(findings).__name__}>"
+    return Findings.load(findings).to_dict(), source
 
 
 def exit_evidence(findings: dict[str, Any], num_layers: int) -> tuple[int | None, str]:
     """The exit layer the Findings give (knockout preferred), clamped to [1, L]; None: no exit."""
-    section = findings.get("exit") or {}
-    if not section.get("applies", section.get("layer") is not None):
+    section = findings["exit"]
+    if not section["applies"]:
         return None, "the findings say the exit analysis does not apply (no visual tokens)"
     layers = section.get("layers") or {}
     criterion = "knockout" if (layers.get("knockout") or {}).get("layer") is not None else section.get("criterion")
@@ -362,11 +354,10 @@ def _relax(cand: Candidate, num_layers: int) -> Candidate | None:
 
 
 def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
-           budget: "Budget | dict[str, float] | None" = None, *, settings: Settings | None = None,
-           verify_options: dict[str, Any] | None = None) -> Schedule:
+           budget: "Budget | dict[str, float] | None" = None, *, settings: Settings | None = None) -> Schedule:
     """A schedule for ``model`` from ``findings`` (a Findings, its dict or a JSON path) whose
-    verified fidelity on ``inputs`` is within ``budget``; ``derived_from`` says why each step
-    was chosen, ``predicted`` and ``verified`` hold the final verification."""
+    fidelity on ``inputs`` is within ``budget``; ``derived_from`` says why each step was chosen
+    and what was measured on the way, ``predicted`` holds its cost-model figures."""
     cfg = settings or Settings()
     budget = Budget.of(budget or Budget())
     data, source = _findings(findings)
@@ -387,21 +378,20 @@ def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
     search.reasons += [exit_why, prune_why, sink_why, f"redundancy candidates (most redundant first): {candidates}"]
     cand = _greedy(search, Candidate(exit_layer), prune_layer, num_layers, cfg.coverage, candidates)
     every = probe if len(examples) <= cfg.max_examples else _Probe(model, processor, examples, cfg.batch_size)
-    for _ in range(cfg.max_backoffs):  # the budget must hold on every prompt, not only the probe ones
+    for backoff in range(cfg.max_backoffs + 1):  # the budget must hold on every prompt, not only the probe ones
         measured = every.fidelity(search.schedule(cand))
+        measured["within_budget"] = budget.holds(measured)
         relaxed = _relax(cand, num_layers)
-        if budget.holds(measured) or relaxed is None:
+        if measured["within_budget"] or relaxed is None or backoff == cfg.max_backoffs:
             break
         search.reasons.append(f"kl {measured['kl']:.4g}, agreement {measured['agreement']:.3f} on all "
                               f"{len(examples)} prompts: outside the budget, backing off from {cand.steps()}")
         cand = relaxed
     schedule = search.schedule(cand)
-    verdict = verify(model, schedule, examples, processor, **{"new_tokens": 4, "repeats": 3, **(verify_options or {})})
     schedule.derived_from = {"findings": source, "budget": budget.to_dict(), "reasons": search.reasons,
                              "evidence": {"exit_layer": exit_layer, "first_prune_layer": prune_layer,
                                           "coverage": cfg.coverage, "fade": cfg.fade,
                                           "visual_sinks": sinks, "skip_candidates": candidates},
-                             "trials": search.trials}
-    schedule.predicted = verdict.predicted()
-    schedule.verified = {**verdict.verified(), "within_budget": budget.holds(verdict.verified())}
+                             "fidelity": {**measured, "n_examples": len(examples)}, "trials": search.trials}
+    schedule.predicted = prediction(schedule, Shape.of(model), every.layouts)
     return schedule

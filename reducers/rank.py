@@ -13,13 +13,13 @@ from functools import reduce
 from typing import Any
 
 import torch
-from attnflow.reducers.plan import Planner
-from attnflow.reducers.shorten import gather_seq
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from attnflow import compat
 from attnflow.probes import adapters
+from attnflow.reducers.plan import Planner
+from attnflow.reducers.shorten import gather_seq
 
 
 def last_row_attention(attn: nn.Module, adapter: adapters.Adapter, q: Tensor, k: Tensor,

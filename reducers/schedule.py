@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attnflow.probes import adapters
 from torch import nn
 
 from attnflow.errors import UserError
 from attnflow.fileio import write_json
+from attnflow.probes import adapters
 
 SCHEDULE_VERSION = 2
 OPS: tuple[str, ...] = ("prune_visual", "visual_exit", "skip_layers")

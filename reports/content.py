@@ -113,7 +113,7 @@ def redundancy_section(run: Run, figures: dict[str, dict[str, Any]]) -> dict[str
 
 def exit_section(run: Run, figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
     ex = run.findings["exit"]
-    if not ex.get("applies", ex.get("layer") is not None):
+    if not ex["applies"]:
         return _section("Exit points", [], skipped=ex.get("reason", "no visual tokens"))
     rows = [[name.replace("_", " "), info["layer"], info["tolerance"], info.get("rule", ""),
              "chosen" if name == ex["criterion"] else ""] for name, info in ex["layers"].items()]
@@ -239,7 +239,7 @@ def actions(run: Run) -> list[str]:
         out.append(f"Never prune or evict the sink token{'s' if len(groups) > 1 else ''} {names}: heads park "
                    "attention there, and removing a sink changes every later layer.")
     ex = run.findings["exit"]
-    if ex.get("applies") and ex["layer"] is not None and 0 < ex["layer"] < run.findings["model"]["num_layers"]:
+    if ex["applies"] and ex["layer"] is not None and 0 < ex["layer"] < run.findings["model"]["num_layers"]:
         tol = ex["layers"][ex["criterion"]]["tolerance"]
         why = (f"cutting them from layer {ex['layer'] - 1} on changed the output by more than the tolerance ({tol:g})"
                if ex["criterion"] == "knockout" else

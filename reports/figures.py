@@ -27,8 +27,15 @@ from attnflow.fileio import atomic_dir, write_json
 from attnflow.probes.inputs import InputError, load_examples
 from attnflow.probes.schema import GROUPS
 from attnflow.reports.rundir import ReportError, Run, load_run
-from attnflow.reports.style import (DIVERGING, MARK, MODALITY_COLORS, PALETTE_BASELINES, SEQUENTIAL,
-                                    SERIES_COLORS, new_figure)
+from attnflow.reports.style import (
+    DIVERGING,
+    MARK,
+    MODALITY_COLORS,
+    PALETTE_BASELINES,
+    SEQUENTIAL,
+    SERIES_COLORS,
+    new_figure,
+)
 from attnflow.reports.tokens import tokens_per_layer
 from attnflow.reports.words import config_name, fidelity_name
 
@@ -303,7 +310,7 @@ def exit_curves(findings: dict[str, Any]) -> Figure:
     """The three exit criteria per layer (observational share, knockout output change, logit
     lens), each with the exit layer it gives; the chosen criterion's layer is drawn bold."""
     ex = findings["exit"]
-    if not ex.get("applies", ex.get("layer") is not None):
+    if not ex["applies"]:
         raise NotApplicable(ex.get("reason", "the exit analysis does not apply to this model"))
     fig, axes = new_figure(2.4, 1, 3, sharex=True)
     num_layers = findings["model"]["num_layers"]

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import xarray as xr
+
 from attnflow.analyses.findings import Findings, FindingsError
+from attnflow.errors import UserError
 from attnflow.probes.io import load_trace
 from attnflow.reducers.schedule import ScheduleError, load_schedule
-from attnflow.reducers.verify import VERDICT_VERSION
-
-from attnflow.errors import UserError
+from attnflow.reducers.verdict import VerdictError, load_verdict
 
 TRACE, FINDINGS, SCHEDULE, VERDICT, RUN = "trace.nc", "findings.json", "schedule.json", "verdict.json", "run.json"
 
@@ -72,12 +72,9 @@ def load_run(run_dir: str | Path) -> Run:
     try:
         findings = Findings.load(folder / FINDINGS).to_dict()
         schedule = load_schedule(folder / SCHEDULE).to_dict() if (folder / SCHEDULE).is_file() else None
-    except (FindingsError, ScheduleError) as exc:
+        verdict = load_verdict(folder / VERDICT).to_dict() if (folder / VERDICT).is_file() else None
+    except (FindingsError, ScheduleError, VerdictError) as exc:
         raise ReportError(str(exc)) from exc
-    verdict = _json(folder / VERDICT)
-    if verdict is not None and verdict.get("attnflow_verdict") != VERDICT_VERSION:
-        raise ReportError(f"{str(folder / VERDICT)!r} is not an attnflow verdict of version {VERDICT_VERSION} "
-                          f"(found {verdict.get('attnflow_verdict')!r}): run attnflow verify again")
     for name, data in ((FINDINGS, findings), (SCHEDULE, schedule), (VERDICT, verdict)):
         made_for = (data or {}).get("model", {}).get("fingerprint")
         if data is not None and made_for != trace.attrs.get("fingerprint"):

@@ -113,7 +113,7 @@ def redundancy_sentence(findings: dict[str, Any]) -> str:
 def exit_sentence(findings: dict[str, Any]) -> str:
     """The exit layer by the chosen criterion, the other criteria, or why it does not apply."""
     ex = findings["exit"]
-    if not ex.get("applies", ex.get("layer") is not None):
+    if not ex["applies"]:
         return f"Exit analysis does not apply: {ex.get('reason', 'no visual tokens')}."
     num_layers = findings["model"]["num_layers"]
     chosen = ex["layers"][ex["criterion"]]

@@ -16,14 +16,11 @@ def pdf_text(path) -> str:
 
 def schedule_phrases(schedule: dict[str, Any]) -> list[str]:
     """What the report's words and steps table must say about each step of ``schedule``."""
-    phrases = []
-    for k, step in enumerate(schedule["steps"], start=1):
-        where = str(step["layer"]) if "layer" in step else ", ".join(map(str, step["layers"]))
-        phrases.append(f"{k} {step['op']} {where}")  # the steps table
-        if step["op"] == "prune_visual":
-            phrases.append(f"prune visual tokens at layer {step['layer']}, keeping {100 * step['keep']:.0f}%")
-        elif step["op"] == "visual_exit":
-            phrases.append(f"all visual tokens exit at layer {step['layer']}")
-        else:
-            phrases.append(f"skip layer{'s' if len(step['layers']) > 1 else ''} {where}")
-    return phrases or ["The derived schedule removes nothing"]
+    said = {
+        "prune_visual": lambda s: f"prune visual tokens at layer {s['layer']}, keeping {100 * s['keep']:.0f}%",
+        "visual_exit": lambda s: f"all visual tokens exit at layer {s['layer']}",
+        "skip_layers": lambda s: f"skip layer{'s' * (len(s['layers']) > 1)} {', '.join(map(str, s['layers']))}",
+    }
+    table = [f"{k} {s['op']} {s.get('layer', ', '.join(map(str, s.get('layers', []))))}"
+             for k, s in enumerate(schedule["steps"], start=1)]
+    return table + [said[s["op"]](s) for s in schedule["steps"]] or ["The derived schedule removes nothing"]

@@ -124,7 +124,7 @@ def test_mismatched_model_inputs_or_schema_are_refused(tmp_path):
         analyze(trace, model, examples)
     old = trace.copy()
     old.attrs["attnflow_trace"] = SCHEMA_VERSION + 1
-    with pytest.raises(TraceMismatchError, match="schema version"):
+    with pytest.raises(TraceMismatchError, match="schema"):
         analyze(old)
     save_trace(old, tmp_path / "old.nc")
     with pytest.raises(TraceError, match="schema"):

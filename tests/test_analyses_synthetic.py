@@ -21,7 +21,7 @@ from attnflow.analyses.redundancy import find_redundancy
 from attnflow.analyses.sinks import find_sinks, var_phi
 from attnflow.analyses.thresholds import Thresholds
 from attnflow.analyses.validate import TraceMismatchError, check_trace
-from attnflow.probes.schema import GROUPS, NO_PATCH, SCHEMA_VERSION
+from attnflow.probes.schema import FIELDS, GROUPS, NO_PATCH, SCHEMA_VERSION
 
 RNG = np.random.default_rng(0)
 
@@ -68,26 +68,22 @@ def make_trace(attn: np.ndarray, hidden: np.ndarray, modality: list[list[str]],
         idx = np.flatnonzero(mod[s] == "visual")
         patch_row[s, idx] = np.arange(len(idx)) // max(side, 1)
         patch_col[s, idx] = np.arange(len(idx)) % max(side, 1)
-    entropy = -(attn * np.log(np.where(attn > 0, attn, 1))).sum(-1)
-    sp, slp, slhp = ("sample", "pos"), ("sample", "layer", "pos"), ("sample", "layer", "head", "pos")
-    slkp = ("sample", "layer", "rank", "pos")
-    data = {
-        "received": (slhp, received), "last_row": (slhp, attn[..., -1, :]), "entropy": (slhp, entropy),
-        "uniform": (slp, np.broadcast_to(uniform, (S, L, T)).copy()),
-        "n_seen": (slp, np.broadcast_to(n_seen, (S, L, T)).copy()),
-        "flow": (("sample", "layer", "head", "src", "dst"), flow),
-        "arank": (("sample", "layer", "head"), np.full((S, L, H), float(T - 1))),
-        "update_cos": (slp, cos), "norm": (slp, np.linalg.norm(x_out, axis=-1)),
-        "max_abs": (slp, absx.max(-1)), "argmax_dim": (slp, absx.argmax(-1).astype(float)),
-        "topk_abs": (slkp, -np.sort(-absx, -1)[..., :3].transpose(0, 1, 3, 2)),
-        "topk_dim": (slkp, np.argsort(-absx, -1, kind="stable")[..., :3].transpose(0, 1, 3, 2).astype(float)),
-        "median_abs": (slp, np.median(absx, -1)), "rms": (slp, np.sqrt((x_out ** 2).mean(-1))),
-        "resid_last": (("sample", "depth", "hidden"), hidden[:, :, -1]),
+    values = {
+        "received": received, "last_row": attn[..., -1, :],
+        "uniform": np.broadcast_to(uniform, (S, L, T)).copy(), "n_seen": np.broadcast_to(n_seen, (S, L, T)).copy(),
+        "flow": flow, "arank": np.full((S, L, H), float(T - 1)), "update_cos": cos,
+        "max_abs": absx.max(-1), "argmax_dim": absx.argmax(-1).astype(float),
+        "topk_abs": -np.sort(-absx, -1)[..., :3].transpose(0, 1, 3, 2),
+        "topk_dim": np.argsort(-absx, -1, kind="stable")[..., :3].transpose(0, 1, 3, 2).astype(float),
+        "median_abs": np.median(absx, -1), "rms": np.sqrt((x_out ** 2).mean(-1)), "resid_last": hidden[:, :, -1],
+        "modality": mod, "token": np.array([[f"{m}{t}" for t, m in enumerate(r)] for r in mod]),
+        "token_id": np.tile(np.arange(T), (S, 1)), "image": np.where(mod == "visual", 0, -1),
+        "patch_row": patch_row, "patch_col": patch_col, "length": np.full(S, T),
+        "answer": np.array([""] * S), "qtype": np.array([""] * S), "prompt": np.array(["synthetic"] * S),
     }
-    coords = {"modality": (sp, mod), "token": (sp, np.array([[f"{m}{t}" for t, m in enumerate(r)] for r in mod])),
-              "token_id": (sp, np.tile(np.arange(T), (S, 1))), "image": (sp, np.where(mod == "visual", 0, -1)),
-              "patch_row": (sp, patch_row), "patch_col": (sp, patch_col), "length": ("sample", np.full(S, T)),
-              "answer": ("sample", np.array([""] * S)), "qtype": ("sample", np.array([""] * S)),
+    fields = {name: (FIELDS[name].dims, v) for name, v in values.items()}  # dims from the one schema table
+    data = {k: v for k, v in fields.items() if not FIELDS[k].coord}
+    coords = {**{k: v for k, v in fields.items() if FIELDS[k].coord},
               "sample": np.arange(S), "layer": np.arange(L), "head": np.arange(H), "pos": np.arange(T),
               "src": list(GROUPS), "dst": list(GROUPS), "depth": np.arange(L + 1)}
     attrs = {"attnflow_trace": SCHEMA_VERSION, "model_type": "synthetic", "num_layers": L, "num_heads": H,
@@ -358,10 +354,12 @@ def test_bad_traces_are_refused_with_the_reason():
     check_trace(trace)
     old = trace.copy()
     old.attrs["attnflow_trace"] = SCHEMA_VERSION - 1
-    with pytest.raises(TraceMismatchError, match="schema version"):
+    with pytest.raises(TraceMismatchError, match=f"schema {SCHEMA_VERSION - 1}"):
         check_trace(old)
     with pytest.raises(TraceMismatchError, match="resid_last"):
         check_trace(trace.drop_vars("resid_last"))
+    with pytest.raises(TraceMismatchError, match="'received' has dims"):
+        check_trace(trace.assign(received=trace.received.transpose("sample", "head", "layer", "pos")))
     no_attr = trace.copy()
     del no_attr.attrs["attnflow_trace"]
     with pytest.raises(TraceMismatchError, match="not an attnflow trace"):
@@ -395,3 +393,9 @@ def test_findings_round_trip_atomically_and_refuse_other_files(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(FindingsError, match="not a readable"):
         Findings.load(tmp_path / "bad.json")
+    assert Findings.load(data).to_dict() == data and Findings.load(f) is f
+    assert Findings.load(data).exit_applies
+    for broken in ({k: v for k, v in data.items() if k != "flow"},
+                   {**data, "exit": {k: v for k, v in data["exit"].items() if k != "applies"}}):
+        with pytest.raises(FindingsError, match="lacks the section"):
+            Findings.load(broken)

@@ -5,13 +5,15 @@ is (speed lives in `make bench`)."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from attnflow import timing
 from attnflow.cli import app
-from benchmarks import memory, probe, run, shapes, timing
+from attnflow.benchmarks import memory, probe, run, shapes
 
 
 def test_interleaved_warms_up_then_rotates_the_order():
@@ -45,6 +47,8 @@ def test_build_gives_the_exact_token_count_and_layout():
         shapes.grid_side(2)
 
 
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK),
+                    reason="peak RSS needs a writable /proc/self/clear_refs (Linux, not every container)")
 def test_rss_peak_growth_sees_a_torch_allocation():
     grown = memory.rss_peak_growth(lambda: torch.ones(64 * 2**20 // 4))  # 64 MiB, every page touched
     assert 60 * 2**20 <= grown < 160 * 2**20
@@ -52,10 +56,10 @@ def test_rss_peak_growth_sees_a_torch_allocation():
 
 def test_probe_memory_runs_in_a_fresh_process():
     args = ["--tokens", "40", "--shape", shapes.SMOKE_SHAPE.name, "--memory-of", "hf_output_attentions"]
-    out = memory.in_fresh_process("benchmarks.probe", args)
+    out = memory.in_fresh_process("attnflow.benchmarks.probe", args)
     assert out["method"] == "hf_output_attentions" and out["tokens"] == 40 and out["peak_bytes"] > 0
     with pytest.raises(RuntimeError, match="--memory-of"):
-        memory.in_fresh_process("benchmarks.probe", ["--memory-of", "no_such_method"])
+        memory.in_fresh_process("attnflow.benchmarks.probe", ["--memory-of", "no_such_method"])
 
 
 def test_smoke_run_writes_consistent_results(tmp_path):
@@ -65,8 +69,8 @@ def test_smoke_run_writes_consistent_results(tmp_path):
     (row,) = saved["probe"]
     assert set(row["methods"]) == set(probe.METHODS)
     m = row["methods"]
-    # one round: the median of per-round ratios is that round's ratio
-    assert row["summary_ratio"] == pytest.approx(m["summary_sdpa"]["min_s"] / m["plain_sdpa"]["min_s"])
+    # the headline figure is the median per-round ratio of summary recording to a plain SDPA forward
+    assert row["summary_ratio"] == m["summary_sdpa"]["ratio_median"] and m["plain_sdpa"]["ratio_median"] == 1.0
     (red,) = saved["reducers"]
     assert red["visual_tokens"] == 36 and set(red["configs"]) == {"unreduced", "fastv", "pdrop"}
     flops = {name: c["predicted_flops_ratio"] for name, c in red["configs"].items()}
@@ -84,4 +88,4 @@ def test_cli_bench_probe_prints_one_json_object():
     out = json.loads(result.output.strip().splitlines()[-1])
     m = out["methods"]
     assert out["tokens"] == 40
-    assert out["summary_ratio"] == pytest.approx(m["summary_sdpa"]["min_s"] / m["plain_sdpa"]["min_s"])
+    assert out["summary_ratio"] == m["summary_sdpa"]["ratio_median"] and out["summary_ratio"] > 0

@@ -16,6 +16,7 @@ def test_schedule_and_verify_commands(tmp_path, monkeypatch):
     model, _ = load_model("toy-llava")
     findings = tmp_path / "findings.json"
     findings.write_text(json.dumps({
+        "attnflow_findings": 1, "flow": {}, "thresholds": {}, "model": {},
         "trace": {"model_path": "toy-llava", "inputs_path": str(default_inputs("toy-llava"))},
         "exit": {"applies": True, "layer": 2, "criterion": "observational",
                  "layers": {"observational": {"layer": 2, "tolerance": 0.1}},

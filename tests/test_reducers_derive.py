@@ -12,7 +12,8 @@ from attnflow.probes.inputs import Example
 from attnflow.reducers import Schedule, ScheduleError
 from attnflow.reducers.cost import Shape, predict
 from attnflow.reducers.derive import Budget, derive, first_prune_layer, visual_sink_indices
-from attnflow.reducers.verify import fastv, pdrop, verify
+from attnflow.reducers.verdict import Row, mark_pareto
+from attnflow.reducers.verify import verify, verify_schedule
 from attnflow.toys import planted, tiny
 
 PLANTED_EXIT = 2
@@ -26,7 +27,8 @@ def exit_vlm():
 def findings_claiming(exit_layer: int, num_layers: int) -> dict:
     """Findings whose knockout says ``exit_layer`` and whose text->visual curve fades at it."""
     curve = [0.9 if layer < exit_layer else 0.0 for layer in range(num_layers)]
-    return {"exit": {"applies": True, "layer": exit_layer, "criterion": "knockout",
+    return {"attnflow_findings": 1, "flow": {}, "thresholds": {}, "model": {}, "trace": {},
+            "exit": {"applies": True, "layer": exit_layer, "criterion": "knockout",
                      "layers": {"knockout": {"layer": exit_layer, "tolerance": 0.01}},
                      "curves": {"observational": curve}},
             "redundancy": {"candidates": []}, "sinks": {"visual": []}}
@@ -36,11 +38,14 @@ def findings_claiming(exit_layer: int, num_layers: int) -> dict:
 def test_derive_finds_the_planted_exit_whatever_the_findings_claim(exit_vlm, claimed):
     budget = Budget(max_kl=1e-3)
     schedule = derive(findings_claiming(claimed, 4), exit_vlm.model, exit_vlm.examples, exit_vlm.processor,
-                      budget, verify_options={"repeats": 1, "new_tokens": 2})
+                      budget)
     exits = [s["layer"] for s in schedule.steps if s["op"] == "visual_exit"]
     assert exits == [PLANTED_EXIT]
+    assert schedule.derived_from["fidelity"]["kl"] <= 1e-3 and schedule.derived_from["fidelity"]["within_budget"]
+    assert schedule.predicted["flops_ratio"] < 1 and not schedule.verified  # derive measures, never verifies
+    verify_schedule(exit_vlm.model, schedule, exit_vlm.examples, exit_vlm.processor, budget, repeats=1,
+                    new_tokens=2, baselines=False)
     assert schedule.verified["kl"] <= 1e-3 and schedule.verified["within_budget"]
-    assert schedule.predicted["flops_ratio"] < 1
     derived = schedule.derived_from
     assert derived["budget"] == {"max_kl": 1e-3}
     assert derived["evidence"]["exit_layer"] == claimed
@@ -80,6 +85,28 @@ def test_visual_sinks_map_to_visual_token_indices():
     assert indices == [1]
 
 
+def fastv_flops_by_hand(tc, layouts: list[tuple[int, int]]) -> float:
+    """FastV K=2 R=50%'s prefill FLOPs ratio from the config alone: per layer over n tokens,
+    q/o projections 2·n·d·d_q, k/v 2·n·d·d_kv, attention 2·n²·d_q, SwiGLU MLP 3·n·d·m."""
+    d, heads, kv = tc.hidden_size, tc.num_attention_heads, tc.num_key_value_heads
+    dq, dkv, m, depth = d, d // heads * kv, tc.intermediate_size, tc.num_hidden_layers
+
+    def layer(n: int) -> float:
+        return 2 * n * d * dq + 2 * n * d * dkv + 2 * n * n * dq + 3 * n * d * m
+
+    reduced = sum(2 * layer(n) + (depth - 2) * layer(n - v + int(0.5 * v + 0.5)) for n, v in layouts)
+    return reduced / sum(depth * layer(n) for n, _ in layouts)
+
+
+def test_pareto_front_by_hand():
+    def row(name, flops, fidelity):
+        return Row(name, [], fidelity, 0.0, 1.0, None, None, {}, flops, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, None, None)
+
+    rows = [row("a", 0.5, 0.9), row("b", 0.6, 0.9), row("c", 0.7, 0.95), row("d", 0.4, 0.8), row("e", 0.5, 0.9)]
+    mark_pareto(rows)
+    assert [r.name for r in rows if r.pareto] == ["a", "c", "d", "e"]  # b: a is cheaper at the same fidelity
+
+
 def test_verdict_is_self_consistent():
     model, processor = tiny.build("llava")
     prompts = tiny.sample_prompts("llava")
@@ -99,14 +126,11 @@ def test_verdict_is_self_consistent():
     assert [r.name for r in verdict.rows] == ["schedule", "fastv", "fastv_equal_flops", "pdrop"]
     ids = [processor(text=e.prompt, images=e.images, return_tensors="pt")["input_ids"][0] for e in examples]
     layouts = [(len(i), int((i == model.config.image_token_id).sum())) for i in ids]
-    shape = Shape.of(model)
-    assert verdict.row("fastv").flops_ratio == pytest.approx(predict(fastv(model), shape, layouts)["flops_ratio"])
-    assert verdict.row("pdrop").steps == pdrop(model).steps
-    front = {p["name"] for p in verdict.to_dict()["pareto"]}
-    for r in verdict.rows:
-        dominated = any(o.flops_ratio <= r.flops_ratio and o.fidelity >= r.fidelity
-                        and (o.flops_ratio, o.fidelity) != (r.flops_ratio, r.fidelity) for o in verdict.rows)
-        assert (r.name in front) == (not dominated) == r.pareto
+    assert verdict.row("fastv").flops_ratio == pytest.approx(fastv_flops_by_hand(model.config.text_config, layouts))
+    assert verdict.row("fastv").steps == [{"op": "prune_visual", "layer": 2, "keep": 0.5}]  # K=2, R=50%
+    assert [s["layer"] for s in verdict.row("pdrop").steps] == [1, 2]  # 1/4, 1/2, 3/4 of 3 layers, rounded
+    assert [s["keep"] for s in verdict.row("pdrop").steps] == [0.5, 0.125]
+    assert {p["name"] for p in verdict.to_dict()["pareto"]} == {r.name for r in verdict.rows if r.pareto}
     data = json.loads(json.dumps(verdict.to_dict()))
     assert data["attnflow_verdict"] == 1 and data["model"]["num_layers"] == 3
     assert set(verdict.verified()) >= {"agreement", "kl", "accuracy_delta", "prefill_speedup", "device"}

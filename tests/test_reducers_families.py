@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_reducers_apply import masked_run
 
 from attnflow.reducers import Schedule, ScheduleError, apply
 from attnflow.toys import tiny
-from test_reducers_apply import masked_run
 
 STEPS = [{"op": "prune_visual", "layer": 1, "keep": 0.5}, {"op": "visual_exit", "layer": 2}]
 

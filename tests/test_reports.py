@@ -16,7 +16,7 @@ from attnflow.cli import app
 from attnflow.probes.io import save_trace
 from attnflow.probes.record import record
 from attnflow.reducers.derive import derive
-from attnflow.reducers.verify import verify
+from attnflow.reducers.verify import verify_schedule
 from attnflow.reports.build import build
 from attnflow.reports.figures import FIGURES, save_figures
 from attnflow.reports.rundir import ReportError
@@ -39,9 +39,9 @@ def _run_dir(path, model, processor, inputs, schedule: bool):
         findings.save(path / "findings.json")
         if schedule:
             fast = {"new_tokens": 2, "repeats": 1}
-            derived = derive(findings, model, inputs, processor, verify_options=fast)
+            derived = derive(findings, model, inputs, processor)
+            verify_schedule(model, derived, inputs, processor, **fast).save(path / "verdict.json")
             derived.save(path / "schedule.json")
-            verify(model, derived, inputs, processor, **fast).save(path / "verdict.json")
     finally:
         torch.set_num_threads(threads)
     return findings.to_dict()

@@ -46,9 +46,13 @@ def _logits(model: PreTrainedModel, inputs: BatchFeature, **kwargs):
         return model(**inputs, **kwargs)
 
 
-def test_families_cover_vlms_and_text_models():
-    assert set(VLMS) == {"llava", "llava_next", "qwen2_vl", "idefics3", "gemma3"}
-    assert set(TEXT_ONLY) == {"llama", "bert"}
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_each_toy_is_its_adapter_entry_with_images_exactly_when_multimodal(family):
+    model, processor = _toy(family)
+    adapter = adapter_for(model)
+    assert adapter.family == family
+    assert adapter.multimodal == (tiny.placeholder(family) is not None) == (image_token_id(model) is not None)
+    assert adapter.multimodal == any(p.get("images") for p in tiny.sample_prompts(family))
 
 
 @pytest.mark.parametrize("family", tiny.FAMILIES)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedModel, ProcessorMixin
 
+from attnflow.probes.answers import accuracy_by_type, answer_matches
 from attnflow.probes.inputs import Example, InputError, encode
 
 
@@ -26,7 +26,8 @@ def blank_like(image: Image.Image | str | Path) -> Image.Image:
 
 def evaluate(model: PreTrainedModel, processor: ProcessorMixin, examples: Sequence[Example], *,
              blank: bool = False, batch_size: int = 32) -> dict[str, Any]:
-    """Exact-match accuracy of greedily generated answers (special tokens and spaces stripped).
+    """Accuracy of greedily generated answers (``probes.answers.answer_matches``, special
+    tokens stripped).
 
     ``blank=True`` replaces every image by a blank one of the same size, to measure how much the
     model relies on the image. Returns ``{"accuracy", "n", "blank", "per_type": {type: accuracy},
@@ -41,8 +42,7 @@ def evaluate(model: PreTrainedModel, processor: ProcessorMixin, examples: Sequen
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     tok = processor.tokenizer
     max_new = 1 + max(len(tok(e.answer, add_special_tokens=False)["input_ids"]) for e in examples)
-    right: dict[str, int] = defaultdict(int)
-    total: dict[str, int] = defaultdict(int)
+    scored: list[tuple[str | None, bool]] = []
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start:start + batch_size])
         if blank:
@@ -52,10 +52,6 @@ def evaluate(model: PreTrainedModel, processor: ProcessorMixin, examples: Sequen
             out = model.generate(**batch, max_new_tokens=max_new, do_sample=False,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         answers = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        for e, a in zip(chunk, answers):
-            qtype = e.qtype or "all"
-            total[qtype] += 1
-            right[qtype] += int(a.strip() == e.answer.strip())
-    return {"accuracy": sum(right.values()) / len(examples), "n": len(examples), "blank": blank,
-            "per_type": {t: right[t] / total[t] for t in sorted(total)},
-            "n_per_type": dict(sorted(total.items()))}
+        scored += [(e.qtype, answer_matches(a, e.answer)) for e, a in zip(chunk, answers)]
+    accuracy, per_type, n_per_type = accuracy_by_type(scored)
+    return {"accuracy": accuracy, "n": len(examples), "blank": blank, "per_type": per_type, "n_per_type": n_per_type}

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
-    AutoProcessor,
     BertConfig,
     BertForMaskedLM,
     CLIPVisionConfig,

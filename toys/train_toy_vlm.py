@@ -45,8 +45,8 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from attnflow.toys import vqa_task
 from attnflow.fileio import atomic_dir, write_json
+from attnflow.toys import vqa_task
 from attnflow.toys.evaluate import evaluate
 
 
