@@ -11,7 +11,7 @@ UV := uv==0.13.9
 LOCK_FLAGS := --extra dev --override requirements/overrides.txt --find-links /opt/wheels \
 	--python-version 3.11 --python-platform x86_64-manylinux_2_28
 
-.PHONY: install demo test test-latest lock bench lab toy-vlm eval-toy-vlm clean
+.PHONY: install demo docs test test-latest lock bench lab toy-vlm eval-toy-vlm clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -55,6 +55,11 @@ test-latest:
 
 demo: $(STAMP)
 	$(BIN)/attnflow run --out runs/demo --force
+
+# The README's demo section and docs/demo/ come from this real run (tests check they agree).
+docs: $(STAMP)
+	$(BIN)/attnflow run --out runs/docs --force
+	$(BIN)/python -m attnflow.reports.readme runs/docs
 
 test: $(STAMP)
 	$(BIN)/$(PYTEST)

@@ -164,3 +164,15 @@ def test_bad_run_directories_get_clear_errors(vlm, text_only, tmp_path):
     (tmp_path / "findings.json").write_text("{}")
     with pytest.raises(ReportError, match="findings"):
         build(tmp_path)
+
+
+def test_the_readme_quotes_the_committed_demo_run(monkeypatch):
+    from pathlib import Path
+
+    from attnflow.reports import readme
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    assert readme.quoted((root / "README.md").read_text()) == readme.section(Path("docs/demo"))
+    for name in readme.FIGURES:
+        assert (root / "docs" / "demo" / name).stat().st_size > 10_000
