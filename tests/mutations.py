@@ -1,0 +1,55 @@
+"""Break known lines one at a time and check that the tests meant to guard them fail.
+
+``python tests/mutations.py`` (from the repository root, a few minutes): each mutation edits
+one line of the source, runs the tests that should notice, restores the file, and reports
+whether they failed as they should. Exit status 1 when a mutation survives.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (file, text to replace, replacement, pytest arguments that must then fail)
+MUTATIONS = [
+    ("reducers/cost.py", "2 * n * n * self.q_width", "6 * n * n * self.q_width",
+     ["tests/test_reducers_derive.py", "-k", "self_consistent"]),
+    ("reports/words.py", 'return (f"prune visual tokens at layer', 'return "WRONG" or (f"prune visual tokens at layer',
+     ["tests/test_reports.py", "-k", "vlm_report"]),
+    ("reducers/apply.py", "compat.is_decode_step(kwargs))", "False)", ["tests/test_reducers_apply.py", "-x"]),
+    ("attnflow/fileio.py", "_share(Path(tmp), 0o666)", "pass", ["tests/test_fileio.py"]),
+    ("probes/stats.py", '"received": recv / n_seen[:, None].clamp_min(1)', '"received": recv / n_seen[:, None].clamp_min(2)',
+     ["tests/test_record.py", "-x", "-k", "summary_matches"]),
+    ("probes/adapters.py", 'placeholder_attr="boi_token", ', "", ["tests/test_record.py", "-x", "-k", "gemma3"]),
+]
+
+
+def survives(path: str, old: str, new: str, args: list[str]) -> bool:
+    """Apply one mutation, run ``args`` under pytest, restore; True when the tests still pass."""
+    file = ROOT / path
+    original = file.read_text()
+    if original.count(old) != 1:
+        raise SystemExit(f"{path}: the text to mutate is not there exactly once: {old!r}")
+    file.write_text(original.replace(old, new))
+    try:
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+                              cwd=ROOT, capture_output=True, text=True)
+    finally:
+        file.write_text(original)
+    return done.returncode == 0
+
+
+def main() -> int:
+    alive = 0
+    for path, old, new, args in MUTATIONS:
+        ok = not survives(path, old, new, args)
+        alive += not ok
+        print(f"{'caught  ' if ok else 'SURVIVED'} {path}: {old!r} -> {new!r}")
+    return 1 if alive else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
