@@ -40,8 +40,6 @@ class Adapter:
     causal: bool = True
     multimodal: bool = False
     text_config: str | None = "text_config"
-    # the processor attribute that holds the string a prompt writes for one image
-    placeholder_attr: str = "image_token"
     # encoders always start with their CLS token, which plays BOS's part; decoders start with
     # BOS only when the first token is the config's bos_token_id
     leading_cls: bool = False
@@ -78,7 +76,7 @@ ADAPTERS: dict[str, Adapter] = {
     "qwen2_vl": Adapter("qwen2_vl", **_QWEN_VL, processor="Qwen2VLImageOnlyProcessor"),
     "qwen2_5_vl": Adapter("qwen2_5_vl", **_QWEN_VL, processor="Qwen2_5_VLImageOnlyProcessor"),
     # image tokens attend bidirectionally within an image; local layers use a sliding window
-    "gemma3": Adapter("gemma3", **_VLM_LM, placeholder_attr="boi_token", qk_norms=("q_norm", "k_norm"),
+    "gemma3": Adapter("gemma3", **_VLM_LM, qk_norms=("q_norm", "k_norm"),
                       softcap_field="attn_logit_softcapping", sliding_window=True),
     "paligemma": Adapter("paligemma", **_VLM_LM),  # prefix-LM: the prompt attends bidirectionally
     "idefics3": Adapter("idefics3", **_IDEFICS),
@@ -90,11 +88,6 @@ ADAPTERS: dict[str, Adapter] = {
     "bert": Adapter("bert", layers=("bert.encoder.layer", "encoder.layer"), attention="attention.self",
                     unembed=(), causal=False, text_config=None, leading_cls=True),
 }
-
-# every attribute under which some family's processor keeps its image placeholder, the
-# family-specific ones first (a Gemma3 processor has an image_token too, but prompts write boi_token)
-PLACEHOLDER_ATTRS: tuple[str, ...] = tuple(dict.fromkeys(
-    [a.placeholder_attr for a in ADAPTERS.values() if a.placeholder_attr != "image_token"] + ["image_token"]))
 
 HOW_TO_ADD = (
     "To add a family, add an Adapter entry to attnflow.probes.adapters.ADAPTERS keyed by its "

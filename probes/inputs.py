@@ -16,7 +16,6 @@ from typing import Any, Iterable
 from PIL import Image
 
 from attnflow.errors import UserError
-from attnflow.probes import adapters
 
 
 class InputError(UserError, ValueError):
@@ -93,12 +92,10 @@ def file_sha256(path: str | Path) -> str:
 
 
 def placeholder(processor: Any) -> str | None:
-    """The string a prompt uses for one image with this processor (None: text-only)."""
-    for name in adapters.PLACEHOLDER_ATTRS:
-        token = getattr(processor, name, None)
-        if isinstance(token, str) and token:
-            return token
-    return None
+    """The string a prompt uses for one image with this processor (None: text-only); every
+    family's processor keeps it as ``image_token`` (Gemma3's is its ``boi_token``)."""
+    token = getattr(processor, "image_token", None)
+    return token if isinstance(token, str) and token else None
 
 
 def check_images(examples: list[Example], token: str | None) -> None:

@@ -127,3 +127,15 @@ def test_batched_arank_equals_the_rank_of_each_real_sized_map():
         sub = a[b][:, idx][:, :, idx].clone()
         sub.diagonal(dim1=-2, dim2=-1).zero_()
         assert got[b].tolist() == torch.linalg.matrix_rank(sub.double()).float().tolist()
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "llava"])
+def test_the_first_token_is_bos_when_the_family_says_so(family):
+    """Encoders start with CLS, which plays BOS's part; decoders start with their config's BOS."""
+    model, processor = tiny.build(family)
+    trace = record(model, tiny.sample_prompts(family), processor=processor, progress=False)
+    assert (trace.modality.values[:, 0] == "bos").all()
+    first = trace.token_id.values[:, 0]
+    tok = getattr(processor, "tokenizer", processor)
+    want = tok.cls_token_id if family == "bert" else model.config.get_text_config().bos_token_id
+    assert (first == want).all()
