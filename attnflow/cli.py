@@ -149,6 +149,8 @@ def run(
     limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N inputs."),
     new_tokens: int = typer.Option(8, min=1, help="Greedy tokens generated per prompt when verifying."),
     repeats: int = typer.Option(5, min=1, help="Timing repeats when verifying (medians are reported)."),
+    holdout: float = typer.Option(0.5, min=0.0, max=0.95, help="Share of the inputs held out: the schedule is "
+                                  "derived on the rest and verified on these (0: verify in-sample)."),
 ) -> None:
     """Record -> analyze -> schedule -> verify -> report, and print what was found."""
     ensure_writable(out)
@@ -169,7 +171,8 @@ def run(
 
         result = run_pipeline(model, inputs, out, force=force, max_kl=max_kl, min_agreement=min_agreement,
                               max_accuracy_drop=max_accuracy_drop,
-                              batch_size=batch_size, limit=limit, new_tokens=new_tokens, repeats=repeats, command="attnflow " + " ".join(sys.argv[1:]),
+                              batch_size=batch_size, limit=limit, new_tokens=new_tokens, repeats=repeats,
+                              holdout=holdout, command="attnflow " + " ".join(sys.argv[1:]),
                               on_stage=on_stage)
     console.print(summarize(result.out))
     console.print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))

@@ -63,6 +63,18 @@ def default_budget(examples: list, max_kl: float | None, min_agreement: float | 
     return Budget(max_kl=max_kl, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop)
 
 
+def split_holdout(examples: list, share: float) -> tuple[list, list]:
+    """(search, held-out): every example whose index falls in the held-out share of a fixed
+    interleaving goes to the held-out part, so both parts span the whole input file (its
+    question types included); ``share=0`` holds nothing out."""
+    if not 0 <= share < 1:
+        raise ValueError(f"the held-out share must be in [0, 1), not {share}")
+    if share == 0 or len(examples) < 2:
+        return list(examples), []
+    held = {i for i in range(len(examples)) if int((i + 1) * share) > int(i * share)}
+    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
+
+
 def run(
     model: str = "toy-vlm",
     inputs: str | Path | None = None,
@@ -76,6 +88,7 @@ def run(
     limit: int | None = None,
     new_tokens: int = 8,
     repeats: int = 5,
+    holdout: float = 0.5,
     command: str = "",
     on_stage: Callable[[str], None] | None = None,
 ) -> RunResult:
@@ -83,10 +96,12 @@ def run(
     (default: the model's bundled inputs; ``limit`` keeps the first N examples).
 
     With no budget given, inputs with answers get ``max_accuracy_drop=0.01`` (one point of
-    task accuracy) and inputs without get ``max_kl=0.01``. The schedule is searched without
-    timing (derive), then verified once with the baselines,
-    ``new_tokens`` greedy tokens and ``repeats`` timing rounds; that verdict is what the
-    schedule's ``verified`` section records."""
+    task accuracy) and inputs without get ``max_kl=0.01``. The inputs are split (``split_holdout``):
+    the schedule is searched on one part (derive, whose own measurement there is the in-sample
+    fidelity in ``derived_from.fidelity``), then verified once, with the baselines, ``new_tokens``
+    greedy tokens and ``repeats`` timing rounds, on the ``holdout`` share it was not derived from;
+    that held-out verdict is what the schedule's ``verified`` section records. ``holdout=0``
+    derives and verifies on every input (in-sample only, and marked so)."""
     from attnflow.analyses import analyze
     from attnflow.reducers.derive import derive
     from attnflow.reducers.verify import verify_schedule
@@ -123,10 +138,12 @@ def run(
         else:
             stage("schedule")
             budget = default_budget(examples, max_kl, min_agreement, max_accuracy_drop)
-            schedule = derive(findings.to_dict(), m, examples, processor, budget)
+            search, held_out = split_holdout(examples, holdout)
+            schedule = derive(findings.to_dict(), m, search, processor, budget)
             stage("verify")
-            verdict = verify_schedule(m, schedule, examples, processor, budget, batch_size=batch_size,
+            verdict = verify_schedule(m, schedule, held_out or search, processor, budget, batch_size=batch_size,
                                       new_tokens=new_tokens, repeats=repeats)
+            schedule.verified["held_out"] = bool(held_out)
             verdict.save(tmp / "verdict.json")
             schedule.save(tmp / "schedule.json")
         write_json(tmp / "run.json", _provenance(model, inputs, len(examples), command, result))
@@ -179,9 +196,15 @@ def summarize(out: str | Path) -> str:
         v = sched.get("verified") or {}
         pred = sched.get("predicted") or {}
         acc = "" if v.get("accuracy_delta") is None else f", accuracy {100 * v['accuracy_delta']:+.1f} pts"
-        lines.append(f"verified: agreement {_num(v.get('agreement'), '.3f')}, KL {_num(v.get('kl'), '.4f')}{acc}; "
-                     f"FLOPs x{_num(pred.get('flops_ratio'), '.2f')}, prefill speedup "
-                     f"x{_num(v.get('prefill_speedup'), '.2f')}")
+        where = "held-out" if v.get("held_out") else "in-sample"
+        lines.append(f"verified ({where}, {v.get('n_examples')} prompts): agreement {_num(v.get('agreement'), '.3f')}, "
+                     f"KL {_num(v.get('kl'), '.4f')}{acc}; FLOPs x{_num(pred.get('flops_ratio'), '.2f')}, "
+                     f"prefill speedup x{_num(v.get('prefill_speedup'), '.2f')}")
+        fid = (sched.get("derived_from") or {}).get("fidelity") or {}
+        if fid:
+            acc = "" if fid.get("accuracy_delta") is None else f", accuracy {100 * fid['accuracy_delta']:+.1f} pts"
+            lines.append(f"in-sample ({fid['n_examples']} prompts it was derived on): agreement "
+                         f"{_num(fid.get('agreement'), '.3f')}, KL {_num(fid.get('kl'), '.4f')}{acc}")
     else:
         lines.append(f"schedule: none ({run.why_missing('schedule', 'schedule.json')})")
     lines.append(f"report: {out / 'report.pdf'}")

@@ -134,6 +134,7 @@ def schedule_section(run: Run, figures: dict[str, dict[str, Any]]) -> dict[str, 
              words.pct(s["keep"]) if "keep" in s else "", words.step_words(s)] for k, s in enumerate(schedule["steps"])]
     protect = schedule["protect"]
     paragraphs = [words.schedule_sentence(schedule), words.verified_sentence(schedule),
+                  *filter(None, [words.in_sample_sentence(schedule)]),
                   "Only visual tokens are ever removed"
                   + (f", and never visual tokens {', '.join(map(str, protect['visual_sinks']))} (visual sinks)"
                      if protect["visual_sinks"] else "") + "."]

@@ -38,8 +38,8 @@ def section(demo: str | Path) -> str:
         f"- **Sinks**: {words.sinks_sentence(findings)} {words.massive_sentence(findings)}",
         f"- **Redundancy**: {words.redundancy_sentence(findings)}",
         f"- **Exit**: {words.exit_sentence(findings)}",
-        f"- {words.schedule_sentence(schedule)} {words.verified_sentence(schedule)} These fidelity figures are "
-        "in-sample: `attnflow run` derives and verifies the schedule on the same prompts.",
+        f"- {words.schedule_sentence(schedule)} {words.verified_sentence(schedule)} "
+        f"{words.in_sample_sentence(schedule)}",
         f"- **Baselines**: {words.verdict_sentence(verdict)}",
         "",
         f"![Last-position attention on the patch grid]({demo.as_posix()}/patches.png)",

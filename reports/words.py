@@ -160,6 +160,8 @@ def verified_sentence(schedule: dict[str, Any] | None) -> str:
     ver = (schedule or {}).get("verified") or {}
     if not ver:
         return "Not verified (attnflow verify)."
+    where = {True: f"on {ver.get('n_examples')} held-out prompts (not used to derive it)",
+             False: f"in-sample, on the {ver.get('n_examples')} prompts it was derived on"}.get(ver.get("held_out"))
     parts = []
     if ver.get("agreement") is not None:
         parts.append(f"next-token agreement {pct(ver['agreement'], 1)}")
@@ -173,7 +175,17 @@ def verified_sentence(schedule: dict[str, Any] | None) -> str:
     if "within_budget" in ver and budget:
         limits = ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in budget.items())
         parts.append(("within" if ver["within_budget"] else "OUTSIDE") + f" the budget ({limits})")
-    return "Verified: " + ", ".join(parts) + "."
+    return f"Verified{' ' + where if where else ''}: " + ", ".join(parts) + "."
+
+
+def in_sample_sentence(schedule: dict[str, Any] | None) -> str:
+    """What derive measured on the prompts it searched (the in-sample figures), or ''."""
+    fid = ((schedule or {}).get("derived_from") or {}).get("fidelity") or {}
+    if not fid:
+        return ""
+    acc = "" if fid.get("accuracy_delta") is None else f", accuracy change {100 * fid['accuracy_delta']:+.1f} points"
+    return (f"In-sample, on the {fid['n_examples']} prompts it was derived on: next-token agreement "
+            f"{pct(fid['agreement'], 1)}, KL {num(fid['kl'])} nats{acc}.")
 
 
 CONFIG_NAMES = {"schedule": "derived schedule", "fastv": "FastV (K=2, R=50%)",
