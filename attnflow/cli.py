@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -16,7 +17,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console(stderr=True, soft_wrap=True)
 
 
-MODEL = typer.Option("toy-vlm", help="Local HF model folder, toy-vlm, or toy-<family>.")
+MODEL = typer.Option("toy-vlm", help="A Hugging Face repo id (org/name: the HF cache first, then the Hub unless "
+                                     "HF_HUB_OFFLINE=1), a local model folder, toy-vlm, or toy-<family>.")
 INPUTS = typer.Option(None, help="JSONL of {image, prompt, answer}; default: the model's bundled inputs.")
 
 
@@ -46,6 +48,32 @@ def friendly(fn: Callable) -> Callable:
     return wrapper
 
 
+# Where and how every command that loads a model puts it (attnflow.models.load_model).
+LOAD_OPTIONS: tuple[inspect.Parameter, ...] = tuple(
+    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=option)
+    for name, option in (
+        ("device", typer.Option(None, help="cpu, cuda, cuda:N or mps (default: cuda when available).")),
+        ("dtype", typer.Option(None, help="auto, float32, bfloat16 or float16 (default: the checkpoint's).")),
+        ("device_map", typer.Option(None, "--device-map", help="auto: spread the model over every device "
+                                    "(accelerate), for models larger than one GPU.")),
+        ("revision", typer.Option(None, help="Branch, tag or commit of a Hugging Face repo id.")),
+    ))
+
+
+def loads_model(fn: Callable) -> Callable:
+    """Give a command the LOAD_OPTIONS; it receives them as one dict ``load`` for load_model."""
+    sig = inspect.signature(fn, eval_str=True)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        load = {p.name: kwargs.pop(p.name) for p in LOAD_OPTIONS}
+        return fn(*args, load=load, **kwargs)
+
+    params = [p for p in sig.parameters.values() if p.name != "load"]
+    wrapper.__signature__ = sig.replace(parameters=[*params, *LOAD_OPTIONS])  # type: ignore[attr-defined]
+    return wrapper
+
+
 def parse_layers(text: Optional[str]) -> Optional[list[int]]:
     """'0,3' -> [0, 3]."""
     if not text:
@@ -58,6 +86,7 @@ def parse_layers(text: Optional[str]) -> Optional[list[int]]:
 
 @app.command()
 @friendly
+@loads_model
 def record(
     model: str = MODEL,
     inputs: Optional[Path] = INPUTS,
@@ -66,6 +95,7 @@ def record(
     layers: Optional[str] = typer.Option(None, help="Layers whose full maps are kept, e.g. 0,3."),
     batch_size: int = typer.Option(8, min=1),
     attn: Optional[str] = typer.Option(None, help="Attention backend override: eager or sdpa."),
+    load: Optional[dict] = None,
 ) -> None:
     """Record per-layer, per-head attention statistics of MODEL on INPUTS into a trace."""
     ensure_writable(out)
@@ -77,7 +107,7 @@ def record(
     from attnflow.probes.io import save_trace
     from attnflow.probes.record import record as record_trace
 
-    m, processor = load_model(model, attn_implementation=attn)
+    m, processor = load_model(model, attn_implementation=attn, **load)
     trace = record_trace(m, inputs or default_inputs(model), processor=processor, level=level,
                          layers=parse_layers(layers), batch_size=batch_size, model_path=model)
     save_trace(trace, out)
@@ -87,6 +117,7 @@ def record(
 
 @app.command()
 @friendly
+@loads_model
 def analyze(
     trace: Path = typer.Argument(..., help="Trace (.nc) written by `attnflow record`."),
     model: Optional[str] = typer.Option(None, help="The model the trace was recorded from (local folder, toy-vlm, "
@@ -95,6 +126,7 @@ def analyze(
     out: Path = typer.Option(Path("findings.json"), help="Where to write the findings (JSON)."),
     threshold: list[str] = typer.Option([], "--threshold", "-t", help="Override a threshold, NAME=VALUE (repeatable)."),
     batch_size: int = typer.Option(8, min=1),
+    load: Optional[dict] = None,
 ) -> None:
     """Find sinks, redundant layers, the visual exit layer and cross-modal flow in TRACE."""
     ensure_writable(out)
@@ -106,7 +138,7 @@ def analyze(
         overrides = Thresholds.parse(threshold).to_dict()
     except (TypeError, ValueError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--threshold") from None
-    m, processor = load_model(model) if model else (None, None)
+    m, processor = load_model(model, **load) if model else (None, None)
     findings = run_analyses(trace, m, inputs, processor=processor, batch_size=batch_size, **overrides)
     findings.save(out)
     ex = findings.exit
@@ -136,6 +168,7 @@ def report(
 
 @app.command()
 @friendly
+@loads_model
 def run(
     model: str = MODEL,
     inputs: Optional[Path] = INPUTS,
@@ -151,6 +184,7 @@ def run(
     repeats: int = typer.Option(5, min=1, help="Timing repeats when verifying (medians are reported)."),
     holdout: float = typer.Option(0.5, min=0.0, max=0.95, help="Share of the inputs held out: the schedule is "
                                   "derived on the rest and verified on these (0: verify in-sample)."),
+    load: Optional[dict] = None,
 ) -> None:
     """Record -> analyze -> schedule -> verify -> report, and print what was found."""
     ensure_writable(out)
@@ -169,7 +203,7 @@ def run(
             bar.update(task, description=f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name}",
                        completed=STAGES.index(name))
 
-        result = run_pipeline(model, inputs, out, force=force, max_kl=max_kl, min_agreement=min_agreement,
+        result = run_pipeline(model, inputs, out, force=force, load=load, max_kl=max_kl, min_agreement=min_agreement,
                               max_accuracy_drop=max_accuracy_drop,
                               batch_size=batch_size, limit=limit, new_tokens=new_tokens, repeats=repeats,
                               holdout=holdout, command="attnflow " + " ".join(sys.argv[1:]),
@@ -180,6 +214,7 @@ def run(
 
 @app.command()
 @friendly
+@loads_model
 def schedule(
     findings: Path = typer.Argument(..., help="Findings (JSON) written by `attnflow analyze`."),
     out: Path = typer.Option(Path("schedule.json"), help="Where to write the schedule (JSON)."),
@@ -192,6 +227,7 @@ def schedule(
     max_accuracy_drop: Optional[float] = typer.Option(None, help="Fidelity budget: max accuracy loss as a share "
                                                                  "(0.01 = one point; the inputs need answers)."),
     batch_size: int = typer.Option(8, min=1),
+    load: Optional[dict] = None,
 ) -> None:
     """Derive a pruning schedule from FINDINGS under a fidelity budget (default --max-kl 0.01), verified."""
     ensure_writable(out)
@@ -207,7 +243,7 @@ def schedule(
     if not model:
         raise typer.BadParameter("the findings do not name their model: pass --model", param_hint="--model")
     inputs = inputs or (Path(provenance["inputs_path"]) if provenance.get("inputs_path") else default_inputs(model))
-    m, processor = load_model(model)
+    m, processor = load_model(model, **load)
     budget = Budget(max_kl=max_kl, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop)
     result = derive(findings, m, inputs, processor, budget)
     verify_schedule(m, result, inputs, processor, budget, batch_size=batch_size, baselines=False, repeats=1,
@@ -221,6 +257,7 @@ def schedule(
 
 @app.command()
 @friendly
+@loads_model
 def verify(
     schedule: Path = typer.Option(..., help="Schedule (JSON) written by `attnflow schedule`."),
     model: str = MODEL,
@@ -229,13 +266,14 @@ def verify(
     new_tokens: int = typer.Option(8, min=1, help="Greedy tokens generated per prompt."),
     repeats: int = typer.Option(5, min=1, help="Timing repeats (medians are reported)."),
     batch_size: int = typer.Option(8, min=1),
+    load: Optional[dict] = None,
 ) -> None:
     """Verify SCHEDULE on MODEL: fidelity and cost against the unreduced model, FastV and PyramidDrop."""
     ensure_writable(out)
     from attnflow.models import default_inputs, load_model
     from attnflow.reducers.verify import verify as run_verify
 
-    m, processor = load_model(model)
+    m, processor = load_model(model, **load)
     verdict = run_verify(m, schedule, inputs or default_inputs(model), processor, new_tokens=new_tokens,
                          batch_size=batch_size, repeats=repeats)
     verdict.save(out)
@@ -250,11 +288,13 @@ def verify(
 
 @app.command("eval")
 @friendly
+@loads_model
 def eval_answers(
     model: str = MODEL,
     inputs: Optional[Path] = typer.Option(None, help="JSONL with answers; default: the model's bundled inputs."),
     batch_size: int = typer.Option(32, min=1),
     out: Optional[Path] = typer.Option(None, help="Also write both results here (JSON)."),
+    load: Optional[dict] = None,
 ) -> None:
     """Accuracy of MODEL's greedy answers on INPUTS, overall and per type, with real and with blank images."""
     if out:
@@ -264,7 +304,7 @@ def eval_answers(
     from attnflow.probes.inputs import load_examples
     from attnflow.toys.evaluate import evaluate
 
-    m, processor = load_model(model)
+    m, processor = load_model(model, **load)
     examples = load_examples(inputs or default_inputs(model))
     seen = evaluate(m, processor, examples, batch_size=batch_size)
     blank = evaluate(m, processor, examples, blank=True, batch_size=batch_size)

@@ -1,13 +1,18 @@
-"""Load a model and its processor from a local path, or one of the bundled toys by name.
+"""Load a model and its processor from a local folder, a Hugging Face repo id, or a bundled name.
 
 ``toy-vlm`` is the trained toy VLM shipped in data/; ``toy-<family>`` is a tiny random model
-of that family, saved once to a cache folder. Both then go through the same real
-``from_pretrained(path)`` code a user's checkpoint goes through. Nothing is downloaded.
+of that family, saved once to a cache folder. A repo id (``org/name``, optionally at a
+revision) is found the way ``from_pretrained`` finds it: the local HF cache first, then the
+network unless ``HF_HUB_OFFLINE=1``. All of them then go through the same ``from_pretrained``
+code, on the device and in the dtype asked for, or spread over devices by accelerate
+(``device_map="auto"``).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +35,37 @@ class ModelSpecError(UserError, ValueError):
     """The model spec names nothing attnflow can load."""
 
 
-def resolve(spec: str) -> Path:
-    """The local folder a model spec stands for."""
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DTYPES: dict[str, torch.dtype | str] = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
+                                       "float16": torch.float16}
+# what a snapshot needs for from_pretrained (not every weight format a repo may also hold)
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    """The local snapshot folder of ``repo_id``: from the HF cache, else downloaded unless offline."""
+    from huggingface_hub import is_offline_mode, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    at = f"{repo_id}@{revision}" if revision else repo_id
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True, allow_patterns=HUB_FILES))
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
+        if is_offline_mode():
+            raise ModelSpecError(f"{at!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
+                                 "downloading it") from None
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
+    except RepositoryNotFoundError:
+        raise ModelSpecError(f"{at!r} is neither a local folder nor in the HF cache, and the Hub has no such "
+                             "repository (or it needs a token)") from None
+    except (HfHubHTTPError, OSError, LocalEntryNotFoundError) as exc:
+        raise ModelSpecError(f"{at!r} is neither a local folder nor in the HF cache, and the Hub cannot be "
+                             f"reached: {type(exc).__name__}") from None
+
+
+def resolve(spec: str, revision: str | None = None) -> Path:
+    """The local folder a model spec stands for (a bundled name, a folder, or a hub id)."""
     if spec == "toy-vlm":
         from attnflow.toys.toy_vlm import model_dir
         path = model_dir()
@@ -46,23 +80,41 @@ def resolve(spec: str) -> Path:
                                  + ", ".join(f"toy-{f}" for f in tiny.FAMILIES))
         return tiny.cached(family)
     path = Path(spec)
+    if not path.exists() and HUB_ID.match(spec):
+        path = _hub_snapshot(spec, revision)
     if not (path / "config.json").is_file():
-        raise ModelSpecError(f"{spec!r} is neither a toy name (toy-vlm, toy-<family>) nor a local "
-                             "model folder with a config.json (nothing is downloaded)")
+        raise ModelSpecError(f"{spec!r} is neither a toy name (toy-vlm, toy-<family>), a model folder with a "
+                             "config.json, nor a Hugging Face repo id (org/name)")
     return path
 
 
+def default_device() -> str:
+    """cuda when a GPU is there, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_model(spec: str | Path, *, attn_implementation: str | None = None,
-               dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, Any]:
-    """(model in eval mode, processor or tokenizer) for a local folder or a toy name."""
-    path = resolve(str(spec))
+               dtype: "torch.dtype | str | None" = None, device: str | None = None,
+               device_map: str | dict | None = None, revision: str | None = None) -> tuple[torch.nn.Module, Any]:
+    """(model in eval mode, processor or tokenizer) for a bundled name, a local folder or a hub id.
+
+    ``dtype``: a torch dtype or one of DTYPES' names (default: the checkpoint's float32 on the
+    CPU). ``device``: where the whole model goes (default: cuda when available); ``device_map``
+    ("auto" or an explicit map) spreads its layers over devices with accelerate instead."""
+    path = resolve(str(spec), revision)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     adapter = adapter_of_type(config.model_type, str(path))
     kwargs: dict[str, Any] = {"local_files_only": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ModelSpecError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
     if dtype is not None:
         kwargs["dtype"] = dtype
+    if device_map is not None:  # layers a map sends to "disk" are offloaded to a temporary folder
+        kwargs.update(device_map=device_map, offload_folder=tempfile.mkdtemp(prefix="attnflow-offload-"))
     if adapter.multimodal:
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
         if adapter.processor:
@@ -77,6 +129,11 @@ def load_model(spec: str | Path, *, attn_implementation: str | None = None,
         model = auto.from_pretrained(path, **kwargs)
         processor = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model.config._name_or_path = str(spec)
+    if device_map is None:
+        try:
+            model = model.to(device or default_device())
+        except (RuntimeError, AssertionError) as exc:  # e.g. "cuda" on a machine without one
+            raise ModelSpecError(f"cannot put the model on device {device!r}: {exc}") from None
     return model.eval(), processor
 
 

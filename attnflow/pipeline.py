@@ -89,6 +89,7 @@ def run(
     new_tokens: int = 8,
     repeats: int = 5,
     holdout: float = 0.5,
+    load: dict[str, Any] | None = None,
     command: str = "",
     on_stage: Callable[[str], None] | None = None,
 ) -> RunResult:
@@ -101,7 +102,8 @@ def run(
     fidelity in ``derived_from.fidelity``), then verified once, with the baselines, ``new_tokens``
     greedy tokens and ``repeats`` timing rounds, on the ``holdout`` share it was not derived from;
     that held-out verdict is what the schedule's ``verified`` section records. ``holdout=0``
-    derives and verifies on every input (in-sample only, and marked so)."""
+    derives and verifies on every input (in-sample only, and marked so). ``load`` goes to
+    ``load_model`` (device, dtype, device_map, revision)."""
     from attnflow.analyses import analyze
     from attnflow.reducers.derive import derive
     from attnflow.reducers.verify import verify_schedule
@@ -110,7 +112,7 @@ def run(
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise RunExistsError(f"{str(out)!r} already holds a run; pass --force to replace it")
-    m, processor = load_model(model)
+    m, processor = load_model(model, **(load or {}))
     inputs = Path(inputs) if inputs else default_inputs(model)
     examples = load_examples(inputs)[:limit]
     result = RunResult(out, {})

@@ -202,6 +202,8 @@ def _dataset(chunks, examples, model, processor, dims, level, full_layers, model
         **{k: int(v) for k, v in dims.items()},
         "attn_implementation": adapters.attn_implementation(model),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "device": str(next(model.parameters()).device),
+        "device_map": json.dumps({k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()}),
         "fingerprint": adapters.fingerprint(model),
         "attnflow_version": attnflow.__version__,
         "level": level,

@@ -10,7 +10,8 @@ read the same table: nothing here is written twice.
 
 Attrs: SCHEMA_VERSION under ``attnflow_trace``; ``model_path``, ``model_type``,
 ``num_layers``, ``num_heads``, ``num_kv_heads``, ``hidden_size``, ``intermediate_size`` (the
-MLP width, for the cost model), ``attn_implementation``, ``dtype``, ``fingerprint`` (sha256
+MLP width, for the cost model), ``attn_implementation``, ``dtype``, ``device`` (of the first
+parameter), ``device_map`` (JSON; accelerate's map, {} on one device), ``fingerprint`` (sha256
 of the config JSON), ``attnflow_version``, ``level``, ``causal`` (0/1), ``inputs_path``,
 ``inputs_sha256``, ``layers_full`` (JSON list).
 """
