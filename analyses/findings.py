@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from attnflow.errors import UserError
-from attnflow.fileio import write_json
+from attnflow.fileio import read_json, write_json
 
 FINDINGS_VERSION = 1
 
@@ -71,13 +71,7 @@ class Findings:
         file or a missing section is a FindingsError naming the source."""
         if isinstance(source, Findings):
             return source
-        name = "<dict>"
-        if not isinstance(source, dict):
-            name = str(source)
-            try:
-                source = json.loads(Path(source).read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                raise FindingsError(f"{name!r} is not a readable findings file: {exc}") from exc
+        source, name = read_json(source, FindingsError, "findings file")
         data = dict(source) if isinstance(source, dict) else {}
         version = data.pop("attnflow_findings", None)
         if version != FINDINGS_VERSION:

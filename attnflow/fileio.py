@@ -62,6 +62,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def read_json(source: "str | Path | dict[str, Any]", error: type[Exception], what: str) -> tuple[Any, str]:
+    """(data, a name for messages) of a dict (as it is) or a JSON file; a file that cannot be
+    read or parsed raises ``error`` naming it as a ``what``."""
+    if isinstance(source, dict):
+        return source, "<dict>"
+    try:
+        return json.loads(Path(source).read_text()), str(source)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise error(f"{str(source)!r} is not a readable {what}: {exc}") from None
+
+
 def write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:

@@ -10,13 +10,12 @@ answers, else next-token top-1 agreement.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from attnflow.errors import UserError
-from attnflow.fileio import write_json
+from attnflow.fileio import read_json, write_json
 
 VERDICT_VERSION = 1
 
@@ -100,13 +99,7 @@ def mark_pareto(rows: list[Row]) -> None:
 
 def load_verdict(source: "str | Path | dict[str, Any]") -> Verdict:
     """A Verdict from its JSON file or dict; a VerdictError names what is wrong."""
-    name = "<dict>"
-    if not isinstance(source, dict):
-        name = str(source)
-        try:
-            source = json.loads(Path(source).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise VerdictError(f"cannot read verdict {name!r}: {exc}") from None
+    source, name = read_json(source, VerdictError, "verdict")
     if not isinstance(source, dict) or source.get("attnflow_verdict") != VERDICT_VERSION:
         found = source.get("attnflow_verdict") if isinstance(source, dict) else None
         raise VerdictError(f"{name!r} is not an attnflow verdict of version {VERDICT_VERSION} (found {found!r}): "
