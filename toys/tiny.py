@@ -32,6 +32,8 @@ from transformers import (
     Gemma3ImageProcessorPil,
     Gemma3Processor,
     Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3ImageProcessorPil,
@@ -47,8 +49,14 @@ from transformers import (
     LlavaNextImageProcessorPil,
     LlavaNextProcessor,
     LlavaProcessor,
+    MistralConfig,
+    MistralForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
@@ -56,10 +64,10 @@ from transformers import (
 )
 
 from attnflow.fileio import atomic_dir
-from attnflow.processors import Qwen2VLImageOnlyProcessor
+from attnflow.processors import Qwen2_5_VLImageOnlyProcessor, Qwen2VLImageOnlyProcessor
 
-FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "idefics3", "gemma3", "llama",
-                             "bert")
+FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3", "llama",
+                             "qwen2", "mistral", "gemma", "bert")
 
 # Every word the sample prompts use, plus enough filler for a vocabulary of ~100.
 WORDS: tuple[str, ...] = tuple(
@@ -152,8 +160,9 @@ def _llava_next() -> tuple[LlavaNextConfig, LlavaNextProcessor]:
     return cfg, proc
 
 
-def _qwen2_vl() -> tuple[Qwen2VLConfig, Qwen2VLImageOnlyProcessor]:
-    """Qwen2-VL: images resized to >= 64x64 pixels, 8-pixel patches merged 2x2: 16+ image tokens."""
+def _qwen_vl(config_class: type, processor_class: type, vision_extra: dict) -> tuple[object, object]:
+    """A Qwen-VL model: images resized to >= 64x64 pixels, 8-pixel patches merged 2x2 (16+ image
+    tokens), M-RoPE; ``vision_extra`` adds the version's own vision-config fields."""
     names = {"vision_start_token": "<|vision_start|>", "image_token": "<|image_pad|>",
              "vision_end_token": "<|vision_end|>", "video_token": "<|video_pad|>"}
     tok = _tokenizer(DECODER_SPECIALS, names)
@@ -162,16 +171,35 @@ def _qwen2_vl() -> tuple[Qwen2VLConfig, Qwen2VLImageOnlyProcessor]:
             # M-RoPE: temporal/height/width sections sum to head_dim / 2
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                 "mrope_section": [2, 3, 3]}}
-    vision = dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2, hidden_size=TEXT["hidden_size"],
-                  patch_size=8, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["image_token"],
-                        video_token_id=ids["video_token"],
-                        vision_start_token_id=ids["vision_start_token"],
-                        vision_end_token_id=ids["vision_end_token"])
+    vision = dict(depth=2, num_heads=2, hidden_size=TEXT["hidden_size"], patch_size=8, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3, **vision_extra)
+    cfg = config_class(text_config=text, vision_config=vision, image_token_id=ids["image_token"],
+                       video_token_id=ids["video_token"], vision_start_token_id=ids["vision_start_token"],
+                       vision_end_token_id=ids["vision_end_token"])
     pixels = 64 * 64  # at least an 8x8 patch grid: 16 tokens after the 2x2 merge
     images = Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2,
                                       size={"shortest_edge": pixels, "longest_edge": 2 * pixels})
-    return cfg, Qwen2VLImageOnlyProcessor(images, tok)
+    return cfg, processor_class(images, tok)
+
+
+def _qwen2_vl() -> tuple[object, object]:
+    """Qwen2-VL (vision tower of width 32)."""
+    return _qwen_vl(Qwen2VLConfig, Qwen2VLImageOnlyProcessor, dict(embed_dim=32, mlp_ratio=2))
+
+
+def _qwen2_5_vl() -> tuple[object, object]:
+    """Qwen2.5-VL: windowed vision attention (window 16 px) with one full-attention block."""
+    return _qwen_vl(Qwen2_5_VLConfig, Qwen2_5_VLImageOnlyProcessor,
+                    dict(out_hidden_size=TEXT["hidden_size"], intermediate_size=64, window_size=16,
+                         fullatt_block_indexes=[1]))
+
+
+def _text_decoder(config_class: type, **extra: object) -> Callable[[], tuple[object, object]]:
+    """A text-only decoder family: the shared sizes and tokenizer, plus ``extra`` config fields."""
+    def make() -> tuple[object, object]:
+        tok = _tokenizer(DECODER_SPECIALS)
+        return config_class(**TEXT, **_text_ids(tok), **extra), tok
+    return make
 
 
 def _idefics3() -> tuple[Idefics3Config, Idefics3Processor]:
@@ -230,7 +258,12 @@ _REGISTRY: dict[str, _Family] = {
                         "<|vision_start|><|image_pad|><|vision_end|>"),
     "idefics3": _Family(Idefics3ForConditionalGeneration, _idefics3, "<image>"),
     "gemma3": _Family(Gemma3ForConditionalGeneration, _gemma3, "<start_of_image>"),
+    "qwen2_5_vl": _Family(Qwen2_5_VLForConditionalGeneration, _qwen2_5_vl,
+                          "<|vision_start|><|image_pad|><|vision_end|>"),
     "llama": _Family(LlamaForCausalLM, _llama, None),
+    "qwen2": _Family(Qwen2ForCausalLM, _text_decoder(Qwen2Config), None),
+    "mistral": _Family(MistralForCausalLM, _text_decoder(MistralConfig, head_dim=16), None),
+    "gemma": _Family(GemmaForCausalLM, _text_decoder(GemmaConfig, head_dim=16), None),
     "bert": _Family(BertForMaskedLM, _bert, None),
 }
 
