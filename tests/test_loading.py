@@ -53,7 +53,8 @@ def test_a_cached_hub_id_records_offline_and_an_uncached_one_is_one_line(tmp_pat
 
 
 def test_bfloat16_recording_matches_the_float32_eager_oracle():
-    """bf16 keeps 8 bits of mantissa: attention statistics agree with float32 to about 1e-2."""
+    """bf16 keeps 8 bits of mantissa; on this tiny model the statistics stay within 1e-3 of the
+    float32 eager oracle (measured: 4e-5), reduced in float32 either way."""
     examples = tiny.sample_prompts("llava")
     path = tiny.cached("llava")
     oracle_model, processor = load_model(str(path), attn_implementation="eager", device="cpu")
@@ -62,7 +63,7 @@ def test_bfloat16_recording_matches_the_float32_eager_oracle():
     got = record(half, examples, processor=processor, progress=False)
     assert got.attrs["dtype"] == "bfloat16" and got.received.dtype == np.float32  # reduced in float32
     for name in ("received", "last_row", "uniform"):
-        np.testing.assert_allclose(got[name].values, want[name].values, atol=2e-2, equal_nan=True)
+        np.testing.assert_allclose(got[name].values, want[name].values, atol=1e-3, equal_nan=True)
     assert (got.modality.values == want.modality.values).all()
 
 
