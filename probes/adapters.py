@@ -72,7 +72,8 @@ _DECODER = dict(layers=("model.layers", "layers"), final_norm=("model.norm", "no
 ADAPTERS: dict[str, Adapter] = {
     "llava": Adapter("llava", **_VLM_LM),
     "llava_next": Adapter("llava_next", **_VLM_LM),
-    "llava_onevision": Adapter("llava_onevision", **_VLM_LM, sliding_window=True),  # Qwen2 LM
+    "llava_onevision": Adapter("llava_onevision", **_VLM_LM, sliding_window=True,  # Qwen2 LM
+                               processor="LlavaOnevisionImageOnlyProcessor"),
     "qwen2_vl": Adapter("qwen2_vl", **_QWEN_VL, processor="Qwen2VLImageOnlyProcessor"),
     "qwen2_5_vl": Adapter("qwen2_5_vl", **_QWEN_VL, processor="Qwen2_5_VLImageOnlyProcessor"),
     # image tokens attend bidirectionally within an image; local layers use a sliding window

@@ -48,6 +48,9 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessorPil,
     LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessorPil,
     LlavaProcessor,
     MistralConfig,
     MistralForCausalLM,
@@ -64,9 +67,13 @@ from transformers import (
 )
 
 from attnflow.fileio import atomic_dir
-from attnflow.processors import Qwen2_5_VLImageOnlyProcessor, Qwen2VLImageOnlyProcessor
+from attnflow.processors import (
+    LlavaOnevisionImageOnlyProcessor,
+    Qwen2_5_VLImageOnlyProcessor,
+    Qwen2VLImageOnlyProcessor,
+)
 
-FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3", "llama",
+FAMILIES: tuple[str, ...] = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3", "llama",
                              "qwen2", "mistral", "gemma", "bert")
 
 # Every word the sample prompts use, plus enough filler for a vocabulary of ~100.
@@ -194,6 +201,18 @@ def _qwen2_5_vl() -> tuple[object, object]:
                          fullatt_block_indexes=[1]))
 
 
+def _llava_onevision() -> tuple[object, object]:
+    """LLaVA-OneVision: SigLIP (32 px, patch 8, all features kept) + Qwen2, AnyRes tiles."""
+    tok = _tokenizer(DECODER_SPECIALS, {"image_token": "<image>", "video_token": "<video>"})
+    cfg = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**VISION, image_size=32),
+                               text_config=Qwen2Config(**TEXT, **_text_ids(tok)), image_token_index=tok.image_token_id,
+                               video_token_index=tok.video_token_id, image_grid_pinpoints=_PINPOINTS,
+                               vision_feature_layer=-1, vision_feature_select_strategy="full")
+    images = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=_PINPOINTS,
+                                             crop_size={"height": 32, "width": 32})
+    return cfg, LlavaOnevisionImageOnlyProcessor(images, tok, num_image_tokens=16, vision_feature_select_strategy="full")
+
+
 def _text_decoder(config_class: type, **extra: object) -> Callable[[], tuple[object, object]]:
     """A text-only decoder family: the shared sizes and tokenizer, plus ``extra`` config fields."""
     def make() -> tuple[object, object]:
@@ -254,6 +273,7 @@ def _bert() -> tuple[BertConfig, PreTrainedTokenizerFast]:
 _REGISTRY: dict[str, _Family] = {
     "llava": _Family(LlavaForConditionalGeneration, _llava, "<image>"),
     "llava_next": _Family(LlavaNextForConditionalGeneration, _llava_next, "<image>"),
+    "llava_onevision": _Family(LlavaOnevisionForConditionalGeneration, _llava_onevision, "<image>"),
     "qwen2_vl": _Family(Qwen2VLForConditionalGeneration, _qwen2_vl,
                         "<|vision_start|><|image_pad|><|vision_end|>"),
     "idefics3": _Family(Idefics3ForConditionalGeneration, _idefics3, "<image>"),
