@@ -1,0 +1,137 @@
+"""Train the scene VLMs (a LLaVA with 144 visual tokens, a Qwen2-VL) on ``attnflow.toys.scene_task``, on the CPU.
+
+``python -m attnflow.toys.train_scenes --family llava --out data/toy-llava-scenes`` (or ``--family
+qwen2_vl --out data/toy-qwen-scenes``) builds the processor and model here (no hub), trains with
+one thread, and writes the ``save_pretrained`` files plus ``training.json`` atomically, with the
+machinery of ``attnflow.toys.train_toy_vlm``: staged curriculum, per-visual-token captioning loss
+(colour, shape, quadrant, row and column of the object at that token), answer loss plus a small
+``<eos>`` loss, cosine schedule.
+
+* ``llava``: CLIP tower on 96x96 images with 8-pixel patches (144 visual tokens, about 90% of a
+  prompt), GELU projector, Llama decoder.
+* ``qwen2_vl``: the Qwen2-VL vision tower (8-pixel patches, 2x2 merge: 36 tokens, an image grid
+  of 12x12 patches), M-RoPE Qwen2 decoder. Its processor is Qwen2-VL's own image processor and
+  placeholder expansion (``attnflow.toys.tiny.Qwen2VLImageOnlyProcessor``, no torchvision).
+
+The held-out set (``scene_task.heldout_examples``, also written to ``data/toy-scenes``) is scored
+with greedy ``generate`` with real and with blank images.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+from attnflow.toys import scene_task
+from attnflow.toys.tiny import Qwen2VLImageOnlyProcessor
+from attnflow.toys.train_toy_vlm import (
+    Recipe,
+    TaskSpec,
+    build_model,
+    build_processor,
+    set_generation,
+    text_ids,
+    train_and_save,
+    word_tokenizer,
+)
+
+FAMILIES = ("llava", "qwen2_vl")
+
+
+@dataclass(frozen=True)
+class SceneRecipe(Recipe):
+    """The scene models' settings: after the one-object stage, 1-4 objects at ``object_weights``."""
+
+    steps: int = 2000
+    batch_size: int = 32
+    patch_steps: int = 1700
+    single_object_steps: int = 150
+    object_weights: tuple[float, ...] = (0.1, 0.3, 0.3, 0.3)
+
+    def n_objects(self, step: int, rng: np.random.Generator) -> int:
+        """One object in the first stage, then 1-4 at ``object_weights`` (relations get two or more anyway)."""
+        if step < self.single_object_steps:
+            return 1
+        return 1 + int(rng.choice(len(self.object_weights), p=self.object_weights))
+
+
+def task_spec(family: str) -> TaskSpec:
+    """Sampling, visual-token indexing and captions of the scene task for ``family``."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+    merged = family == "qwen2_vl"  # one token per 2x2 patches = per cell
+    return TaskSpec(sample=lambda rng, n: scene_task.sample_example(rng, n_objects=n, family=family),
+                    n_visual=scene_task.GRID ** 2 if merged else scene_task.PATCHES ** 2,
+                    token_of=(lambda o: o.cell) if merged else (lambda o: o.patch),
+                    caption=lambda o: o.caption(), positions=not merged)
+
+
+def build_qwen_processor() -> Qwen2VLImageOnlyProcessor:
+    """Qwen2-VL's image processor at exactly 96x96 (12x12 patches of 8, merged 2x2) over the task's words."""
+    names = dict(zip(("vision_start_token", "image_token", "vision_end_token", "video_token"), scene_task.QWEN_TOKENS))
+    tokenizer = word_tokenizer(scene_task.vocabulary(), names)
+    pixels = scene_task.IMAGE_SIZE ** 2
+    images = Qwen2VLImageProcessorPil(patch_size=scene_task.PATCH, merge_size=2, temporal_patch_size=2,
+                                      size={"shortest_edge": pixels, "longest_edge": pixels},
+                                      image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    return Qwen2VLImageOnlyProcessor(images, tokenizer)
+
+
+def build_qwen_model(processor: Qwen2VLImageOnlyProcessor, recipe: Recipe, seed: int) -> Qwen2VLForConditionalGeneration:
+    """A freshly initialised Qwen2-VL sized by the recipe; M-RoPE sections split head_dim / 2 as 1:1.5:1.5."""
+    tok = processor.tokenizer
+    half = recipe.text_hidden // recipe.text_heads // 2
+    temporal = half // 4
+    sections = [temporal, (half - temporal) // 2, half - temporal - (half - temporal) // 2]
+    text = dict(vocab_size=len(tok), hidden_size=recipe.text_hidden, intermediate_size=recipe.text_mlp,
+                num_hidden_layers=recipe.text_layers, num_attention_heads=recipe.text_heads,
+                num_key_value_heads=recipe.text_heads, max_position_embeddings=256, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sections},
+                **text_ids(tok))
+    vision = dict(depth=recipe.vision_layers, embed_dim=recipe.vision_hidden, num_heads=recipe.vision_heads,
+                  mlp_ratio=4, hidden_size=recipe.text_hidden, patch_size=scene_task.PATCH, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3)
+    ids = {k: tok.convert_tokens_to_ids(v) for k, v in
+           zip(("vision_start_token_id", "image_token_id", "vision_end_token_id", "video_token_id"),
+               scene_task.QWEN_TOKENS)}
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+    torch.manual_seed(seed)
+    return set_generation(Qwen2VLForConditionalGeneration(config), tok)
+
+
+def build(family: str, recipe: Recipe, seed: int) -> tuple[Any, Any]:
+    """(fresh model, processor) of ``family`` for the scene task."""
+    if family == "qwen2_vl":
+        processor = build_qwen_processor()
+        return build_qwen_model(processor, recipe, seed), processor
+    processor = build_processor(scene_task)
+    return build_model(processor, recipe, seed, scene_task), processor
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: train one scene model and write it to ``--out``."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", choices=FAMILIES, required=True)
+    ap.add_argument("--out", type=Path, required=True, help="output folder, e.g. data/toy-llava-scenes")
+    ap.add_argument("--seed", type=int, default=0, help="seed for initialisation and training data")
+    ap.add_argument("--steps", type=int, default=SceneRecipe.steps, help="optimiser steps")
+    ap.add_argument("--heldout", type=int, default=scene_task.HELDOUT_SIZE, help="held-out examples to score")
+    args = ap.parse_args(argv)
+    if args.seed == scene_task.HELDOUT_SEED:
+        raise ValueError(f"seed {args.seed} is the held-out seed; pick another")
+    torch.set_num_threads(1)
+    recipe = SceneRecipe(steps=args.steps)
+    model, processor = build(args.family, recipe, args.seed)
+    heldout = [e.as_input() for e in scene_task.heldout_examples(args.heldout, family=args.family)]
+    train_and_save(args.out, model, processor, recipe, args.seed, heldout,
+                   {"seed": scene_task.HELDOUT_SEED, "size": args.heldout}, spec=task_spec(args.family))
+
+
+if __name__ == "__main__":
+    main()
