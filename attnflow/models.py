@@ -1,7 +1,7 @@
 """Load a model and its processor from a local path, or one of the bundled toys by name.
 
-``toy-vlm`` is the trained toy VLM shipped in data/; ``toy-<family>`` is a tiny random model
-of that family, saved once to a cache folder. Both then go through the same real
+``toy-vlm``, ``toy-llava-scenes`` and ``toy-qwen-scenes`` are trained VLMs shipped in data/
+(``BUNDLED``); ``toy-<family>`` is a tiny random model of that family, saved once to a cache folder. Both then go through the same real
 ``from_pretrained(path)`` code a user's checkpoint goes through. Nothing is downloaded.
 """
 
@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import transformers
 from transformers import (
@@ -30,24 +31,37 @@ class ModelSpecError(UserError, ValueError):
     """The model spec names nothing attnflow can load."""
 
 
+# The trained models shipped in attnflow.data: name -> (model folder, held-out JSONL), relative to it;
+# each is rebuilt by the make target of its name.
+BUNDLED: dict[str, tuple[str, str]] = {
+    "toy-vlm": ("toy-vlm", "toy-vqa/heldout.jsonl"),
+    "toy-llava-scenes": ("toy-llava-scenes", "toy-scenes/heldout-llava.jsonl"),
+    "toy-qwen-scenes": ("toy-qwen-scenes", "toy-scenes/heldout-qwen2_vl.jsonl"),
+}
+
+
+def _bundled(name: str, index: int) -> Path:
+    from importlib.resources import files
+    return Path(str(files("attnflow.data"))) / BUNDLED[name][index]
+
+
 def resolve(spec: str) -> Path:
     """The local folder a model spec stands for."""
-    if spec == "toy-vlm":
-        from attnflow.toys.toy_vlm import model_dir
-        path = model_dir()
+    if spec in BUNDLED:
+        path = _bundled(spec, 0)
         if not (path / "config.json").is_file():
-            raise ModelSpecError(f"the bundled toy VLM is missing from {path}; rebuild it with `make toy-vlm`")
+            raise ModelSpecError(f"the bundled model {spec} is missing from {path}; rebuild it with `make {spec}`")
         return path
     if spec.startswith("toy-"):
         from attnflow.toys import tiny
         family = spec[len("toy-"):]
         if family not in tiny.FAMILIES:
-            raise ModelSpecError(f"unknown toy {spec!r}; toys: toy-vlm, "
+            raise ModelSpecError(f"unknown toy {spec!r}; toys: {', '.join(BUNDLED)}, "
                                  + ", ".join(f"toy-{f}" for f in tiny.FAMILIES))
         return tiny.cached(family)
     path = Path(spec)
     if not (path / "config.json").is_file():
-        raise ModelSpecError(f"{spec!r} is neither a toy name (toy-vlm, toy-<family>) nor a local "
+        raise ModelSpecError(f"{spec!r} is neither a toy name ({', '.join(BUNDLED)}, toy-<family>) nor a local "
                              "model folder with a config.json (nothing is downloaded)")
     return path
 
@@ -84,16 +98,57 @@ def load_model(spec: str | Path, *, attn_implementation: str | None = None,
 
 
 def default_inputs(spec: str) -> Path:
-    """The inputs that go with a bundled model: the toy VLM's held-out set, or a toy's samples."""
-    if spec == "toy-vlm":
-        from attnflow.toys.toy_vlm import heldout_path
-        path = heldout_path()
+    """The inputs that go with a bundled model: a trained model's held-out set, or a toy's samples."""
+    if spec in BUNDLED:
+        path = _bundled(spec, 1)
         if not path.is_file():
             raise ModelSpecError(f"the bundled held-out set is missing from {path}")
         return path
     if spec.startswith("toy-"):
         return _toy_inputs(resolve(spec))
     raise ModelSpecError(f"--inputs is required for {spec!r} (only bundled models have default inputs)")
+
+
+def bundled_models() -> list[dict[str, Any]]:
+    """One row per shipped trained model: name, path, model_type, visual tokens per image, parameters,
+    held-out file, and the held-out accuracy with real and blank images its training.json records."""
+    rows = []
+    for name in BUNDLED:
+        path, heldout = _bundled(name, 0), _bundled(name, 1)
+        row: dict[str, Any] = {"name": name, "path": str(path), "model_type": None, "visual_tokens": None,
+                               "parameters": None, "size_mb": None, "heldout": str(heldout),
+                               "accuracy": None, "blank_accuracy": None}
+        if (path / "config.json").is_file():
+            row.update(_describe(path, heldout))
+        rows.append(row)
+    return rows
+
+
+def _describe(path: Path, heldout: Path) -> dict[str, Any]:
+    """What ``bundled_models`` reads from a saved model without building it: config, weights' shapes,
+    the processor's expansion of the first held-out prompt, and training.json."""
+    from safetensors import safe_open
+
+    from attnflow.probes.inputs import encode, load_examples
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if config.model_type == "qwen2_vl":
+        import attnflow.toys.tiny  # noqa: F401  (the image-only Qwen2-VL processor)
+    weights = path / "model.safetensors"
+    with safe_open(weights, framework="pt") as f:
+        parameters = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+    row: dict[str, Any] = {"model_type": config.model_type, "parameters": parameters,
+                           "size_mb": round(sum(p.stat().st_size for p in path.iterdir() if p.is_file()) / 2**20, 1)}
+    if heldout.is_file():
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        ids = encode(processor, load_examples(heldout)[:1])["input_ids"][0]
+        row["visual_tokens"] = int((ids == config.image_token_id).sum())
+    info_path = path / "training.json"
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        row["accuracy"] = info.get("heldout", {}).get("accuracy")
+        row["blank_accuracy"] = info.get("heldout_blank_images", {}).get("accuracy")
+    return row
 
 
 def _toy_inputs(folder: Path) -> Path:

@@ -20,19 +20,23 @@ one word. Prompts read ``<system words> <image> <question>``; the image placehol
 model family's own (``IMAGE_PLACEHOLDERS``). One ``numpy.random.default_rng`` stream fixes the
 examples exactly.
 
-Rebuild a held-out set: ``python -m attnflow.toys.scene_task --family llava --out data/scenes-llava``.
+Rebuild the held-out set (images shared by both families' JSONL): ``python -m attnflow.toys.scene_task
+--out data/toy-scenes``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from attnflow.fileio import atomic_dir
 from attnflow.toys import vqa_task
-from attnflow.toys.vqa_task import COLORS, SPECIAL_TOKENS, SYSTEM_PROMPT, VQAExample
+from attnflow.toys.vqa_task import COLORS, IMAGE_TOKEN, SPECIAL_TOKENS, SYSTEM_PROMPT, VQAExample
 
 IMAGE_SIZE = 96
 PATCH = 8
@@ -194,15 +198,30 @@ def heldout_examples(n: int = HELDOUT_SIZE, seed: int = HELDOUT_SEED, family: st
     return [sample_example(rng, QUESTION_TYPES[i % len(QUESTION_TYPES)], family=family) for i in range(n)]
 
 
+def write_heldout(out: Path, n: int = HELDOUT_SIZE, seed: int = HELDOUT_SEED) -> list[Path]:
+    """Write ``out/images/NNNN.png`` once and ``out/heldout-<family>.jsonl`` per family (the same
+    examples, each with its family's image placeholder), replacing ``out`` atomically."""
+    examples = heldout_examples(n, seed)
+    with atomic_dir(out) as tmp:
+        (tmp / "images").mkdir()
+        for i, ex in enumerate(examples):
+            Image.fromarray(ex.image).save(tmp / f"images/{i:04d}.png")
+        for family, slot in IMAGE_PLACEHOLDERS.items():
+            lines = [json.dumps({"image": f"images/{i:04d}.png", "prompt": ex.prompt.replace(IMAGE_TOKEN, slot),
+                                 "answer": ex.answer, "type": ex.qtype}) for i, ex in enumerate(examples)]
+            (tmp / f"heldout-{family}.jsonl").write_text("\n".join(lines) + "\n")
+    return [Path(out) / f"heldout-{family}.jsonl" for family in IMAGE_PLACEHOLDERS]
+
+
 def main(argv: list[str] | None = None) -> None:
-    """CLI: write a held-out set for one family's placeholder."""
+    """CLI: write the held-out set (shared images, one JSONL per family)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True, help="output folder")
-    ap.add_argument("--family", choices=sorted(IMAGE_PLACEHOLDERS), default="llava")
+    ap.add_argument("--out", type=Path, required=True, help="output folder, e.g. data/toy-scenes")
     ap.add_argument("--n", type=int, default=HELDOUT_SIZE, help="number of examples")
     ap.add_argument("--seed", type=int, default=HELDOUT_SEED, help="held-out seed (not a training seed)")
     args = ap.parse_args(argv)
-    print(vqa_task.write_dataset(heldout_examples(args.n, args.seed, args.family), args.out))
+    for path in write_heldout(args.out, args.n, args.seed):
+        print(path)
 
 
 if __name__ == "__main__":
