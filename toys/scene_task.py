@@ -26,7 +26,6 @@ Rebuild the held-out set (images shared by both families' JSONL): ``python -m at
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,15 +62,8 @@ _SHAPE_SIZE = vqa_task._SHAPE_SIZE
 
 
 @dataclass(frozen=True)
-class SceneObj:
-    """One object: colour and shape names, its cell (row, col) and its top-left pixel (y, x)."""
-
-    color: str
-    shape: str
-    row: int
-    col: int
-    y: int
-    x: int
+class SceneObj(vqa_task.Obj):
+    """One object: colour and shape names, its cell (row, col) on the 6x6 grid and its top-left pixel (y, x)."""
 
     @property
     def quadrant(self) -> str:
@@ -156,22 +148,7 @@ def sample_question(scene: tuple[SceneObj, ...], qtype: str, rng: np.random.Gene
     """A question of type ``qtype`` about the scene and its one-word answer (None: the scene has no such pair)."""
     if qtype in PAIR_TYPES:
         return _pair_question(scene, qtype, rng)
-    obj = scene[int(rng.integers(len(scene)))]
-    if qtype == "color_of_shape":
-        return f"what color is the {obj.shape}", obj.color
-    if qtype == "shape_of_color":
-        return f"what shape is {obj.color}", obj.shape
-    if qtype == "exists_shape":
-        shape, answer = vqa_task._exists_question([o.shape for o in scene], list(SHAPES), rng)
-        return f"is there a {shape}", answer
-    if qtype == "exists_color":
-        color, answer = vqa_task._exists_question([o.color for o in scene], list(COLORS), rng)
-        return f"is there anything {color}", answer
-    if qtype == "where":
-        return f"where is {obj.color}", obj.quadrant
-    if qtype == "count":
-        return "how many objects", COUNTS[len(scene) - 1]
-    raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES}")
+    return vqa_task.sample_question(scene, qtype, rng, shapes=SHAPES, counts=COUNTS)
 
 
 def sample_example(rng: np.random.Generator, qtype: str | None = None, n_objects: int | None = None,
@@ -215,11 +192,7 @@ def write_heldout(out: Path, n: int = HELDOUT_SIZE, seed: int = HELDOUT_SEED) ->
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: write the held-out set (shared images, one JSONL per family)."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True, help="output folder, e.g. data/toy-scenes")
-    ap.add_argument("--n", type=int, default=HELDOUT_SIZE, help="number of examples")
-    ap.add_argument("--seed", type=int, default=HELDOUT_SEED, help="held-out seed (not a training seed)")
-    args = ap.parse_args(argv)
+    args = vqa_task.heldout_args(argv, __doc__.splitlines()[0], "data/toy-scenes", HELDOUT_SIZE, HELDOUT_SEED)
     for path in write_heldout(args.out, args.n, args.seed):
         print(path)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +37,7 @@ from attnflow.toys.train_toy_vlm import (
     set_generation,
     text_ids,
     train_and_save,
+    training_args,
     word_tokenizer,
 )
 
@@ -118,14 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     """CLI: train one scene model and write it to ``--out``."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", choices=FAMILIES, required=True)
-    ap.add_argument("--out", type=Path, required=True, help="output folder, e.g. data/toy-llava-scenes")
-    ap.add_argument("--seed", type=int, default=0, help="seed for initialisation and training data")
-    ap.add_argument("--steps", type=int, default=SceneRecipe.steps, help="optimiser steps")
     ap.add_argument("--heldout", type=int, default=scene_task.HELDOUT_SIZE, help="held-out examples to score")
-    args = ap.parse_args(argv)
-    if args.seed == scene_task.HELDOUT_SEED:
-        raise ValueError(f"seed {args.seed} is the held-out seed; pick another")
-    torch.set_num_threads(1)
+    args = training_args(ap, argv, "data/toy-llava-scenes", SceneRecipe.steps, scene_task.HELDOUT_SEED)
     recipe = SceneRecipe(steps=args.steps)
     model, processor = build(args.family, recipe, args.seed)
     heldout = [e.as_input() for e in scene_task.heldout_examples(args.heldout, family=args.family)]

@@ -267,16 +267,23 @@ def train_and_save(out: Path, model: Any, processor: Any, recipe: Recipe, seed: 
     return info
 
 
+def training_args(ap: argparse.ArgumentParser, argv: list[str] | None, out: str, steps: int,
+                  heldout_seed: int) -> argparse.Namespace:
+    """Add --out, --seed and --steps to ``ap``, parse, refuse the held-out seed, and go to one thread."""
+    ap.add_argument("--out", type=Path, required=True, help=f"output folder, e.g. {out}")
+    ap.add_argument("--seed", type=int, default=0, help="seed for initialisation and training data")
+    ap.add_argument("--steps", type=int, default=steps, help="optimiser steps")
+    args = ap.parse_args(argv)
+    if args.seed == heldout_seed:
+        raise ValueError(f"seed {args.seed} is the held-out seed; pick another")
+    torch.set_num_threads(1)
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
     """CLI: train the toy VLM and write it to ``--out``."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True, help="output folder, e.g. data/toy-vlm")
-    ap.add_argument("--seed", type=int, default=0, help="seed for initialisation and training data")
-    ap.add_argument("--steps", type=int, default=Recipe.steps, help="optimiser steps")
-    args = ap.parse_args(argv)
-    if args.seed == vqa_task.HELDOUT_SEED:
-        raise ValueError(f"seed {args.seed} is the held-out seed; pick another")
-    torch.set_num_threads(1)
+    args = training_args(ap, argv, "data/toy-vlm", Recipe.steps, vqa_task.HELDOUT_SEED)
     recipe = Recipe(steps=args.steps)
     processor = build_processor()
     model = build_model(processor, recipe, args.seed)
