@@ -74,6 +74,8 @@ class Recipe:
     eos_weight: float = 0.1
     patch_weight: float = 1.0  # per-patch captioning loss: an object's visual tokens name its colour, shape, quadrant
     patch_steps: int = 2000  # the per-patch loss is on for these first steps (stages 1-2)
+    patch_layer: int | None = None  # caption from this decoder layer's output (None: the last layer's)
+    tie_embeddings: bool = False  # LM head = input embeddings: a captioned visual token then looks like its words
     single_object_steps: int = 200  # stage 1: one object per image for the first steps
     two_object_share: float = 0.7  # then two objects this often: only they teach binding a word to an object
 
@@ -142,11 +144,11 @@ def build_model(processor: LlavaProcessor, recipe: Recipe, seed: int,
         vocab_size=len(tok), hidden_size=recipe.text_hidden, intermediate_size=recipe.text_mlp,
         num_hidden_layers=recipe.text_layers, num_attention_heads=recipe.text_heads,
         num_key_value_heads=recipe.text_heads, max_position_embeddings=max(128, 2 * n_visual),
-        tie_word_embeddings=False, **text_ids(tok))
+        tie_word_embeddings=recipe.tie_embeddings, **text_ids(tok))
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=processor.image_token_id,
         projector_hidden_act="gelu", vision_feature_layer=-1, vision_feature_select_strategy="default",
-        image_seq_length=n_visual)
+        image_seq_length=n_visual, tie_word_embeddings=recipe.tie_embeddings)
     torch.manual_seed(seed)
     return set_generation(LlavaForConditionalGeneration(config), tok)
 
@@ -214,12 +216,19 @@ def train(model: Any, processor: Any, recipe: Recipe, seed: int, log_every: int 
         batch = training_batch(processor, examples, spec)
         targets, patch_targets = batch.pop("targets"), batch.pop("patch_targets")
         patch_on = step < recipe.patch_steps and recipe.patch_weight > 0
-        all_logits = model(**batch, logits_to_keep=0 if patch_on else 3).logits
+        middle = patch_on and recipe.patch_layer is not None
+        out = model(**batch, logits_to_keep=0 if patch_on else 3, output_hidden_states=middle)
+        all_logits = out.logits
         logits = all_logits[:, -3:-1]  # predictions of answer and <eos>
         ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         loss = (ce.mean(0) * weights).sum()
         if patch_on:
-            visual = all_logits[batch["input_ids"] == model.config.image_token_id]  # [B * patches, V], row-major
+            is_visual = batch["input_ids"] == model.config.image_token_id
+            if middle:  # caption from a middle layer's state, through the final norm and the LM head
+                text_model = model.model.language_model
+                visual = model.lm_head(text_model.norm(out.hidden_states[recipe.patch_layer][is_visual]))
+            else:
+                visual = all_logits[is_visual]  # [B * patches, V], row-major
             patch = visual.unsqueeze(1).expand(-1, patch_targets.shape[-1], -1).reshape(-1, visual.shape[-1])
             loss = loss + recipe.patch_weight * torch.nn.functional.cross_entropy(patch, patch_targets.reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -267,12 +276,12 @@ def train_and_save(out: Path, model: Any, processor: Any, recipe: Recipe, seed: 
     return info
 
 
-def training_args(ap: argparse.ArgumentParser, argv: list[str] | None, out: str, steps: int,
+def training_args(ap: argparse.ArgumentParser, argv: list[str] | None, out: str, steps: int | None,
                   heldout_seed: int) -> argparse.Namespace:
     """Add --out, --seed and --steps to ``ap``, parse, refuse the held-out seed, and go to one thread."""
     ap.add_argument("--out", type=Path, required=True, help=f"output folder, e.g. {out}")
     ap.add_argument("--seed", type=int, default=0, help="seed for initialisation and training data")
-    ap.add_argument("--steps", type=int, default=steps, help="optimiser steps")
+    ap.add_argument("--steps", type=int, default=steps, help="optimiser steps (default: the recipe's)")
     args = ap.parse_args(argv)
     if args.seed == heldout_seed:
         raise ValueError(f"seed {args.seed} is the held-out seed; pick another")
