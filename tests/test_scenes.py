@@ -70,16 +70,19 @@ def test_shipped_heldout_set_is_the_generator_output():
             assert np.array_equal(np.asarray(s.images[0]), f.image)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_training_smoke_loss_goes_down(family):
-    """A few steps of a tiny recipe through the real trainer (batching, captioning loss, schedule)."""
+@pytest.mark.parametrize("family,middle", [("llava", False), ("qwen2_vl", False), ("llava", True)])
+def test_training_smoke_loss_goes_down(family, middle):
+    """A few steps of a tiny recipe through the real trainer (batching, captioning loss, schedule);
+    ``middle``: captioning from a middle layer with tied embeddings."""
     from attnflow.toys.train_scenes import SceneRecipe, build, task_spec
     from attnflow.toys.train_toy_vlm import train
 
-    recipe = SceneRecipe(vision_hidden=16, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=1,
+    recipe = SceneRecipe(vision_hidden=16, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2,
                          text_heads=2, text_mlp=64, steps=20, batch_size=4, lr=1e-2, warmup=2,
-                         patch_steps=20, single_object_steps=4)
+                         patch_steps=20, single_object_steps=4, patch_layer=1 if middle else None,
+                         tie_embeddings=middle)
     model, processor = build(family, recipe, seed=1)
+    assert (model.lm_head.weight is model.model.language_model.embed_tokens.weight) == middle
     log = train(model, processor, recipe, seed=1, log_every=5, spec=task_spec(family))
     assert len(log) == 4
     assert log[-1]["loss"] < 0.85 * log[0]["loss"]
