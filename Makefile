@@ -63,7 +63,7 @@ eval-toy-vlm: $(STAMP)
 
 # The scene VLMs (toys/scene_task.py): a LLaVA with 144 visual tokens and a Qwen2-VL, trained on the CPU
 # (1 thread, seed 0; run one at a time, in the background: about 45 and 25 minutes), and their held-out set.
-.PHONY: toy-scenes toy-llava-scenes toy-qwen-scenes eval-toy-llava-scenes eval-toy-qwen-scenes
+.PHONY: toy-scenes toy-llava-scenes toy-qwen-scenes toy-idefics3-scenes eval-toy-llava-scenes eval-toy-qwen-scenes eval-toy-idefics3-scenes
 
 toy-scenes: $(STAMP)
 	$(BIN)/python -m attnflow.toys.scene_task --out data/toy-scenes
@@ -73,6 +73,12 @@ toy-llava-scenes: $(STAMP)
 
 toy-qwen-scenes: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m attnflow.toys.train_scenes --family qwen2_vl --out data/toy-qwen-scenes
+
+toy-idefics3-scenes: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m attnflow.toys.train_scenes --family idefics3 --out data/toy-idefics3-scenes
+
+eval-toy-idefics3-scenes: $(STAMP)
+	$(BIN)/attnflow eval --model toy-idefics3-scenes
 
 eval-toy-llava-scenes: $(STAMP)
 	$(BIN)/attnflow eval --model toy-llava-scenes

@@ -37,6 +37,7 @@ BUNDLED: dict[str, tuple[str, str]] = {
     "toy-vlm": ("toy-vlm", "toy-vqa/heldout.jsonl"),
     "toy-llava-scenes": ("toy-llava-scenes", "toy-scenes/heldout-llava.jsonl"),
     "toy-qwen-scenes": ("toy-qwen-scenes", "toy-scenes/heldout-qwen2_vl.jsonl"),
+    "toy-idefics3-scenes": ("toy-idefics3-scenes", "toy-scenes/heldout-idefics3.jsonl"),
 }
 
 

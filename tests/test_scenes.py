@@ -14,7 +14,8 @@ from attnflow.probes.inputs import encode, load_examples
 from attnflow.toys import scene_task
 from attnflow.toys.evaluate import evaluate
 
-SCENE_MODELS = {"toy-llava-scenes": ("llava", scene_task.PATCHES ** 2), "toy-qwen-scenes": ("qwen2_vl", scene_task.GRID ** 2)}
+SCENE_MODELS = {"toy-llava-scenes": ("llava", scene_task.PATCHES ** 2), "toy-qwen-scenes": ("qwen2_vl", scene_task.GRID ** 2),
+                "toy-idefics3-scenes": ("idefics3", scene_task.GRID ** 2)}
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +71,7 @@ def test_shipped_heldout_set_is_the_generator_output():
             assert np.array_equal(np.asarray(s.images[0]), f.image)
 
 
-@pytest.mark.parametrize("family,middle", [("llava", False), ("qwen2_vl", False), ("llava", True)])
+@pytest.mark.parametrize("family,middle", [("llava", False), ("qwen2_vl", False), ("idefics3", False), ("llava", True)])
 def test_training_smoke_loss_goes_down(family, middle):
     """A few steps of a tiny recipe through the real trainer (batching, captioning loss, schedule);
     ``middle``: captioning from a middle layer with tied embeddings."""

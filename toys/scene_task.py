@@ -45,8 +45,10 @@ GRID = IMAGE_SIZE // CELL  # cells per side (6)
 MAX_OBJECTS = 4
 HELDOUT_SEED = 20_241_113
 HELDOUT_SIZE = 400
-IMAGE_PLACEHOLDERS = {"llava": "<image>", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>"}
+IMAGE_PLACEHOLDERS = {"llava": "<image>", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+                      "idefics3": "<image>"}
 QWEN_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
+IDEFICS3_TOKENS = ("<fake_token_around_image>", "<global-img>", "<end_of_utterance>")
 
 SHAPES = (*vqa_task.SHAPES, "bar")  # five shapes, so "is there a <shape>" can be "no" with four objects
 QUADRANTS = vqa_task.QUADRANTS
@@ -89,7 +91,7 @@ def vocabulary() -> list[str]:
     """Every token of the task, special tokens first, in a fixed order (the tokenizer's ids)."""
     words = [*SYSTEM_PROMPT.split(), *_QUESTION_WORDS, *COLORS, *SHAPES, *QUADRANTS, *COUNTS, "yes", "no",
              *ROWS, *COLUMNS]
-    return [*SPECIAL_TOKENS, *QWEN_TOKENS, *dict.fromkeys(words)]
+    return [*SPECIAL_TOKENS, *QWEN_TOKENS, *IDEFICS3_TOKENS, *dict.fromkeys(words)]
 
 
 def prompt_for(question: str, family: str = "llava") -> str:

@@ -25,9 +25,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+from transformers import (
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessorPil,
+    Idefics3Processor,
+    Idefics3VisionConfig,
+    LlamaConfig,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+)
 
-from attnflow.toys import scene_task
+from attnflow.toys import scene_task, vqa_task
 from attnflow.toys.tiny import Qwen2VLImageOnlyProcessor
 from attnflow.toys.train_toy_vlm import (
     Recipe,
@@ -41,7 +51,7 @@ from attnflow.toys.train_toy_vlm import (
     word_tokenizer,
 )
 
-FAMILIES = ("llava", "qwen2_vl")
+FAMILIES = ("llava", "qwen2_vl", "idefics3")
 
 
 @dataclass(frozen=True)
@@ -72,18 +82,20 @@ class SceneRecipe(Recipe):
 
 
 # Qwen2-VL's 36-token prompts cost about half a LLaVA step: it gets more steps in its time budget.
-RECIPES = {"llava": SceneRecipe(), "qwen2_vl": SceneRecipe(steps=5000, patch_steps=4000)}
+RECIPES = {"llava": SceneRecipe(), "qwen2_vl": SceneRecipe(steps=5000, patch_steps=4000),
+           "idefics3": SceneRecipe(steps=3600, patch_steps=3000, text_mlp=512, single_object_steps=200,
+                                   two_object_steps=1400)}
 
 
 def task_spec(family: str) -> TaskSpec:
     """Sampling, visual-token indexing and captions of the scene task for ``family``."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
-    merged = family == "qwen2_vl"  # one token per 2x2 patches = per cell
+    merged = family != "llava"  # one token per 2x2 patches = per cell (row-major, as both merges order them)
     return TaskSpec(sample=lambda rng, n: scene_task.sample_example(rng, n_objects=n, family=family),
                     n_visual=scene_task.GRID ** 2 if merged else scene_task.PATCHES ** 2,
                     token_of=(lambda o: o.cell) if merged else (lambda o: o.patch),
-                    caption=lambda o: o.caption(), positions=not merged)
+                    caption=lambda o: o.caption(), positions=family != "qwen2_vl")
 
 
 def build_qwen_processor() -> Qwen2VLImageOnlyProcessor:
@@ -120,8 +132,33 @@ def build_qwen_model(processor: Qwen2VLImageOnlyProcessor, recipe: Recipe, seed:
     return set_generation(Qwen2VLForConditionalGeneration(config), tok)
 
 
+def build_idefics3(recipe: Recipe, seed: int) -> tuple[Idefics3ForConditionalGeneration, Idefics3Processor]:
+    """SmolVLM-style: Idefics3 vision tower (learned absolute positions, 96 px, patch 8), 2x2 pixel shuffle
+    and a linear connector to a Llama decoder: 36 image tokens between ``<fake_token_around_image><global-img>``
+    and ``<fake_token_around_image>``."""
+    names = dict(zip(("fake_image_token", "global_image_token", "end_of_utterance_token"), scene_task.IDEFICS3_TOKENS))
+    tok = word_tokenizer(scene_task.vocabulary(), {"image_token": vqa_task.IMAGE_TOKEN, **names})
+    size = scene_task.IMAGE_SIZE
+    images = Idefics3ImageProcessorPil(size={"longest_edge": size}, max_image_size={"longest_edge": size},
+                                       do_image_splitting=False, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = Idefics3Processor(images, tok, image_seq_len=scene_task.GRID ** 2)
+    vision = Idefics3VisionConfig(hidden_size=recipe.vision_hidden, intermediate_size=4 * recipe.vision_hidden,
+                                  num_hidden_layers=recipe.vision_layers, num_attention_heads=recipe.vision_heads,
+                                  patch_size=scene_task.PATCH, image_size=size)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=recipe.text_hidden, intermediate_size=recipe.text_mlp,
+                       num_hidden_layers=recipe.text_layers, num_attention_heads=recipe.text_heads,
+                       num_key_value_heads=recipe.text_heads, max_position_embeddings=256,
+                       tie_word_embeddings=recipe.tie_embeddings, **text_ids(tok))
+    config = Idefics3Config(vision_config=vision, text_config=text, scale_factor=2, image_token_id=tok.image_token_id,
+                            tie_word_embeddings=recipe.tie_embeddings)
+    torch.manual_seed(seed)
+    return set_generation(Idefics3ForConditionalGeneration(config), tok), processor
+
+
 def build(family: str, recipe: Recipe, seed: int) -> tuple[Any, Any]:
     """(fresh model, processor) of ``family`` for the scene task."""
+    if family == "idefics3":
+        return build_idefics3(recipe, seed)
     if family == "qwen2_vl":
         processor = build_qwen_processor()
         return build_qwen_model(processor, recipe, seed), processor
