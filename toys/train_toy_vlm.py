@@ -225,7 +225,7 @@ def train(model: Any, processor: Any, recipe: Recipe, seed: int, log_every: int 
         if patch_on:
             is_visual = batch["input_ids"] == model.config.image_token_id
             if middle:  # caption from a middle layer's state, through the final norm and the LM head
-                text_model = model.model.language_model
+                text_model = getattr(model.model, "language_model", None) or model.model.text_model  # Idefics3
                 visual = model.lm_head(text_model.norm(out.hidden_states[recipe.patch_layer][is_visual]))
             else:
                 visual = all_logits[is_visual]  # [B * patches, V], row-major
