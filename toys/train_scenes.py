@@ -73,6 +73,7 @@ class SceneRecipe(Recipe):
     single_object_steps: int = 300
     two_object_steps: int = 1000
     object_weights: tuple[float, ...] = (0.1, 0.3, 0.3, 0.3)
+    caption_words: int = 5  # colour, shape, quadrant, row, column (3: the toy VLM's colour, shape, quadrant)
 
     def n_objects(self, step: int, rng: np.random.Generator) -> int:
         """Objects in a training image at ``step`` (relation questions get two or more anyway)."""
@@ -83,19 +84,20 @@ class SceneRecipe(Recipe):
 
 # Qwen2-VL's 36-token prompts cost about half a LLaVA step: it gets more steps in its time budget.
 RECIPES = {"llava": SceneRecipe(), "qwen2_vl": SceneRecipe(steps=5000, patch_steps=4000),
-           "idefics3": SceneRecipe(steps=3600, patch_steps=3000, text_mlp=512, single_object_steps=200,
-                                   two_object_steps=1400)}
+           "idefics3": SceneRecipe(steps=7000, batch_size=16, patch_steps=6000, text_mlp=512, single_object_steps=400,
+                                   two_object_steps=2800, caption_words=3)}
 
 
-def task_spec(family: str) -> TaskSpec:
-    """Sampling, visual-token indexing and captions of the scene task for ``family``."""
+def task_spec(family: str, caption_words: int = 5) -> TaskSpec:
+    """Sampling, visual-token indexing and captions (the first ``caption_words`` of colour, shape,
+    quadrant, row, column) of the scene task for ``family``."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
     merged = family != "llava"  # one token per 2x2 patches = per cell (row-major, as both merges order them)
     return TaskSpec(sample=lambda rng, n: scene_task.sample_example(rng, n_objects=n, family=family),
                     n_visual=scene_task.GRID ** 2 if merged else scene_task.PATCHES ** 2,
                     token_of=(lambda o: o.cell) if merged else (lambda o: o.patch),
-                    caption=lambda o: o.caption(), positions=family != "qwen2_vl")
+                    caption=lambda o: o.caption()[:caption_words], positions=family != "qwen2_vl")
 
 
 def build_qwen_processor() -> Qwen2VLImageOnlyProcessor:
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     model, processor = build(args.family, recipe, args.seed)
     heldout = [e.as_input() for e in scene_task.heldout_examples(args.heldout, family=args.family)]
     train_and_save(args.out, model, processor, recipe, args.seed, heldout,
-                   {"seed": scene_task.HELDOUT_SEED, "size": args.heldout}, spec=task_spec(args.family))
+                   {"seed": scene_task.HELDOUT_SEED, "size": args.heldout}, spec=task_spec(args.family, recipe.caption_words))
 
 
 if __name__ == "__main__":
