@@ -61,8 +61,8 @@ toy-vlm: $(STAMP)
 eval-toy-vlm: $(STAMP)
 	$(BIN)/attnflow eval --model toy-vlm
 
-# The scene VLMs (toys/scene_task.py): a LLaVA with 144 visual tokens and a Qwen2-VL, trained on the CPU
-# (1 thread, seed 0; run one at a time, in the background: about 45 and 25 minutes), and their held-out set.
+# The scene VLMs (toys/scene_task.py): a LLaVA with 144 visual tokens, a Qwen2-VL and an Idefics3, trained on
+# the CPU (1 thread, seed 0; one at a time, in the background: about 43, 35 and 27 minutes), and their held-out set.
 .PHONY: toy-scenes toy-llava-scenes toy-qwen-scenes toy-idefics3-scenes eval-toy-llava-scenes eval-toy-qwen-scenes eval-toy-idefics3-scenes
 
 toy-scenes: $(STAMP)
