@@ -25,17 +25,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import (
-    Idefics3Config,
-    Idefics3ForConditionalGeneration,
-    Idefics3ImageProcessorPil,
-    Idefics3Processor,
-    Idefics3VisionConfig,
-    LlamaConfig,
-    Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
-    Qwen2VLImageProcessorPil,
-)
+from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil
+from transformers import Idefics3Processor, Idefics3VisionConfig, LlamaConfig
+from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
 from attnflow.toys import scene_task, vqa_task
 from attnflow.toys.tiny import Qwen2VLImageOnlyProcessor
