@@ -18,7 +18,8 @@ console = Console(stderr=True, soft_wrap=True)
 
 
 MODEL = typer.Option("toy-vlm", help="A Hugging Face repo id (org/name: the HF cache first, then the Hub unless "
-                                     "HF_HUB_OFFLINE=1), a local model folder, toy-vlm, or toy-<family>.")
+                                     "HF_HUB_OFFLINE=1), a local model folder, a bundled model (`attnflow models`), "
+                                     "or toy-<family>.")
 INPUTS = typer.Option(None, help="JSONL of {image, prompt, answer}; default: the model's bundled inputs.")
 
 
@@ -316,6 +317,31 @@ def eval_answers(
     if out:
         write_json(out, {"model": model, "images": seen, "blank_images": blank})
         console.print(f"wrote {out}")
+
+
+@app.command("models")
+@friendly
+def models_list(
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of objects instead of a table."),
+) -> None:
+    """The bundled trained models: name, path, model_type, visual tokens per image, parameters, held-out set."""
+    import json
+
+    from attnflow.models import bundled_models
+
+    rows = bundled_models()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    for r in rows:
+        if r["model_type"] is None:
+            typer.echo(f"{r['name']}: missing from {r['path']} (rebuild: make {r['name']})")
+            continue
+        typer.echo(f"{r['name']}: {r['model_type']}, {r['visual_tokens']} visual tokens per image, "
+                   f"{r['parameters'] / 1e6:.2f} M parameters, {r['size_mb']} MB, held-out accuracy "
+                   f"{pct(r['accuracy'])} (blank images {pct(r['blank_accuracy'])})\n"
+                   f"    {r['path']}\n    held-out: {r['heldout']}")
 
 
 bench_app = typer.Typer(no_args_is_help=True,

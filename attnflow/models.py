@@ -1,7 +1,7 @@
 """Load a model and its processor from a local folder, a Hugging Face repo id, or a bundled name.
 
-``toy-vlm`` is the trained toy VLM shipped in data/; ``toy-<family>`` is a tiny random model
-of that family, saved once to a cache folder. A repo id (``org/name``, optionally at a
+The trained models shipped in data/ are listed in ``BUNDLED`` (``attnflow models``);
+``toy-<family>`` is a tiny random model of that family, saved once to a cache folder. A repo id (``org/name``, optionally at a
 revision) is found the way ``from_pretrained`` finds it: the local HF cache first, then the
 network unless ``HF_HUB_OFFLINE=1``. All of them then go through the same ``from_pretrained``
 code, on the device and in the dtype asked for, or spread over devices by accelerate
@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import transformers
 from transformers import (
@@ -33,6 +34,21 @@ from attnflow.probes.adapters import adapter_of_type
 
 class ModelSpecError(UserError, ValueError):
     """The model spec names nothing attnflow can load."""
+
+
+# The trained models shipped in attnflow.data: name -> (model folder, held-out JSONL), relative to it;
+# each is rebuilt by the make target of its name.
+BUNDLED: dict[str, tuple[str, str]] = {
+    "toy-vlm": ("toy-vlm", "toy-vqa/heldout.jsonl"),
+    "toy-llava-scenes": ("toy-llava-scenes", "toy-scenes/heldout-llava.jsonl"),
+    "toy-qwen-scenes": ("toy-qwen-scenes", "toy-scenes/heldout-qwen2_vl.jsonl"),
+    "toy-idefics3-scenes": ("toy-idefics3-scenes", "toy-scenes/heldout-idefics3.jsonl"),
+}
+
+
+def _bundled(name: str, index: int) -> Path:
+    from importlib.resources import files
+    return Path(str(files("attnflow.data"))) / BUNDLED[name][index]
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -66,24 +82,23 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
 
 def resolve(spec: str, revision: str | None = None) -> Path:
     """The local folder a model spec stands for (a bundled name, a folder, or a hub id)."""
-    if spec == "toy-vlm":
-        from attnflow.toys.toy_vlm import model_dir
-        path = model_dir()
+    if spec in BUNDLED:
+        path = _bundled(spec, 0)
         if not (path / "config.json").is_file():
-            raise ModelSpecError(f"the bundled toy VLM is missing from {path}; rebuild it with `make toy-vlm`")
+            raise ModelSpecError(f"the bundled model {spec} is missing from {path}; rebuild it with `make {spec}`")
         return path
     if spec.startswith("toy-"):
         from attnflow.toys import tiny
         family = spec[len("toy-"):]
         if family not in tiny.FAMILIES:
-            raise ModelSpecError(f"unknown toy {spec!r}; toys: toy-vlm, "
+            raise ModelSpecError(f"unknown toy {spec!r}; toys: {', '.join(BUNDLED)}, "
                                  + ", ".join(f"toy-{f}" for f in tiny.FAMILIES))
         return tiny.cached(family)
     path = Path(spec)
     if not path.exists() and HUB_ID.match(spec):
         path = _hub_snapshot(spec, revision)
     if not (path / "config.json").is_file():
-        raise ModelSpecError(f"{spec!r} is neither a toy name (toy-vlm, toy-<family>), a model folder with a "
+        raise ModelSpecError(f"{spec!r} is neither a toy name ({', '.join(BUNDLED)}, toy-<family>), a model folder with a "
                              "config.json, nor a Hugging Face repo id (org/name)")
     return path
 
@@ -117,11 +132,7 @@ def load_model(spec: str | Path, *, attn_implementation: str | None = None,
         kwargs.update(device_map=device_map, offload_folder=tempfile.mkdtemp(prefix="attnflow-offload-"))
     if adapter.multimodal:
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-        if adapter.processor:
-            from attnflow import processors
-            processor = processors.load(adapter.processor, path, local_files_only=True)
-        else:
-            processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        processor = _vlm_processor(path, adapter)
     else:
         arch = (config.architectures or [None])[0]
         auto = getattr(transformers, arch, None) if arch else None
@@ -137,17 +148,64 @@ def load_model(spec: str | Path, *, attn_implementation: str | None = None,
     return model.eval(), processor
 
 
+def _vlm_processor(path: Path, adapter: Any) -> Any:
+    """A VLM's processor: the adapter's own class (attnflow.processors) when it names one."""
+    if adapter.processor:
+        from attnflow import processors
+        return processors.load(adapter.processor, path, local_files_only=True)
+    return AutoProcessor.from_pretrained(path, local_files_only=True)
+
+
 def default_inputs(spec: str) -> Path:
-    """The inputs that go with a bundled model: the toy VLM's held-out set, or a toy's samples."""
-    if spec == "toy-vlm":
-        from attnflow.toys.toy_vlm import heldout_path
-        path = heldout_path()
+    """The inputs that go with a bundled model: a trained model's held-out set, or a toy's samples."""
+    if spec in BUNDLED:
+        path = _bundled(spec, 1)
         if not path.is_file():
             raise ModelSpecError(f"the bundled held-out set is missing from {path}")
         return path
     if spec.startswith("toy-"):
         return _toy_inputs(resolve(spec))
     raise ModelSpecError(f"--inputs is required for {spec!r} (only bundled models have default inputs)")
+
+
+def bundled_models() -> list[dict[str, Any]]:
+    """One row per shipped trained model: name, path, model_type, visual tokens per image, parameters,
+    held-out file, and the held-out accuracy with real and blank images its training.json records."""
+    rows = []
+    for name in BUNDLED:
+        path, heldout = _bundled(name, 0), _bundled(name, 1)
+        row: dict[str, Any] = {"name": name, "path": str(path), "model_type": None, "visual_tokens": None,
+                               "parameters": None, "size_mb": None, "heldout": str(heldout),
+                               "accuracy": None, "blank_accuracy": None}
+        if (path / "config.json").is_file():
+            row.update(_describe(path, heldout))
+        rows.append(row)
+    return rows
+
+
+def _describe(path: Path, heldout: Path) -> dict[str, Any]:
+    """What ``bundled_models`` reads from a saved model without building it: config, weights' shapes,
+    the processor's expansion of the first held-out prompt, and training.json."""
+    from safetensors import safe_open
+
+    from attnflow.probes.inputs import encode, load_examples
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    weights = path / "model.safetensors"
+    with safe_open(weights, framework="pt") as f:
+        parameters = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+    row: dict[str, Any] = {"model_type": config.model_type, "parameters": parameters,
+                           "size_mb": round(sum(p.stat().st_size for p in path.iterdir() if p.is_file()) / 2**20, 1)}
+    if heldout.is_file():
+        processor = _vlm_processor(path, adapter_of_type(config.model_type, str(path)))
+        ids = encode(processor, load_examples(heldout)[:1])["input_ids"][0]
+        row["visual_tokens"] = int((ids == config.image_token_id).sum())
+    info_path = path / "training.json"
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        row["accuracy"] = info.get("heldout", {}).get("accuracy")
+        row["blank_accuracy"] = info.get("heldout_blank_images", {}).get("accuracy")
+    return row
 
 
 def _toy_inputs(folder: Path) -> Path:

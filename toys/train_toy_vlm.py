@@ -29,8 +29,11 @@ import json
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,83 +74,124 @@ class Recipe:
     eos_weight: float = 0.1
     patch_weight: float = 1.0  # per-patch captioning loss: an object's visual tokens name its colour, shape, quadrant
     patch_steps: int = 2000  # the per-patch loss is on for these first steps (stages 1-2)
+    patch_layer: int | None = None  # caption from this decoder layer's output (None: the last layer's)
+    tie_embeddings: bool = False  # LM head = input embeddings: a captioned visual token then looks like its words
     single_object_steps: int = 200  # stage 1: one object per image for the first steps
     two_object_share: float = 0.7  # then two objects this often: only they teach binding a word to an object
 
+    def n_objects(self, step: int, rng: np.random.Generator) -> int:
+        """Objects in a training image: one during the curriculum's first stage, then two at ``two_object_share``."""
+        if step < self.single_object_steps:
+            return 1
+        return 2 if rng.random() < self.two_object_share else 1
 
-def build_processor() -> LlavaProcessor:
-    """A LlavaProcessor over the task's words: ``<image>`` expands to one token per patch, BOS is prepended."""
-    vocab = vqa_task.vocabulary()
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What the trainer needs to know about a task and a model family's visual tokens.
+
+    ``sample(rng, n_objects)`` draws a training example; the per-patch captioning loss asks the
+    visual token ``token_of(obj)`` (of ``n_visual`` per image, row-major) to name ``caption(obj)``.
+    ``positions``: pass explicit position ids (LLaVA); Qwen2-VL computes its own M-RoPE ids.
+    """
+
+    sample: Callable[[np.random.Generator, int], Any]
+    n_visual: int
+    token_of: Callable[[Any], int]
+    caption: Callable[[Any], tuple[str, ...]]
+    positions: bool = True
+
+
+VQA_SPEC = TaskSpec(sample=lambda rng, n: vqa_task.sample_example(rng, n_objects=n), n_visual=vqa_task.GRID ** 2,
+                    token_of=lambda o: o.patch, caption=lambda o: (o.color, o.shape, o.quadrant))
+
+
+def word_tokenizer(vocab: list[str], extra_special: dict[str, str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``vocab`` (specials first) that prepends ``<bos>`` and pads on the left."""
     ids = {w: i for i, w in enumerate(vocab)}
     core = Tokenizer(models.WordLevel(ids, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", ids["<bos>"])])
-    core.add_special_tokens(list(vqa_task.SPECIAL_TOKENS))
-    tokenizer = PreTrainedTokenizerFast(
+    core.add_special_tokens([*vqa_task.SPECIAL_TOKENS, *extra_special.values()])
+    return PreTrainedTokenizerFast(
         tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
-        padding_side="left", extra_special_tokens={"image_token": vqa_task.IMAGE_TOKEN})
-    size = vqa_task.IMAGE_SIZE
+        padding_side="left", extra_special_tokens=extra_special)
+
+
+def build_processor(task: ModuleType = vqa_task) -> LlavaProcessor:
+    """A LlavaProcessor over the task's words: ``<image>`` expands to one token per patch, BOS is prepended."""
+    tokenizer = word_tokenizer(task.vocabulary(), {"image_token": vqa_task.IMAGE_TOKEN})
+    size = task.IMAGE_SIZE
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size},
         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vqa_task.PATCH,
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=task.PATCH,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
                           image_token=vqa_task.IMAGE_TOKEN)
 
 
-def build_model(processor: LlavaProcessor, recipe: Recipe, seed: int) -> LlavaForConditionalGeneration:
+def build_model(processor: LlavaProcessor, recipe: Recipe, seed: int,
+                task: ModuleType = vqa_task) -> LlavaForConditionalGeneration:
     """A freshly initialised LLaVA whose sizes come from the recipe and whose ids match the processor."""
     tok = processor.tokenizer
     vision = CLIPVisionConfig(
         hidden_size=recipe.vision_hidden, intermediate_size=4 * recipe.vision_hidden,
         num_hidden_layers=recipe.vision_layers, num_attention_heads=recipe.vision_heads,
-        image_size=vqa_task.IMAGE_SIZE, patch_size=vqa_task.PATCH)
+        image_size=task.IMAGE_SIZE, patch_size=task.PATCH)
+    n_visual = (task.IMAGE_SIZE // task.PATCH) ** 2
     text = LlamaConfig(
         vocab_size=len(tok), hidden_size=recipe.text_hidden, intermediate_size=recipe.text_mlp,
         num_hidden_layers=recipe.text_layers, num_attention_heads=recipe.text_heads,
-        num_key_value_heads=recipe.text_heads, max_position_embeddings=128, tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        num_key_value_heads=recipe.text_heads, max_position_embeddings=max(128, 2 * n_visual),
+        tie_word_embeddings=recipe.tie_embeddings, **text_ids(tok))
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=processor.image_token_id,
         projector_hidden_act="gelu", vision_feature_layer=-1, vision_feature_select_strategy="default",
-        image_seq_length=vqa_task.GRID ** 2)
+        image_seq_length=n_visual, tie_word_embeddings=recipe.tie_embeddings)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
+    return set_generation(LlavaForConditionalGeneration(config), tok)
+
+
+def text_ids(tok: PreTrainedTokenizerFast) -> dict[str, int]:
+    """The special token ids a text config needs."""
+    return dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+def set_generation(model: Any, tok: PreTrainedTokenizerFast) -> Any:
+    """Greedy generation of ``answer <eos>`` by default; returns the model."""
     gen = model.generation_config
     gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     gen.max_new_tokens, gen.do_sample = 2, False
     return model
 
 
-def training_batch(processor: LlavaProcessor, examples: list[vqa_task.VQAExample]) -> dict[str, torch.Tensor]:
-    """Processor inputs for the prompts, left-padded, with ``answer <eos>`` appended and position ids."""
-    batch = processor(text=[e.prompt for e in examples], images=[e.image for e in examples],
-                      padding=True, return_tensors="pt")
+def training_batch(processor: Any, examples: list[vqa_task.VQAExample],
+                   spec: TaskSpec = VQA_SPEC) -> dict[str, torch.Tensor]:
+    """Processor inputs for the prompts, left-padded, with ``answer <eos>`` appended (and position ids)."""
+    batch = dict(processor(text=[e.prompt for e in examples], images=[e.image for e in examples],
+                           padding=True, return_tensors="pt"))
     tok = processor.tokenizer
     answers = torch.tensor(tok.convert_tokens_to_ids([e.answer for e in examples]))
     tail = torch.stack([answers, torch.full_like(answers, tok.eos_token_id)], dim=1)
-    ids = torch.cat([batch["input_ids"], tail], dim=1)
-    mask = torch.cat([batch["attention_mask"], torch.ones_like(tail)], dim=1)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate uses with left padding
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-            "pixel_values": batch["pixel_values"], "targets": tail, "patch_targets": _patch_targets(tok, examples)}
+    fill = {"input_ids": tail, "attention_mask": torch.ones_like(tail)}  # other per-token rows get zeros
+    width = batch["input_ids"].shape
+    for key, value in list(batch.items()):
+        if torch.is_tensor(value) and value.shape == width:
+            batch[key] = torch.cat([value, fill.get(key, torch.zeros_like(tail))], dim=1)
+    if spec.positions:
+        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # as generate does
+    return {**batch, "targets": tail, "patch_targets": _patch_targets(tok, examples, spec)}
 
 
-def _patch_targets(tok: PreTrainedTokenizerFast, examples: list[vqa_task.VQAExample]) -> torch.Tensor:
-    """[B, patches, 3] colour, shape and quadrant word ids of the object in each patch; -100 where none is."""
-    targets = torch.full((len(examples), vqa_task.GRID ** 2, 3), -100)
+def _patch_targets(tok: PreTrainedTokenizerFast, examples: list[vqa_task.VQAExample], spec: TaskSpec) -> torch.Tensor:
+    """[B, visual tokens, k] word ids of each object's caption at its visual token; -100 where none is."""
+    width = len(spec.caption(examples[0].objects[0]))
+    targets = torch.full((len(examples), spec.n_visual, width), -100)
     for i, e in enumerate(examples):
         for o in e.objects:
-            targets[i, o.patch] = torch.tensor(tok.convert_tokens_to_ids([o.color, o.shape, o.quadrant]))
+            targets[i, spec.token_of(o)] = torch.tensor(tok.convert_tokens_to_ids(list(spec.caption(o))))
     return targets
-
-
-def _n_objects(step: int, recipe: Recipe, rng: np.random.Generator) -> int:
-    """Objects in a training image: one during the curriculum's first stage, then two at ``two_object_share``."""
-    if step < recipe.single_object_steps:
-        return 1
-    return 2 if rng.random() < recipe.two_object_share else 1
 
 
 def _lr_factor(step: int, recipe: Recipe) -> float:
@@ -158,8 +202,8 @@ def _lr_factor(step: int, recipe: Recipe) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def train(model: LlavaForConditionalGeneration, processor: LlavaProcessor, recipe: Recipe, seed: int,
-          log_every: int = 50) -> list[dict[str, float]]:
+def train(model: Any, processor: Any, recipe: Recipe, seed: int, log_every: int = 50,
+          spec: TaskSpec = VQA_SPEC) -> list[dict[str, float]]:
     """Train in place on freshly sampled examples; return the logged (step, loss, answer accuracy) rows."""
     rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
@@ -168,17 +212,23 @@ def train(model: LlavaForConditionalGeneration, processor: LlavaProcessor, recip
     log, losses, hits, t0 = [], [], defaultdict(list), time.perf_counter()
     model.train()
     for step in range(recipe.steps):
-        examples = [vqa_task.sample_example(rng, n_objects=_n_objects(step, recipe, rng))
-                    for _ in range(recipe.batch_size)]
-        batch = training_batch(processor, examples)
+        examples = [spec.sample(rng, recipe.n_objects(step, rng)) for _ in range(recipe.batch_size)]
+        batch = training_batch(processor, examples, spec)
         targets, patch_targets = batch.pop("targets"), batch.pop("patch_targets")
         patch_on = step < recipe.patch_steps and recipe.patch_weight > 0
-        all_logits = model(**batch, logits_to_keep=0 if patch_on else 3).logits
+        middle = patch_on and recipe.patch_layer is not None
+        out = model(**batch, logits_to_keep=0 if patch_on else 3, output_hidden_states=middle)
+        all_logits = out.logits
         logits = all_logits[:, -3:-1]  # predictions of answer and <eos>
         ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         loss = (ce.mean(0) * weights).sum()
         if patch_on:
-            visual = all_logits[batch["input_ids"] == model.config.image_token_id]  # [B * patches, V], row-major
+            is_visual = batch["input_ids"] == model.config.image_token_id
+            if middle:  # caption from a middle layer's state, through the final norm and the LM head
+                text_model = getattr(model.model, "language_model", None) or model.model.text_model  # Idefics3
+                visual = model.lm_head(text_model.norm(out.hidden_states[recipe.patch_layer][is_visual]))
+            else:
+                visual = all_logits[is_visual]  # [B * patches, V], row-major
             patch = visual.unsqueeze(1).expand(-1, patch_targets.shape[-1], -1).reshape(-1, visual.shape[-1])
             loss = loss + recipe.patch_weight * torch.nn.functional.cross_entropy(patch, patch_targets.reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -201,37 +251,54 @@ def train(model: LlavaForConditionalGeneration, processor: LlavaProcessor, recip
     return log
 
 
-def main(argv: list[str] | None = None) -> None:
-    """CLI: train the toy VLM and write it to ``--out``."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True, help="output folder, e.g. data/toy-vlm")
-    ap.add_argument("--seed", type=int, default=0, help="seed for initialisation and training data")
-    ap.add_argument("--steps", type=int, default=Recipe.steps, help="optimiser steps")
-    args = ap.parse_args(argv)
-    if args.seed == vqa_task.HELDOUT_SEED:
-        raise ValueError(f"seed {args.seed} is the held-out seed; pick another")
+def train_and_save(out: Path, model: Any, processor: Any, recipe: Recipe, seed: int, heldout: list[Any],
+                   heldout_info: dict[str, Any], spec: TaskSpec = VQA_SPEC) -> dict[str, Any]:
+    """Train with one thread, score ``heldout`` (real and blank images), and replace ``out`` atomically with
+    the ``save_pretrained`` model and processor plus ``training.json``; return that json's content."""
     torch.set_num_threads(1)  # a seed fixes the weights only at a fixed thread count
-    recipe = Recipe(steps=args.steps)
-    processor = build_processor()
-    model = build_model(processor, recipe, args.seed)
     t0 = time.perf_counter()
-    log = train(model, processor, recipe, args.seed)
+    log = train(model, processor, recipe, seed, spec=spec)
     wall = time.perf_counter() - t0
-    heldout = [e.as_input() for e in vqa_task.heldout_examples()]
     result = evaluate(model, processor, heldout)
     blank = evaluate(model, processor, heldout, blank=True)
     print(json.dumps({"heldout": result, "blank": blank}), flush=True)
-    info = {"recipe": asdict(recipe), "seed": args.seed, "threads": 1, "wall_seconds": round(wall, 1),
+    info = {"recipe": asdict(recipe), "seed": seed, "threads": 1, "wall_seconds": round(wall, 1),
             "seconds_per_step": round(wall / recipe.steps, 3),
             "parameters": sum(p.numel() for p in model.parameters()),
-            "heldout": {"seed": vqa_task.HELDOUT_SEED, "size": vqa_task.HELDOUT_SIZE, **result},
+            "heldout": {**heldout_info, **result},
             "heldout_blank_images": blank,
             "log": log}
-    with atomic_dir(args.out) as tmp:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         write_json(tmp / "training.json", info)
-    print(f"wrote {args.out}", flush=True)
+    print(f"wrote {out}", flush=True)
+    return info
+
+
+def training_args(ap: argparse.ArgumentParser, argv: list[str] | None, out: str, steps: int | None,
+                  heldout_seed: int) -> argparse.Namespace:
+    """Add --out, --seed and --steps to ``ap``, parse, refuse the held-out seed, and go to one thread."""
+    ap.add_argument("--out", type=Path, required=True, help=f"output folder, e.g. {out}")
+    ap.add_argument("--seed", type=int, default=0, help="seed for initialisation and training data")
+    ap.add_argument("--steps", type=int, default=steps, help="optimiser steps (default: the recipe's)")
+    args = ap.parse_args(argv)
+    if args.seed == heldout_seed:
+        raise ValueError(f"seed {args.seed} is the held-out seed; pick another")
+    torch.set_num_threads(1)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: train the toy VLM and write it to ``--out``."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args = training_args(ap, argv, "data/toy-vlm", Recipe.steps, vqa_task.HELDOUT_SEED)
+    recipe = Recipe(steps=args.steps)
+    processor = build_processor()
+    model = build_model(processor, recipe, args.seed)
+    heldout = [e.as_input() for e in vqa_task.heldout_examples()]
+    train_and_save(args.out, model, processor, recipe, args.seed, heldout,
+                   {"seed": vqa_task.HELDOUT_SEED, "size": vqa_task.HELDOUT_SIZE})
 
 
 if __name__ == "__main__":

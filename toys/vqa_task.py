@@ -172,15 +172,17 @@ def _exists_question(present: list[str], universe: list[str], rng: np.random.Gen
     return str(rng.choice([v for v in universe if v not in present])), "no"
 
 
-def sample_question(scene: tuple[Obj, ...], qtype: str, rng: np.random.Generator) -> tuple[str, str]:
-    """A question of type ``qtype`` about the scene and its one-word answer."""
+def sample_question(scene: tuple[Obj, ...], qtype: str, rng: np.random.Generator, shapes: tuple[str, ...] = SHAPES,
+                    counts: tuple[str, ...] = COUNTS) -> tuple[str, str]:
+    """A question of type ``qtype`` about the scene and its one-word answer (``shapes``, ``counts``: the
+    task's shape universe and count words; ``attnflow.toys.scene_task`` has more)."""
     obj = scene[int(rng.integers(len(scene)))]
     if qtype == "color_of_shape":
         return f"what color is the {obj.shape}", obj.color
     if qtype == "shape_of_color":
         return f"what shape is {obj.color}", obj.shape
     if qtype == "exists_shape":
-        shape, answer = _exists_question([o.shape for o in scene], list(SHAPES), rng)
+        shape, answer = _exists_question([o.shape for o in scene], list(shapes), rng)
         return f"is there a {shape}", answer
     if qtype == "exists_color":
         color, answer = _exists_question([o.color for o in scene], list(COLORS), rng)
@@ -188,7 +190,7 @@ def sample_question(scene: tuple[Obj, ...], qtype: str, rng: np.random.Generator
     if qtype == "where":
         return f"where is {obj.color}", obj.quadrant
     if qtype == "count":
-        return "how many objects", COUNTS[len(scene) - 1]
+        return "how many objects", counts[len(scene) - 1]
     raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES}")
 
 
@@ -221,13 +223,18 @@ def write_dataset(examples: list[VQAExample], out: Path) -> Path:
     return Path(out) / "heldout.jsonl"
 
 
+def heldout_args(argv: list[str] | None, description: str, out: str, size: int, seed: int) -> argparse.Namespace:
+    """Parse a held-out writer's --out, --n and --seed."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--out", type=Path, required=True, help=f"output folder, e.g. {out}")
+    ap.add_argument("--n", type=int, default=size, help="number of examples")
+    ap.add_argument("--seed", type=int, default=seed, help="held-out seed (not a training seed)")
+    return ap.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> None:
     """CLI: write the held-out set."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True, help="output folder, e.g. data/toy-vqa")
-    ap.add_argument("--n", type=int, default=HELDOUT_SIZE, help="number of examples")
-    ap.add_argument("--seed", type=int, default=HELDOUT_SEED, help="held-out seed (not a training seed)")
-    args = ap.parse_args(argv)
+    args = heldout_args(argv, __doc__.splitlines()[0], "data/toy-vqa", HELDOUT_SIZE, HELDOUT_SEED)
     print(write_dataset(heldout_examples(args.n, args.seed), args.out))
 
 
