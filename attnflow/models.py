@@ -46,7 +46,8 @@ BUNDLED: dict[str, tuple[str, str]] = {
 }
 
 
-def _bundled(name: str, index: int) -> Path:
+def bundled_path(name: str, index: int) -> Path:
+    """Where bundled model ``name`` keeps its model folder (``index`` 0) or held-out JSONL (1)."""
     from importlib.resources import files
     return Path(str(files("attnflow.data"))) / BUNDLED[name][index]
 
@@ -83,7 +84,7 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
 def resolve(spec: str, revision: str | None = None) -> Path:
     """The local folder a model spec stands for (a bundled name, a folder, or a hub id)."""
     if spec in BUNDLED:
-        path = _bundled(spec, 0)
+        path = bundled_path(spec, 0)
         if not (path / "config.json").is_file():
             raise ModelSpecError(f"the bundled model {spec} is missing from {path}; rebuild it with `make {spec}`")
         return path
@@ -159,7 +160,7 @@ def _vlm_processor(path: Path, adapter: Any) -> Any:
 def default_inputs(spec: str) -> Path:
     """The inputs that go with a bundled model: a trained model's held-out set, or a toy's samples."""
     if spec in BUNDLED:
-        path = _bundled(spec, 1)
+        path = bundled_path(spec, 1)
         if not path.is_file():
             raise ModelSpecError(f"the bundled held-out set is missing from {path}")
         return path
@@ -173,7 +174,7 @@ def bundled_models() -> list[dict[str, Any]]:
     held-out file, and the held-out accuracy with real and blank images its training.json records."""
     rows = []
     for name in BUNDLED:
-        path, heldout = _bundled(name, 0), _bundled(name, 1)
+        path, heldout = bundled_path(name, 0), bundled_path(name, 1)
         row: dict[str, Any] = {"name": name, "path": str(path), "model_type": None, "visual_tokens": None,
                                "parameters": None, "size_mb": None, "heldout": str(heldout),
                                "accuracy": None, "blank_accuracy": None}

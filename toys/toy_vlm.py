@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from importlib.resources import files
 from pathlib import Path
 
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
 
-def _data_dir(name: str) -> Path:
-    """A folder of the packaged ``attnflow.data``, with a clear error when it is missing."""
-    path = Path(str(files("attnflow.data") / name))
-    if not path.is_dir():
+def _data_path(index: int) -> Path:
+    """The toy VLM's entry in the registry of bundled models (0: model folder, 1: held-out JSONL),
+    with a clear error when it is missing."""
+    from attnflow.models import bundled_path
+
+    path = bundled_path("toy-vlm", index)
+    if not path.exists():
         raise FileNotFoundError(
             f"{path} is missing; rebuild it with `make toy-vlm` (model) or "
             "`python -m attnflow.toys.vqa_task --out data/toy-vqa` (held-out set)")
@@ -20,12 +22,12 @@ def _data_dir(name: str) -> Path:
 
 def model_dir() -> Path:
     """The folder holding the toy VLM's ``save_pretrained`` files and ``training.json``."""
-    return _data_dir("toy-vlm")
+    return _data_path(0)
 
 
 def heldout_path() -> Path:
     """The held-out JSONL of the toy task (images relative to it)."""
-    return _data_dir("toy-vqa") / "heldout.jsonl"
+    return _data_path(1)
 
 
 def toy_vlm(attn_implementation: str | None = None) -> tuple[PreTrainedModel, ProcessorMixin]:
