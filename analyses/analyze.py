@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import xarray as xr
 from torch import nn
 
@@ -31,6 +32,7 @@ from attnflow.analyses.validate import check_model, check_trace
 from attnflow.probes import adapters
 from attnflow.probes.inputs import Example
 from attnflow.probes.io import load_trace
+from attnflow.probes.schema import attention_layers
 
 
 class _Clock:
@@ -105,20 +107,22 @@ def analyze(trace: xr.Dataset | str | Path, model: nn.Module | None = None,
             lens = clock.run("logit_lens", logit_lens, model, trace, processor, th)
     exit_ = find_exit(trace, th, ko, lens)
     if notes:
-        exit_["notes"] = notes
+        exit_["notes"] = notes + exit_.get("notes", [])
 
     flow = flow_mod.flow_matrix(trace)
+    linear = np.flatnonzero(~attention_layers(trace)).tolist()
     if attribution:
         maps = trace_maps(trace)
-        if maps is None and examples is not None:
+        if maps is None and examples is not None and not linear:
             maps = clock.run("attention_maps", model_maps, model, processor, trace, examples)
         if maps is not None:
             flow["attribution"] = clock.run("rollout_and_flow", flow_mod.attribution, maps, trace,
                                             th.flow_block)
         else:
             flow["attribution"] = None
-            flow["attribution_note"] = ("rollout and flow need every layer's attention map: record "
-                                        "with --level full, or pass the model, processor and inputs")
+            flow["attribution_note"] = "rollout and flow need every layer's attention map: " + (
+                f"layers {linear} have none (linear attention)" if linear else
+                "record with --level full, or pass the model, processor and inputs")
 
     num_layers = int(trace.attrs.get("num_layers", trace.sizes["layer"]))
     model_info = {"model_type": trace.attrs.get("model_type"), "fingerprint": trace.attrs.get("fingerprint"),

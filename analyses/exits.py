@@ -20,6 +20,7 @@ import xarray as xr
 from attnflow.analyses.arrays import listed, nanmean
 from attnflow.analyses.groups import has_visual, is_causal
 from attnflow.analyses.thresholds import Thresholds
+from attnflow.probes.schema import attention_layers
 
 
 def first_stable(ok: np.ndarray) -> int:
@@ -63,12 +64,15 @@ def uniform_to_visual(trace: xr.Dataset) -> float:
     return float(np.mean(shares)) if shares else float("nan")
 
 
-def observational_exit(curve: np.ndarray, uniform: float, th: Thresholds) -> int:
+def observational_exit(curve: np.ndarray, uniform: float, th: Thresholds,
+                       unseen: np.ndarray | None = None) -> int:
     """First layer after which ``curve`` stays at most ``th.exit_share_tol`` x its peak, or x
     the uniform-attention share when the peak is below it (a model whose text never reads
-    visual tokens exits at 0, not wherever noise peaks)."""
+    visual tokens exits at 0, not wherever noise peaks). Layers flagged in ``unseen`` (no
+    softmax attention to observe) count as still reading visual tokens."""
     reference = np.nanmax(np.append(curve, uniform))
-    return first_stable(np.nan_to_num(curve, nan=0.0) <= th.exit_share_tol * reference)
+    ok = np.nan_to_num(curve, nan=0.0) <= th.exit_share_tol * reference
+    return first_stable(ok if unseen is None else ok & ~unseen)
 
 
 def find_exit(trace: xr.Dataset, th: Thresholds, knockout: dict[str, Any] | None = None,
@@ -80,13 +84,15 @@ def find_exit(trace: xr.Dataset, th: Thresholds, knockout: dict[str, Any] | None
                 "reason": "the trace has no visual tokens (text-only or encoder model): "
                           "there is nothing to exit",
                 "layers": {}, "curves": {"observational": None, "knockout": None, "logit_lens": None}}
-    curve = text_to_visual(trace)
+    unseen = ~attention_layers(trace)  # no softmax attention (linear-attention layers)
+    last = np.where(unseen, np.nan, last_to_visual(trace))
+    curve = np.where(unseen, np.nan, text_to_visual(trace))
     if np.isnan(curve).all():  # no text query after the image: fall back to the last position
-        curve = last_to_visual(trace)
-    layers = {"observational": {"layer": observational_exit(curve, uniform_to_visual(trace), th),
+        curve = last
+    layers = {"observational": {"layer": observational_exit(curve, uniform_to_visual(trace), th, unseen),
                                 "tolerance": th.exit_share_tol,
                                 "rule": "text->visual share stays at most tolerance x max(peak, uniform share)"}}
-    curves: dict[str, Any] = {"observational": listed(curve), "observational_last": listed(last_to_visual(trace)),
+    curves: dict[str, Any] = {"observational": listed(curve), "observational_last": listed(last),
                               "observational_cumulative": listed(cumulative(curve)),
                               "knockout": None, "logit_lens": None}
     if knockout is not None:
@@ -105,5 +111,10 @@ def find_exit(trace: xr.Dataset, th: Thresholds, knockout: dict[str, Any] | None
         curves["logit_lens"] = listed(lens["curves"]["prob"])
         curves["logit_lens_all"] = {k: listed(v) for k, v in lens["curves"].items()}
     criterion = "knockout" if knockout is not None else "observational"
-    return {"layer": layers[criterion]["layer"], "criterion": criterion, "applies": True,
-            "layers": layers, "curves": curves}
+    out = {"layer": layers[criterion]["layer"], "criterion": criterion, "applies": True,
+           "layers": layers, "curves": curves}
+    if unseen.any():
+        out["notes"] = [f"layers {np.flatnonzero(unseen).tolist()} have no softmax attention (linear attention): "
+                        "the observational curve has no value there and counts them as still reading visual "
+                        "tokens, and the knockout cuts attention in the other layers only"]
+    return out

@@ -26,20 +26,22 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import maximum_flow
 
 from attnflow.analyses.arrays import nanmean
-from attnflow.probes.schema import GROUPS, NO_PATCH
+from attnflow.probes.schema import GROUPS, NO_PATCH, attention_layers
 
 CAPACITY_SCALE = 1_000_000
 
 
 def flow_matrix(trace: xr.Dataset) -> dict[str, Any]:
-    """The layer x src x dst attention matrix (sample- and head-mean), with its labels."""
+    """The layer x src x dst attention matrix (sample- and head-mean), with its labels; the
+    rows of ``layers_without_attention`` (a hybrid model's linear attention) are zeros."""
     flow = trace["flow"].transpose("sample", "layer", "head", "src", "dst").values
     per_head = nanmean(flow, 0)
     return {"matrix": np.nan_to_num(nanmean(per_head, 1)).round(6).tolist(),
             "labels": {"layer": [int(l) for l in trace["layer"].values],
                        "src": [str(s) for s in trace["src"].values],
                        "dst": [str(d) for d in trace["dst"].values]},
-            "axes": ["layer", "src", "dst"]}
+            "axes": ["layer", "src", "dst"],
+            "layers_without_attention": np.flatnonzero(~attention_layers(trace)).tolist()}
 
 
 def augmented(maps: np.ndarray) -> np.ndarray:

@@ -61,7 +61,8 @@ def cut_mask(mask: torch.Tensor | None, blocked: torch.Tensor, dtype: torch.dtyp
 def cut_visual(model: nn.Module, layers: Iterable[int], queries: torch.Tensor,
                keys: torch.Tensor) -> Iterator[None]:
     """Within the block, layers ``layers`` of ``model`` do not let ``queries`` [B, T] attend
-    to ``keys`` [B, T] (both boolean, batch positions)."""
+    to ``keys`` [B, T] (both boolean, batch positions); layers without softmax attention (a
+    hybrid model's linear attention) are left as they are."""
     blocked = (queries[:, None, :, None] & keys[:, None, None, :])
     causal = adapters.adapter_for(model).causal
 
@@ -73,9 +74,9 @@ def cut_visual(model: nn.Module, layers: Iterable[int], queries: torch.Tensor,
         cut = cut_mask(kwargs[compat.ATTENTION_MASK], blocked.to(hidden.device), hidden.dtype, causal)
         return args, {**kwargs, compat.ATTENTION_MASK: cut}
 
-    stack = adapters.decoder_layers(model)
+    stack, has_attention = adapters.decoder_layers(model), adapters.attention_layers(model)
     handles = [_attention_module(model, stack[l]).register_forward_pre_hook(hook, with_kwargs=True)
-               for l in layers]
+               for l in layers if has_attention[l]]  # linear-attention layers have no edges to cut
     try:
         yield
     finally:

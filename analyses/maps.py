@@ -22,6 +22,7 @@ from torch import nn
 from attnflow.analyses.batches import aligned_batches
 from attnflow.probes import adapters
 from attnflow.probes.inputs import Example
+from attnflow.probes.schema import attention_layers
 
 
 def _prompt_length(trace: xr.Dataset, s: int) -> int:
@@ -32,8 +33,11 @@ def _prompt_length(trace: xr.Dataset, s: int) -> int:
 
 def trace_maps(trace: xr.Dataset) -> list[np.ndarray] | None:
     """Per sample, head-mean maps [L, n, n] over its prompt positions, from the trace's full
-    maps; None unless every layer's map was recorded."""
+    maps; None unless every layer's map was recorded (and every layer has one: a hybrid
+    model's linear-attention layers do not)."""
     if "attn" not in trace or json.loads(trace.attrs.get("layers_full", "[]")) != list(range(trace.sizes["layer"])):
+        return None
+    if not attention_layers(trace).all():
         return None
     attn = trace["attn"].transpose("sample", "layer_full", "head", "q", "k").values
     out = []

@@ -10,6 +10,7 @@ code, on the device and in the dtype asked for, or spread over devices by accele
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import tempfile
@@ -81,6 +82,11 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
                              f"reached: {type(exc).__name__}") from None
 
 
+# random models built (and cached) on first use: name prefix -> (module with ``cached(name)``, its names)
+_GENERATED: dict[str, tuple[str, str]] = {"toy-": ("attnflow.toys.tiny", "FAMILIES"),
+                                          "geometry-": ("attnflow.toys.geometry", "GEOMETRIES")}
+
+
 def resolve(spec: str, revision: str | None = None) -> Path:
     """The local folder a model spec stands for (a bundled name, a folder, or a hub id)."""
     if spec in BUNDLED:
@@ -88,13 +94,14 @@ def resolve(spec: str, revision: str | None = None) -> Path:
         if not (path / "config.json").is_file():
             raise ModelSpecError(f"the bundled model {spec} is missing from {path}; rebuild it with `make {spec}`")
         return path
-    if spec.startswith("toy-"):
-        from attnflow.toys import tiny
-        family = spec[len("toy-"):]
-        if family not in tiny.FAMILIES:
-            raise ModelSpecError(f"unknown toy {spec!r}; toys: {', '.join(BUNDLED)}, "
-                                 + ", ".join(f"toy-{f}" for f in tiny.FAMILIES))
-        return tiny.cached(family)
+    for prefix, (module_name, names_attr) in _GENERATED.items():
+        if spec.startswith(prefix):
+            module = importlib.import_module(module_name)
+            names = list(getattr(module, names_attr))
+            if spec[len(prefix):] not in names:
+                raise ModelSpecError(f"unknown model {spec!r}; bundled: {', '.join(BUNDLED)}; generated: "
+                                     + ", ".join(prefix + n for n in names))
+            return module.cached(spec[len(prefix):])
     path = Path(spec)
     if not path.exists() and HUB_ID.match(spec):
         path = _hub_snapshot(spec, revision)
@@ -166,6 +173,8 @@ def default_inputs(spec: str) -> Path:
         return path
     if spec.startswith("toy-"):
         return _toy_inputs(resolve(spec))
+    if spec.startswith("geometry-"):
+        return resolve(spec) / "inputs" / "inputs.jsonl"
     raise ModelSpecError(f"--inputs is required for {spec!r} (only bundled models have default inputs)")
 
 
@@ -212,18 +221,12 @@ def _describe(path: Path, heldout: Path) -> dict[str, Any]:
 def _toy_inputs(folder: Path) -> Path:
     """Write a tiny toy's sample prompts (and their images as PNG) as JSONL beside it, once."""
     from attnflow.fileio import atomic_dir
+    from attnflow.probes.inputs import write_examples
     from attnflow.toys import tiny
 
     family = folder.name.rsplit("-seed", 1)[0]
     target = folder / "inputs"
     if not (target / "inputs.jsonl").is_file():
         with atomic_dir(target) as tmp:
-            lines = []
-            for i, ex in enumerate(tiny.sample_prompts(family)):
-                names = []
-                for j, image in enumerate(ex["images"]):
-                    names.append(f"{i}-{j}.png")
-                    image.save(tmp / names[-1])
-                lines.append(json.dumps({"prompt": ex["prompt"], "images": names}))
-            (tmp / "inputs.jsonl").write_text("\n".join(lines) + "\n")
+            write_examples(tmp, tiny.sample_prompts(family))
     return target / "inputs.jsonl"

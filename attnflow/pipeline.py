@@ -44,8 +44,11 @@ class RunResult:
 
 def schedule_applies(model: torch.nn.Module, trace: Any) -> str | None:
     """Why no schedule can be derived for this model (None when one can)."""
-    if not adapters.adapter_for(model).causal:
-        return "the model is an encoder: reducers shorten causal decoders only"
+    adapter = adapters.adapter_for(model)
+    if not adapter.causal:
+        return "the model does not attend causally (an encoder or a prefix-LM): reducers shorten causal decoders only"
+    if adapter.unshortenable:
+        return f"reducers cannot shorten {adapter.family}: {adapter.unshortenable}"
     if not (trace.modality == "visual").any():
         return "the inputs have no visual tokens: the schedule's ops act on visual tokens"
     return None

@@ -79,10 +79,20 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                                          f"{row['cpu_speedup_vs_predicted']:.2f}x)",
                              "met": row["target_met"]})
     soak = results["soak"]
+    if soak is None:  # a --gpu-only run
+        return rows
     rows.append({"target": f"soak: resident memory grows < {soak['target_percent']}% from recording "
                            f"{soak['settle']} to {soak['recordings']}",
                  "measured": f"{soak['growth_percent']:.2f}%", "met": soak["target_met"]})
     return rows
+
+
+def _soak(soak: dict[str, Any]) -> list[str]:
+    return ["## Soak", "",
+            f"{soak['recordings']} recordings of {soak['examples_per_recording']} prompts ({soak['model']}) in "
+            f"{soak['seconds']:.0f} s: resident set {soak['rss_mb_after_settle']:.1f} MB after {soak['settle']}, "
+            f"{soak['rss_mb_after_all']:.1f} MB after {soak['recordings']} ({soak['growth_percent']:+.2f}%, "
+            f"{soak['growth_kb_per_recording']:.2f} kB per recording).", ""]
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -95,11 +105,7 @@ def markdown(results: dict[str, Any]) -> str:
         *[f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |" for t in results["targets"]], "",
         "## Probe cost", "", probe_table(results["probe"]), "",
         "## Reducer speed", "", reducer_table(results["reducers"]), "",
-        "## Soak", "",
-        f"{soak['recordings']} recordings of {soak['examples_per_recording']} prompts ({soak['model']}) in "
-        f"{soak['seconds']:.0f} s: resident set {soak['rss_mb_after_settle']:.1f} MB after {soak['settle']}, "
-        f"{soak['rss_mb_after_all']:.1f} MB after {soak['recordings']} ({soak['growth_percent']:+.2f}%, "
-        f"{soak['growth_kb_per_recording']:.2f} kB per recording).", "",
+        *(_soak(soak) if soak else []),
         "## GPU", "", results["gpu"], "",
     ]
     if results.get("notes"):

@@ -46,7 +46,7 @@ class Plan:
 
 FULL = Plan(shapes.CPU_SHAPE, ((600, 5, 1), (2400, 3, 1)), 600, 5, 1000, 50)
 SMOKE = Plan(shapes.SMOKE_SHAPE, ((40, 1, 0),), 40, 1, 4, 2, memory=False)
-GPU_TOKENS = (600, 2400)
+GPU_TOKENS = (600, 2400, 4096, 8192)
 
 
 def _toy_vlm() -> dict[str, Any] | None:
@@ -75,6 +75,19 @@ def _gpu(plan: Plan) -> tuple[list[dict], list[dict], str]:
     red = [reducers.run_llava_shaped(tokens=plan.reducer_tokens, shape=shape, device="cuda", dtype=torch.bfloat16,
                                      repeats=plan.reducer_repeats)]
     return rows, red, f"Rows marked {gpu_name()}: {shape.name}-shaped random decoder in bf16."
+
+
+def run_gpu(out: Path, command: str) -> dict[str, Any]:
+    """Only the GPU rows (``--gpu-only``), written to ``out``/gpu.json and gpu.md."""
+    start = time.perf_counter()
+    results: dict[str, Any] = {"machine": describe(), "command": command, "method": METHOD, "notes": [],
+                               "reducers": [], "soak": None}
+    results["probe"], results["reducers"], results["gpu"] = _gpu(FULL)
+    results["seconds"] = time.perf_counter() - start
+    results["targets"] = report.targets(results)
+    write_json(out / "gpu.json", results)
+    write_text(out / "gpu.md", report.markdown(results))
+    return results
 
 
 def run(plan: Plan, out: Path, threads: int, command: str) -> dict[str, Any]:
@@ -109,9 +122,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny model, one repeat: checks the code, measures nothing")
+    parser.add_argument("--gpu-only", action="store_true", help="only the GPU rows, to gpu.json and gpu.md")
     args = parser.parse_args(argv)
     command = "python -m attnflow.benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
-    results = run(SMOKE if args.smoke else FULL, args.out, args.threads, command.strip())
+    results = (run_gpu(args.out, command.strip()) if args.gpu_only else
+               run(SMOKE if args.smoke else FULL, args.out, args.threads, command.strip()))
     print(report.markdown(results))
 
 

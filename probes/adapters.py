@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from functools import reduce
 
+import torch
 from torch import nn
 
 from attnflow.errors import UserError
@@ -43,10 +44,12 @@ class Adapter:
     # encoders always start with their CLS token, which plays BOS's part; decoders start with
     # BOS only when the first token is the config's bos_token_id
     leading_cls: bool = False
-    # the processor output giving each image's (t, h, w) patch grid, and the vision config
-    # field saying how many patches per side merge into one token (Qwen-VL); without a grid
-    # input the patch grid is the vision tower's image_size / patch_size
+    # the processor output giving each image's (t, h, w) patch grid (Qwen-VL), or its (h, w) in
+    # pixels with ``grid_in_pixels`` (Pixtral's image_sizes), and the vision (or top) config field
+    # saying how many patches per side merge into one token; without a grid input the patch grid
+    # is the vision tower's image_size / patch_size
     grid_input: str | None = None
+    grid_in_pixels: bool = False
     merge_size_field: str | None = None
     # the attention module's projections and norms, to recompute one attention row for ranking
     projections: tuple[str, str] = ("q_proj", "k_proj")
@@ -56,6 +59,8 @@ class Adapter:
     # a processor class of attnflow.processors to load instead of the stock one (whose video
     # half needs torchvision)
     processor: str | None = None
+    # why attnflow.reducers cannot shorten this family's sequence (None: they can)
+    unshortenable: str | None = None
 
 
 _VLM_LM = dict(
@@ -76,16 +81,32 @@ ADAPTERS: dict[str, Adapter] = {
                                processor="LlavaOnevisionImageOnlyProcessor"),
     "qwen2_vl": Adapter("qwen2_vl", **_QWEN_VL, processor="Qwen2VLImageOnlyProcessor"),
     "qwen2_5_vl": Adapter("qwen2_5_vl", **_QWEN_VL, processor="Qwen2_5_VLImageOnlyProcessor"),
+    "qwen3_vl": Adapter("qwen3_vl", **_QWEN_VL, qk_norms=("q_norm", "k_norm"), processor="Qwen3VLImageOnlyProcessor"),
+    # hybrid: Gated DeltaNet layers (linear_attn, no softmax map) between gated softmax-attention ones
+    "qwen3_5": Adapter("qwen3_5", **_QWEN_VL, qk_norms=("q_norm", "k_norm"), processor="Qwen3VLImageOnlyProcessor",
+                       unshortenable="its Gated DeltaNet (linear-attention) layers have no attention to shorten"),
     # image tokens attend bidirectionally within an image; local layers use a sliding window
     "gemma3": Adapter("gemma3", **_VLM_LM, qk_norms=("q_norm", "k_norm"),
                       softcap_field="attn_logit_softcapping", sliding_window=True),
-    "paligemma": Adapter("paligemma", **_VLM_LM),  # prefix-LM: the prompt attends bidirectionally
+    # like Gemma3 (image tokens bidirectional in the sliding layers); q/k/v norms, scaling 1, no soft cap
+    "gemma4": Adapter("gemma4", **_VLM_LM, qk_norms=("q_norm", "k_norm"), sliding_window=True,
+                      processor="Gemma4ImageOnlyProcessor",
+                      unshortenable="its per-layer input embeddings are not shortened with the hidden states"),
+    # prefix-LM: the whole prompt (image tokens, the BOS after them, text) attends bidirectionally
+    "paligemma": Adapter("paligemma", **_VLM_LM, causal=False, processor="PaliGemmaNoLabelsProcessor"),
     "idefics3": Adapter("idefics3", **_IDEFICS),
-    "smolvlm": Adapter("smolvlm", **_IDEFICS),
+    "smolvlm": Adapter("smolvlm", **_IDEFICS, processor="SmolVLMImageOnlyProcessor"),
+    "internvl": Adapter("internvl", **_VLM_LM, sliding_window=True,  # Qwen2 LM
+                        processor="InternVLImageOnlyProcessor"),
+    # Pixtral: rows of [IMG] tokens split by [IMG_BREAK]; image_sizes (pixels) give each grid
+    "mistral3": Adapter("mistral3", **_VLM_LM, grid_input="image_sizes", grid_in_pixels=True,
+                        merge_size_field="spatial_merge_size", sliding_window=True, processor="PixtralPilProcessor"),
     "llama": Adapter("llama", **_DECODER),
     "qwen2": Adapter("qwen2", **_DECODER, sliding_window=True),
     "mistral": Adapter("mistral", **_DECODER, sliding_window=True),
     "gemma": Adapter("gemma", **_DECODER),
+    # Llama4's text model (its image processor needs torchvision): chunked attention on the RoPE layers
+    "llama4_text": Adapter("llama4_text", **_DECODER),
     "bert": Adapter("bert", layers=("bert.encoder.layer", "encoder.layer"), attention="attention.self",
                     unembed=(), causal=False, text_config=None, leading_cls=True),
 }
@@ -138,6 +159,13 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return reduce(getattr, layers_path(model).split("."), model)
 
 
+def attention_layers(model: nn.Module) -> list[bool]:
+    """Per decoder layer: whether it has the family's softmax-attention module (a hybrid model's
+    linear-attention layers, such as Qwen3.5's Gated DeltaNet, have none and no attention map)."""
+    attention = (adapter_for(model).attention,)
+    return [_resolve(layer, attention) is not None for layer in decoder_layers(model)]
+
+
 def final_norm(model: nn.Module) -> nn.Module | None:
     """The norm applied after the last layer (None for post-norm encoders)."""
     found = _resolve(model, adapter_for(model).final_norm)
@@ -178,16 +206,21 @@ def patch_geometry(model: nn.Module) -> dict[str, int | None]:
     adapter = adapter_for(model)
     vc = getattr(model.config, "vision_config", None)
     size, patch = getattr(vc, "image_size", None), getattr(vc, "patch_size", None)
-    merge = getattr(vc, adapter.merge_size_field, 1) if adapter.merge_size_field else 1
+    field_name = adapter.merge_size_field
+    merge = (getattr(vc, field_name, None) or getattr(model.config, field_name, 1)) if field_name else 1
     return {"base_side": int(size) // int(patch) if isinstance(size, int) and isinstance(patch, int) else None,
             "merge_size": int(merge or 1)}
 
 
-def image_grids(model: nn.Module, batch: dict):
+def image_grids(model: nn.Module, batch: dict) -> torch.Tensor | None:
     """The per-image (t, h, w) patch grids a processor returned with ``batch`` (None when the
-    family has none)."""
-    name = adapter_for(model).grid_input
-    return batch.get(name) if name else None
+    family has none); pixel sizes are divided by the vision tower's patch size."""
+    adapter = adapter_for(model)
+    grids = batch.get(adapter.grid_input) if adapter.grid_input else None
+    if grids is None or not adapter.grid_in_pixels:
+        return grids
+    sizes = torch.as_tensor(grids).reshape(-1, 2) // int(model.config.vision_config.patch_size)
+    return torch.cat([torch.ones_like(sizes[:, :1]), sizes], 1)
 
 
 def window_layer_types(model: nn.Module) -> list[str]:

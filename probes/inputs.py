@@ -128,3 +128,18 @@ def encode(processor: Any, examples: list[Example], *, with_answer: bool = False
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return processor(text=texts, **kwargs)
+
+
+def write_examples(folder: Path, examples: list[dict]) -> Path:
+    """``examples`` (``{"prompt", "images": [PIL images]}``) as ``folder``/inputs.jsonl, each image a PNG
+    beside it, in the form ``load_examples`` reads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, ex in enumerate(examples):
+        names = []
+        for j, image in enumerate(ex["images"]):
+            names.append(f"{i}-{j}.png")
+            image.save(folder / names[-1])
+        lines.append(json.dumps({"prompt": ex["prompt"], "images": names}))
+    (folder / "inputs.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "inputs.jsonl"

@@ -21,7 +21,7 @@ from attnflow.probes.inputs import Example, as_examples, encode, file_sha256
 from attnflow.probes import schema
 from attnflow.probes.schema import GROUPS, SCHEMA_VERSION
 from attnflow.probes.spans import Spans, token_spans
-from attnflow.probes.stats import Layout, attention_stats, hidden_stats
+from attnflow.probes.stats import Layout, attention_stats, hidden_stats, no_attention_stats
 
 # what the reductions return per layer, stacked along the schema's layer dim
 LAYER_FIELDS = ("received", "uniform", "n_seen", "last_row", "flow", "arank", "update_cos", "max_abs",
@@ -47,19 +47,24 @@ def _trace_batch(nm: nnsight.NNsight, model: nn.Module, batch: dict, layout: Lay
     adapter = adapters.adapter_for(model)
     eager = adapters.attn_implementation(model) == "eager"
     envoys = _submodule(nm, adapters.layers_path(model))
+    has_attention = adapters.attention_layers(model)
+    heads = adapters.dims(model)["num_heads"]
     results: list[dict] = []
     with torch.no_grad(), nm.trace(**batch):
         for i, layer in enumerate(envoys):
             h_in = layer.inputs[0][0]
-            call = compat.attention_call(_submodule(layer, adapter.attention))
-            args, kwargs = call.inputs
-            _, q, k, _, mask = args[:5]
-            weights = call.output[1] if eager else None
-            stats = attention_stats(
-                layout, weights=weights, q=None if eager else q, k=None if eager else k,
-                mask=mask, scaling=kwargs.get("scaling"), softcap=kwargs.get("softcap"),
-                chunk=chunk, keep_full=level == "full" and i in full_layers,
-                rank_max_tokens=rank_max_tokens)
+            keep_full = level == "full" and i in full_layers
+            if not has_attention[i]:  # a linear-attention layer: hidden-state statistics only
+                stats = no_attention_stats(layout, heads, keep_full=keep_full)
+            else:
+                call = compat.attention_call(_submodule(layer, adapter.attention))
+                args, kwargs = call.inputs
+                _, q, k, _, mask = args[:5]
+                weights = call.output[1] if eager else None
+                stats = attention_stats(
+                    layout, weights=weights, q=None if eager else q, k=None if eager else k,
+                    mask=mask, scaling=kwargs.get("scaling"), softcap=kwargs.get("softcap"),
+                    chunk=chunk, keep_full=keep_full, rank_max_tokens=rank_max_tokens)
             h_out = compat.layer_hidden(layer.output)
             stats.update(hidden_stats(h_in, h_out))
             rows = torch.arange(h_in.shape[0], device=h_in.device)
@@ -135,7 +140,9 @@ def record(
     ``level="summary"`` keeps O(L·H·n) numbers per sample, reduced inside the trace;
     ``level="full"`` also keeps the n×n attention maps of ``layers`` (default: all).
     Works with eager attention (reads the returned weights) and with SDPA/FlashAttention
-    (recomputes attention rows from q and k in chunks of ``chunk`` queries).
+    (recomputes attention rows from q and k in chunks of ``chunk`` queries). Layers without
+    softmax attention (a hybrid model's linear attention) get the hidden-state statistics only:
+    their attention fields are NaN, and the ``has_attention`` coordinate says which they are.
     """
     if level not in ("summary", "full"):
         raise ValueError(f"level must be 'summary' or 'full', not {level!r}")
@@ -193,6 +200,7 @@ def _dataset(chunks, examples, model, processor, dims, level, full_layers, model
     coords.update({"sample": np.arange(len(examples)), "layer": np.arange(dims["num_layers"]),
                    "head": np.arange(dims["num_heads"]), "pos": np.arange(T), "src": list(GROUPS),
                    "dst": list(GROUPS), "depth": np.arange(dims["num_layers"] + 1)})
+    coords["has_attention"] = schema.as_field("has_attention", np.array(adapters.attention_layers(model)))
     if full_layers:
         coords["layer_full"] = np.array(full_layers)
     attrs = {

@@ -79,11 +79,23 @@ FIELDS: dict[str, Field] = {
                    fill=-1, coord=True),
     "patch_row": Field(_SP, "int64", "a visual token's patch row (-1: none)", fill=NO_PATCH, coord=True),
     "patch_col": Field(_SP, "int64", "a visual token's patch column (-1: none)", fill=NO_PATCH, coord=True),
+    "has_attention": Field(("layer",), "bool", "whether the layer has softmax attention; a hybrid model's "
+                           "linear-attention layers have none, and NaN in every attention field (received, "
+                           "uniform, n_seen, last_row, flow, arank, attn); absent: all layers have it",
+                           fill=True, required=False, coord=True),
     "length": Field(("sample",), "int64", "real tokens in the sample", coord=True),
     "answer": Field(("sample",), "str", "the expected answer ('' when the input has none)", coord=True),
     "qtype": Field(("sample",), "str", "the question type ('' when the input has none)", coord=True),
     "prompt": Field(("sample",), "str", "the prompt text as given", coord=True),
 }
+
+
+def attention_layers(trace: xr.Dataset) -> np.ndarray:
+    """Bool per layer of ``trace``: whether it has softmax attention (all True for a trace
+    without the optional ``has_attention`` coordinate)."""
+    if "has_attention" in trace.coords:
+        return trace["has_attention"].values.astype(bool)
+    return np.ones(trace.sizes["layer"], dtype=bool)
 
 
 def padded_axes(name: str) -> tuple[int, ...]:

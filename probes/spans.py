@@ -4,13 +4,14 @@ Everything is derived from the input ids, the attention mask and the adapter's i
 id; nothing assumes an offset or a fixed token count. Rules, per sample:
 
 - ``pad``: attention_mask == 0.
-- ``bos``: the first real token when its id is in ``bos_ids`` (always, when that is None: an
-  encoder's CLS).
+- ``bos``: the first real non-visual token when its id is in ``bos_ids`` (the first real
+  token always, when that is None: an encoder's CLS).
 - ``visual``: the image placeholder id (after the processor expanded it).
 - ``system``: real tokens before the first visual token; ``text``: the rest.
 - ``answer``: the last ``n_answer`` real tokens when the answer was appended.
 
-Patch cells: Qwen-style ``image_grid_thw`` gives (rows, cols) per image; otherwise a
+Patch cells: per-image grids (Qwen-style ``image_grid_thw``, Pixtral's ``image_sizes``) give
+(rows, cols) per image, whose tokens may come in several runs (Pixtral: one per row); otherwise a
 contiguous run of n visual tokens is a square grid (n = s²), a CLS token plus a square grid
 (n = 1 + s²), or a square base grid of the vision tower's size followed by extra tiles
 (LLaVA-NeXT: only the base grid gets cells). Runs are grouped into images when an image
@@ -99,23 +100,28 @@ def token_spans(
         vis_pos = np.flatnonzero(visual)
         if vis_pos.size:
             modality[b, pos[pos < vis_pos[0]]] = "system"
-        if bos_ids is None or ids[b, pos[0]] in bos_ids:
-            modality[b, pos[0]] = "bos"
+        first = pos[~visual[pos]][:1]  # PaliGemma writes its BOS after the image tokens
+        if bos_ids is None or (first.size and ids[b, first[0]] in bos_ids):
+            modality[b, first[0] if first.size else pos[0]] = "bos"
         if n_answer is not None and n_answer[b]:
             modality[b, pos[-n_answer[b]:]] = "answer"
         runs = _runs(visual)
         k = n_images[b] if n_images else len(runs)
         per_image = len(runs) // k if k and len(runs) % k == 0 else 1
+        img, placed, h, w = -1, 0, 1, 1  # with grids: the current image, its tokens placed so far, its cells
         for r, (start, length) in enumerate(runs):
             modality[b, start:start + length] = "visual"
-            image[b, start:start + length] = r // per_image
-            if grids and grid_cursor < len(grids):
-                t, h, w = grids[grid_cursor]
-                grid_cursor += 1
-                h, w = h // merge_size, w // merge_size
-                cells = [((j // w) % h, j % w) for j in range(length)]
+            if grids and (placed or grid_cursor < len(grids)):
+                if not placed:  # a new image takes the next grid; its runs fill it row by row
+                    t, h, w = grids[grid_cursor]
+                    grid_cursor, img, h, w = grid_cursor + 1, img + 1, h // merge_size, w // merge_size
+                j = np.arange(placed, placed + length)
+                cells = list(zip((j // w) % h, j % w))
+                placed = (placed + length) % (h * w) if h * w else 0
+                image[b, start:start + length] = img
             else:
                 cells = _square_cells(length, base_side)
+                image[b, start:start + length] = r // per_image
             rows[b, start:start + length] = [c[0] for c in cells]
             cols[b, start:start + length] = [c[1] for c in cells]
     return Spans(modality, image, rows, cols)

@@ -136,6 +136,17 @@ def attention_stats(
     return out
 
 
+def no_attention_stats(layout: Layout, heads: int, *, keep_full: bool = False) -> dict[str, torch.Tensor]:
+    """What ``attention_stats`` returns, all NaN: the attention fields of a layer without
+    softmax attention (a hybrid model's linear-attention layer)."""
+    (B, T), G = layout.valid.shape, layout.n_groups
+    shapes = {"received": (B, heads, T), "uniform": (B, T), "n_seen": (B, T), "last_row": (B, heads, T),
+              "flow": (B, heads, G, G), "arank": (B, heads)}
+    if keep_full:
+        shapes["attn"] = (B, heads, T, T)
+    return {name: torch.full(shape, float("nan"), device=layout.valid.device) for name, shape in shapes.items()}
+
+
 def _arank(a: torch.Tensor, layout: Layout) -> torch.Tensor:
     """γ-MoD ARank: numerical rank of each head's map over real tokens, diagonal zeroed.
 

@@ -49,7 +49,14 @@ def test_analyze_every_family_end_to_end(family):
         assert ex["applies"] and ex["criterion"] == "knockout" and 0 <= ex["layer"] <= L
         for curve in ("observational", "knockout", "logit_lens"):
             assert len(ex["curves"][curve]) == L
-        assert data["flow"]["attribution"]["rollout"]["by_modality"]["visual"] > 0
+        linear = [l for l, has in enumerate(adapters.attention_layers(model)) if not has]
+        assert data["flow"]["layers_without_attention"] == linear
+        if linear:  # rollout needs every layer's map; a hybrid model's linear-attention layers have none
+            assert data["flow"]["attribution"] is None and str(linear) in data["flow"]["attribution_note"]
+            assert all(data["exit"]["curves"]["observational"][l] is None for l in linear)
+            assert str(linear) in " ".join(ex["notes"])
+        else:
+            assert data["flow"]["attribution"]["rollout"]["by_modality"]["visual"] > 0
     else:
         assert data["exit"]["layer"] is None and not data["exit"]["applies"]
 
@@ -67,12 +74,16 @@ def test_knockout_zeroes_exactly_the_cut_edges_and_leaves_the_model_as_it_was(fa
         with cut_visual(model, range(1, L), queries, visual):
             cut = model(**batch, output_attentions=True)
         after = model(**batch)
+    # HF returns maps of the softmax-attention layers only (a hybrid model's linear ones have none)
+    index = {int(layer): j for j, layer in enumerate(np.flatnonzero(adapters.attention_layers(model)))}
     blocked = (queries[:, None, :, None] & visual[:, None, None, :]).expand_as(base.attentions[0])
-    assert torch.equal(base.attentions[0], cut.attentions[0])  # layer 0 is not cut
-    for layer in range(1, L):
-        assert float(cut.attentions[layer][blocked].abs().max()) == 0.0
-        assert float(base.attentions[layer][blocked].max()) > 0.0
-        kept = cut.attentions[layer].sum(-1)  # the remaining edges still make distributions
+    if 0 in index:
+        assert torch.equal(base.attentions[index[0]], cut.attentions[index[0]])  # layer 0 is not cut
+    for layer in (layer for layer in range(1, L) if layer in index):
+        j = index[layer]
+        assert float(cut.attentions[j][blocked].abs().max()) == 0.0
+        assert float(base.attentions[j][blocked].max()) > 0.0
+        kept = cut.attentions[j].sum(-1)  # the remaining edges still make distributions
         assert torch.allclose(kept[real[:, None, :].expand_as(kept)], torch.tensor(1.0), atol=1e-5)
     assert torch.equal(after.logits, base.logits)
 

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from attnflow import compat
+from attnflow.probes.adapters import attention_layers, decoder_layers
 from attnflow.probes.inputs import as_examples, encode
 from attnflow.probes.record import record
 from attnflow.probes.schema import GROUPS
@@ -14,18 +16,36 @@ TOL = 1e-5
 
 
 def _oracle(model, processor, example):
-    """Statistics of one unpadded sample computed from HF's eager attention maps."""
+    """One unpadded sample's HF eager attention maps, and each decoder layer's (input, output)
+    hidden states from plain forward hooks (HF's hidden_states miss what a family adds between
+    layers, such as Qwen3-VL's DeepStack features)."""
     batch = encode(processor, as_examples([example]))
-    with torch.no_grad():
-        out = model(**batch, output_attentions=True, output_hidden_states=True)
-    return batch, [a[0].double() for a in out.attentions], out.hidden_states
+    io = []
+
+    def keep(module, args, kwargs, output):
+        io.append(((args[0] if args else kwargs["hidden_states"])[0], compat.layer_hidden(output)[0]))
+
+    hooks = [layer.register_forward_hook(keep, with_kwargs=True) for layer in decoder_layers(model)]
+    try:
+        with torch.no_grad():
+            out = model(**batch, output_attentions=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return batch, [a[0].double() for a in out.attentions], io
 
 
 def _check_sample(trace, i, attns, groups):
+    """``attns``: HF's maps, one per layer with softmax attention (in order); the others
+    (a hybrid model's linear-attention layers) hold NaN."""
     T = len(groups)
     assert int(trace.length[i]) == T
     onehot = np.eye(len(GROUPS))[groups]  # [T, G]
-    for layer, A in enumerate(attns):
+    layers = np.flatnonzero(trace.has_attention.values)
+    assert len(layers) == len(attns)
+    for name in ("received", "uniform", "n_seen", "last_row", "flow", "arank"):
+        assert np.isnan(trace[name].values[i, ~trace.has_attention.values]).all()
+    for layer, A in zip(layers, attns):
         A = A.numpy()
         vis = A > 0  # what the model let each query see, read off its own output
         recv = (A * vis).sum(1) / vis.sum(1)
@@ -50,16 +70,17 @@ def test_summary_matches_hf_eager_attentions(family, impl):
     # chunk=7: several query chunks, each restricted to the keys its queries can see
     trace = record(model, examples, processor=processor, batch_size=len(examples), chunk=7, progress=False)
     assert trace.attrs["attn_implementation"] == impl
+    assert trace.has_attention.values.tolist() == attention_layers(model)
     lookup = {g: j for j, g in enumerate(GROUPS)}
     for i, ex in enumerate(examples):
         batch, attns, hidden = _oracle(oracle_model, processor, ex)
         T = batch["input_ids"].shape[1]
         groups = [lookup[m] for m in trace.modality.values[i, :T]]
         _check_sample(trace, i, attns, groups)
-        for layer in range(len(attns) - 1):  # HF's last hidden state is after the final norm
-            cos = torch.nn.functional.cosine_similarity(hidden[layer][0], hidden[layer + 1][0], dim=-1)
+        for layer, (h_in, h_out) in enumerate(hidden):
+            cos = torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1)
             np.testing.assert_allclose(trace.update_cos.values[i, layer, :T], cos.numpy(), atol=1e-4)
-            rms = hidden[layer + 1][0].pow(2).mean(-1).sqrt().numpy()
+            rms = h_out.pow(2).mean(-1).sqrt().numpy()
             np.testing.assert_allclose(trace.rms.values[i, layer, :T], rms, rtol=1e-4, atol=1e-5)
 
 

@@ -1,8 +1,8 @@
-"""The shortening mechanism beyond LLaVA: LLaVA-NeXT (anyres tiles), Qwen2-VL (M-RoPE
-position ids), Idefics3 and Gemma3 (sliding-window layers): an empty schedule reproduces the
-model, drop == mask on a padded batch, cached generation == recomputing the prefix; Gemma3
-refuses cached generation under a schedule with a clear error. Protected visual sinks
-survive every op."""
+"""The shortening mechanism beyond LLaVA: LLaVA-NeXT (anyres tiles), Qwen2-VL and Qwen3-VL (M-RoPE
+position ids, DeepStack), Idefics3, SmolVLM, InternVL, Mistral3 (Pixtral's row breaks) and Gemma3
+(sliding-window layers): an empty schedule reproduces the model, drop == mask on a padded batch,
+cached generation == recomputing the prefix; Gemma3 refuses cached generation under a schedule
+with a clear error. Protected visual sinks survive every op."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ def encode(processor, prompts):
                      padding=True, return_tensors="pt")
 
 
-@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "idefics3", "gemma3"])
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen3_vl", "idefics3", "smolvlm", "internvl",
+                                    "mistral3", "gemma3"])
 def test_drop_equals_mask_across_families(family):
     model, processor = tiny.build(family, attn_implementation="eager")
     batch = encode(processor, tiny.sample_prompts(family))
@@ -38,7 +39,8 @@ def test_drop_equals_mask_across_families(family):
     torch.testing.assert_close(logits[planner.real], want[planner.real], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "idefics3"])
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen3_vl", "idefics3", "smolvlm", "internvl",
+                                    "mistral3"])
 def test_cached_generation_equals_recomputing_across_families(family):
     model, processor = tiny.build(family)
     batch = encode(processor, tiny.sample_prompts(family)[:1])

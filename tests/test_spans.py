@@ -58,3 +58,21 @@ def test_answer_span_and_no_bos_token():
         torch.tensor([[3, 4, 5, 6]]), None, image_token_id=IMG, bos_ids={BOS}, n_answer=[2])
     assert s.modality[0].tolist() == ["text", "text", "answer", "answer"]
     assert np.all(s.image == -1)
+
+
+def test_an_image_in_several_runs_fills_its_grid_row_by_row():
+    """Pixtral: each row of an image's tokens is its own run (a break token between rows)."""
+    BRK = 7
+    rows = [[BOS, 3] + [IMG, IMG, IMG, BRK] * 2 + [4] + [IMG, IMG, BRK, IMG, IMG, 5]]
+    s = _spans(rows, n_images=[2], grid_thw=torch.tensor([[1, 4, 6], [1, 4, 4]]), merge_size=2)
+    first, second = [2, 3, 4, 6, 7, 8], [11, 12, 14, 15]
+    assert s.image[0, first].tolist() == [0] * 6 and s.image[0, second].tolist() == [1] * 4
+    assert s.patch_row[0, first].tolist() == [0, 0, 0, 1, 1, 1] and s.patch_col[0, first].tolist() == [0, 1, 2] * 2
+    assert s.patch_row[0, second].tolist() == [0, 0, 1, 1] and s.patch_col[0, second].tolist() == [0, 1] * 2
+    assert s.modality[0, [5, 9, 13]].tolist() == ["text"] * 3
+
+
+def test_bos_after_the_image_tokens():
+    """PaliGemma writes the image tokens first, then BOS, then the prompt."""
+    s = _spans([[PAD, IMG, IMG, IMG, IMG, BOS, 5, 6]], mask=[[0] + [1] * 7])
+    assert s.modality[0].tolist() == ["pad"] + ["visual"] * 4 + ["bos", "text", "text"]

@@ -19,7 +19,14 @@ from transformers import (
 )
 
 from attnflow import compat
-from attnflow.probes.adapters import adapter_for, decoder_layers, dims, image_token_id, layers_path
+from attnflow.probes.adapters import (
+    adapter_for,
+    attention_layers,
+    decoder_layers,
+    dims,
+    image_token_id,
+    layers_path,
+)
 from attnflow.toys import tiny
 
 VLMS = [f for f in tiny.FAMILIES if tiny.placeholder(f) is not None]
@@ -117,6 +124,10 @@ def test_tokenizer_adds_bos_or_cls_sep(family):
     ids = tok("the red square")["input_ids"]
     if family == "bert":
         assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id and len(ids) == 5
+    elif family == "paligemma":  # its processor, not the tokenizer, writes BOS: after the image tokens
+        assert len(ids) == 3
+        ids = _inputs(processor, tiny.sample_prompts(family)[:1])["input_ids"][0].tolist()
+        assert ids.count(tok.bos_token_id) == 1 and ids[ids.index(tok.bos_token_id) - 1] == tok.image_token_id
     else:
         assert ids[0] == tok.bos_token_id and len(ids) == 4
 
@@ -186,7 +197,8 @@ def test_attention_call_reachable_through_nnsight(family):
     batch, length = inputs["input_ids"].shape
     d = dims(model)
     wrapped = nnsight.NNsight(model)
-    layer = reduce(getattr, layers_path(model).split("."), wrapped)[0]
+    first = attention_layers(model).index(True)  # a hybrid model's first layers may be linear attention
+    layer = reduce(getattr, layers_path(model).split("."), wrapped)[first]
     attention = reduce(getattr, adapter.attention.split("."), layer)
     with torch.no_grad(), wrapped.trace(**inputs):
         args, kwargs = compat.attention_call(attention).inputs
@@ -196,7 +208,8 @@ def test_attention_call_reachable_through_nnsight(family):
     assert shapes == [(batch, d["num_heads"], length, head_dim),
                       (batch, d["num_kv_heads"], length, head_dim),
                       (batch, d["num_kv_heads"], length, head_dim)]
-    assert scaling == pytest.approx(head_dim ** -0.5)
+    # Gemma4 scores RMS-normed queries and keys unscaled
+    assert scaling == pytest.approx(1.0 if family == "gemma4" else head_dim ** -0.5)
     assert len(decoder_layers(model)) == d["num_layers"]
 
 
@@ -206,7 +219,7 @@ def test_eager_returns_attention_weights(family):
     inputs = _inputs(processor, tiny.sample_prompts(family))
     out = _logits(model, inputs, output_attentions=True)
     batch, length = inputs["input_ids"].shape
-    assert len(out.attentions) == dims(model)["num_layers"]
+    assert len(out.attentions) == sum(attention_layers(model))  # linear-attention layers return none
     real = inputs["attention_mask"].bool()
     for weights in out.attentions:
         assert weights.shape == (batch, dims(model)["num_heads"], length, length)

@@ -32,13 +32,24 @@ from transformers import (
     Gemma3ImageProcessorPil,
     Gemma3Processor,
     Gemma3TextConfig,
+    Gemma4Config,
+    Gemma4ForConditionalGeneration,
+    Gemma4ImageProcessorPil,
+    Gemma4TextConfig,
+    Gemma4VisionConfig,
     GemmaConfig,
     GemmaForCausalLM,
+    GotOcr2ImageProcessorPil,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3ImageProcessorPil,
     Idefics3Processor,
     Idefics3VisionConfig,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLVisionConfig,
+    Llama4ForCausalLM,
+    Llama4TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     LlavaConfig,
@@ -52,8 +63,14 @@ from transformers import (
     LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionImageProcessorPil,
     LlavaProcessor,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
     MistralConfig,
     MistralForCausalLM,
+    PaliGemmaConfig,
+    PaliGemmaForConditionalGeneration,
+    PixtralImageProcessorPil,
+    PixtralVisionConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
@@ -63,18 +80,36 @@ from transformers import (
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    SiglipImageProcessorPil,
     SiglipVisionConfig,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+    SmolVLMImageProcessorPil,
+    SmolVLMVisionConfig,
 )
+from transformers.models.gemma4.modeling_gemma4 import Gemma4TextAttention
+from transformers.models.qwen3_5.tokenization_qwen3_5 import Qwen3_5Tokenizer
 
 from attnflow.fileio import atomic_dir
 from attnflow.processors import (
+    Gemma4ImageOnlyProcessor,
+    InternVLImageOnlyProcessor,
     LlavaOnevisionImageOnlyProcessor,
+    PaliGemmaNoLabelsProcessor,
+    PixtralPilProcessor,
     Qwen2_5_VLImageOnlyProcessor,
     Qwen2VLImageOnlyProcessor,
+    Qwen3VLImageOnlyProcessor,
+    SmolVLMImageOnlyProcessor,
 )
 
-FAMILIES: tuple[str, ...] = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3", "llama",
-                             "qwen2", "mistral", "gemma", "bert")
+FAMILIES: tuple[str, ...] = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5",
+                             "idefics3", "smolvlm", "gemma3", "gemma4", "paligemma", "internvl", "mistral3",
+                             "llama", "qwen2", "mistral", "gemma", "llama4_text", "bert")
 
 # Every word the sample prompts use, plus enough filler for a vocabulary of ~100.
 WORDS: tuple[str, ...] = tuple(
@@ -103,6 +138,7 @@ class _Family:
     model_class: type[PreTrainedModel]
     make: Callable[[], tuple[object, object]]
     placeholder: str | None  # what a prompt writes where an image goes; None: text-only
+    retune: Callable[[PreTrainedModel], None] | None = None  # adjusts the random init in place
 
 
 def _tokenizer(specials: dict[str, str], image_tokens: dict[str, str] | None = None,
@@ -125,6 +161,23 @@ def _tokenizer(specials: dict[str, str], image_tokens: dict[str, str] | None = N
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, vocab[bos])])
     return PreTrainedTokenizerFast(tokenizer_object=tok, extra_special_tokens=image_tokens or None,
                                    padding_side="right" if encoder else "left", **specials)
+
+
+def _byte_level_tokenizer(specials: dict[str, str], image_tokens: dict[str, str]) -> PreTrainedTokenizerFast:
+    """WORDS as Qwen3.5's byte-level BPE tokenizer, which AutoTokenizer loads for any qwen3_5
+    checkpoint whatever class it was saved with (so a word-level one would not survive a reload):
+    every word takes the leading-space marker Ġ (add_prefix_space) and is built by its own chain
+    of merges, each extending a Ġ-prefix by one letter (no merge can split another word's chain)."""
+    vocab = {tok: i for i, tok in enumerate([*specials.values(), *image_tokens.values(),
+                                             *sorted(pre_tokenizers.ByteLevel.alphabet())])}
+    merges = []
+    for piece in ("Ġ" + word for word in WORDS):
+        for end in range(2, len(piece) + 1):
+            if piece[:end] not in vocab:
+                vocab[piece[:end]] = len(vocab)
+                merges.append((piece[:end - 1], piece[end - 1]))
+    return Qwen3_5Tokenizer(vocab=vocab, merges=merges, add_prefix_space=True, add_bos_token=True,
+                            extra_special_tokens=image_tokens, padding_side="left", **specials)
 
 
 def _text_ids(tok: PreTrainedTokenizerFast) -> dict[str, int]:
@@ -167,17 +220,18 @@ def _llava_next() -> tuple[LlavaNextConfig, LlavaNextProcessor]:
     return cfg, proc
 
 
-def _qwen_vl(config_class: type, processor_class: type, vision_extra: dict) -> tuple[object, object]:
+def _qwen_vl(config_class: type, processor_class: type, vision_extra: dict, text_extra: dict | None = None,
+             tokenizer: Callable[..., PreTrainedTokenizerFast] = _tokenizer) -> tuple[object, object]:
     """A Qwen-VL model: images resized to >= 64x64 pixels, 8-pixel patches merged 2x2 (16+ image
-    tokens), M-RoPE; ``vision_extra`` adds the version's own vision-config fields."""
+    tokens), M-RoPE; ``vision_extra`` and ``text_extra`` add the version's own config fields."""
     names = {"vision_start_token": "<|vision_start|>", "image_token": "<|image_pad|>",
              "vision_end_token": "<|vision_end|>", "video_token": "<|video_pad|>"}
-    tok = _tokenizer(DECODER_SPECIALS, names)
+    tok = tokenizer(DECODER_SPECIALS, names)
     ids = {k: tok.convert_tokens_to_ids(v) for k, v in names.items()}
     text = {**TEXT, **_text_ids(tok),
             # M-RoPE: temporal/height/width sections sum to head_dim / 2
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                                "mrope_section": [2, 3, 3]}}
+                                "mrope_section": [2, 3, 3]}, **(text_extra or {})}
     vision = dict(depth=2, num_heads=2, hidden_size=TEXT["hidden_size"], patch_size=8, spatial_merge_size=2,
                   temporal_patch_size=2, in_channels=3, **vision_extra)
     cfg = config_class(text_config=text, vision_config=vision, image_token_id=ids["image_token"],
@@ -201,6 +255,27 @@ def _qwen2_5_vl() -> tuple[object, object]:
                          fullatt_block_indexes=[1]))
 
 
+def _qwen3_vl() -> tuple[object, object]:
+    """Qwen3-VL: learned vision position embeddings (an 8x8 table), DeepStack (the first vision
+    block's features added to the first LM layer's visual positions), q/k-normed Qwen3 text."""
+    return _qwen_vl(Qwen3VLConfig, Qwen3VLImageOnlyProcessor,
+                    dict(out_hidden_size=TEXT["hidden_size"], intermediate_size=64, num_position_embeddings=64,
+                         deepstack_visual_indexes=[0]), dict(head_dim=16))
+
+
+def _qwen3_5() -> tuple[object, object]:
+    """Qwen3.5: a hybrid LM whose first and last layers are Gated DeltaNet (linear attention, no
+    softmax map) around one gated softmax-attention layer (rotary on half of each head), under
+    Qwen3-VL's vision tower without DeepStack; its own byte-level tokenizer class."""
+    linear = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                  layer_types=["linear_attention", "full_attention", "linear_attention"])
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "mrope_interleaved": True}
+    return _qwen_vl(Qwen3_5Config, Qwen3VLImageOnlyProcessor,
+                    dict(out_hidden_size=TEXT["hidden_size"], intermediate_size=64, num_position_embeddings=64),
+                    dict(head_dim=16, partial_rotary_factor=0.5, rope_parameters=rope, **linear),
+                    _byte_level_tokenizer)
+
+
 def _llava_onevision() -> tuple[object, object]:
     """LLaVA-OneVision: SigLIP (32 px, patch 8, all features kept) + Qwen2, AnyRes tiles."""
     tok = _tokenizer(DECODER_SPECIALS, {"image_token": "<image>", "video_token": "<video>"})
@@ -213,6 +288,30 @@ def _llava_onevision() -> tuple[object, object]:
     return cfg, LlavaOnevisionImageOnlyProcessor(images, tok, num_image_tokens=16, vision_feature_select_strategy="full")
 
 
+def _mistral3() -> tuple[object, object]:
+    """Mistral3: Pixtral (4-pixel patches, 2x2 patch merger) + Mistral; each row of merged patches
+    is [IMG] tokens then [IMG_BREAK] ([IMG_END] after the last): 16 image tokens for 32x32."""
+    tok = _tokenizer(DECODER_SPECIALS, {"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]",
+                                        "image_end_token": "[IMG_END]"})
+    cfg = Mistral3Config(vision_config=PixtralVisionConfig(**{**VISION, "patch_size": 4}, image_size=64),
+                         text_config=MistralConfig(**TEXT, **_text_ids(tok), head_dim=16),
+                         image_token_index=tok.image_token_id, spatial_merge_size=2, vision_feature_layer=-1)
+    images = PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size=8)
+    return cfg, PixtralPilProcessor(images, tok, patch_size=4, spatial_merge_size=2)
+
+
+def _internvl() -> tuple[object, object]:
+    """InternVL: InternViT (32 px tiles, 4-pixel patches, CLS dropped) pixel-shuffled 2x2 to 16
+    tokens per tile + Qwen2; images tile into up to 2 crops plus a thumbnail."""
+    tok = _tokenizer(DECODER_SPECIALS, {"start_image_token": "<img>", "end_image_token": "</img>",
+                                        "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+    vision = InternVLVisionConfig(**{**VISION, "patch_size": 4}, image_size=32)
+    cfg = InternVLConfig(vision_config=vision, text_config=Qwen2Config(**TEXT, **_text_ids(tok)),
+                         image_token_id=tok.context_image_token_id, image_seq_length=16, downsample_ratio=0.5)
+    images = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, max_patches=2)
+    return cfg, InternVLImageOnlyProcessor(images, tok, image_seq_length=16)
+
+
 def _text_decoder(config_class: type, **extra: object) -> Callable[[], tuple[object, object]]:
     """A text-only decoder family: the shared sizes and tokenizer, plus ``extra`` config fields."""
     def make() -> tuple[object, object]:
@@ -221,18 +320,30 @@ def _text_decoder(config_class: type, **extra: object) -> Callable[[], tuple[obj
     return make
 
 
-def _idefics3() -> tuple[Idefics3Config, Idefics3Processor]:
-    """SmolVLM-like: Idefics3 vision (64 px, patch 8) + pixel shuffle 2 + Llama: 16 image tokens."""
+def _idefics(config_class: type, vision_class: type, images_class: type, processor_class: type,
+             ) -> tuple[object, object]:
+    """Idefics3 or SmolVLM: its vision tower (64 px, patch 8) + pixel shuffle 2 + Llama: 16
+    image tokens between <fake_token_around_image><global-img> and <fake_token_around_image>."""
     tok = _tokenizer(DECODER_SPECIALS, {
         "image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
         "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"})
-    cfg = Idefics3Config(vision_config=Idefics3VisionConfig(**VISION, image_size=64),
-                         text_config=_llama_text(tok), scale_factor=2,
-                         image_token_id=tok.image_token_id)
-    images = Idefics3ImageProcessorPil(size={"longest_edge": 64},
-                                       max_image_size={"longest_edge": 64},
-                                       do_image_splitting=False)
-    return cfg, Idefics3Processor(images, tok, image_seq_len=16)
+    cfg = config_class(vision_config=vision_class(**VISION, image_size=64), text_config=_llama_text(tok),
+                       scale_factor=2, image_token_id=tok.image_token_id)
+    images = images_class(size={"longest_edge": 64}, max_image_size={"longest_edge": 64}, do_image_splitting=False)
+    return cfg, processor_class(images, tok, image_seq_len=16)
+
+
+def _idefics3() -> tuple[object, object]:
+    """Idefics3."""
+    return _idefics(Idefics3Config, Idefics3VisionConfig, Idefics3ImageProcessorPil, Idefics3Processor)
+
+
+def _smolvlm() -> tuple[object, object]:
+    """SmolVLM: Idefics3's architecture under its own classes (image-only processor)."""
+    return _idefics(SmolVLMConfig, SmolVLMVisionConfig, SmolVLMImageProcessorPil, SmolVLMImageOnlyProcessor)
+
+
+_GEMMA_SPECIALS = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
 
 def _gemma3() -> tuple[Gemma3Config, Gemma3Processor]:
@@ -240,9 +351,7 @@ def _gemma3() -> tuple[Gemma3Config, Gemma3Processor]:
     sliding window on the first two of three layers."""
     names = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>",
              "eoi_token": "<end_of_image>"}
-    specials = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
-                "unk_token": "<unk>"}
-    tok = _tokenizer(specials, names)
+    tok = _tokenizer(_GEMMA_SPECIALS, names)
     text = Gemma3TextConfig(**TEXT, **_text_ids(tok), head_dim=16, query_pre_attn_scalar=16,
                             sliding_window=16,
                             layer_types=["sliding_attention", "sliding_attention", "full_attention"])
@@ -251,6 +360,47 @@ def _gemma3() -> tuple[Gemma3Config, Gemma3Processor]:
                        eoi_token_index=tok.eoi_token_id, image_token_index=tok.image_token_id)
     images = Gemma3ImageProcessorPil(size={"height": 64, "width": 64})
     return cfg, Gemma3Processor(images, tok, image_seq_length=16)
+
+
+def _gemma4() -> tuple[object, object]:
+    """Gemma4: its vision tower (4-pixel patches pooled 2x2, at most 70 soft tokens: 64 for a
+    square image, bidirectional among an image's tokens in the sliding layers) + Gemma4 text with
+    per-layer input embeddings, q/k/v norms and a 16-token window on the first two of three layers."""
+    names = {"boi_token": "<|image>", "image_token": "<|image|>", "eoi_token": "<image|>"}
+    tok = _tokenizer(_GEMMA_SPECIALS, names)
+    text = Gemma4TextConfig(**TEXT, **_text_ids(tok), head_dim=16, global_head_dim=16, sliding_window=16,
+                            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                            use_bidirectional_attention="vision", hidden_size_per_layer_input=8,
+                            vocab_size_per_layer_input=len(tok))
+    vision = Gemma4VisionConfig(**{**VISION, "patch_size": 4}, num_key_value_heads=2, head_dim=16,
+                                pooling_kernel_size=2, position_embedding_size=64)
+    cfg = Gemma4Config(text_config=text, vision_config=vision, boi_token_id=tok.boi_token_id,
+                       eoi_token_id=tok.eoi_token_id, image_token_id=tok.image_token_id)
+    images = Gemma4ImageProcessorPil(patch_size=4, max_soft_tokens=70, pooling_kernel_size=2)
+    return cfg, Gemma4ImageOnlyProcessor(images, tok, image_seq_length=70)
+
+
+def _scaled_query_norms(model: PreTrainedModel) -> None:
+    """Gemma4 scores RMS-normed queries and keys unscaled (scaling 1): at the norms' init of 1
+    a random model's logits have std sqrt(head_dim), so peaked that chance preferences pass for
+    sinks. Its query norms start at 1 / head_dim instead (logit std 1/4): attention close to
+    uniform, as in the other families' random inits."""
+    for module in model.modules():
+        if isinstance(module, Gemma4TextAttention):
+            module.q_norm.weight.fill_(1 / module.head_dim)
+
+
+def _paligemma() -> tuple[object, object]:
+    """PaliGemma: SigLIP (32 px, patch 8: 16 tokens) + Gemma; the processor writes the image
+    tokens, then BOS after the last of them, and marks the prompt as the bidirectional prefix."""
+    tok = _tokenizer(DECODER_SPECIALS, {"image_token": "<image>"})
+    images = SiglipImageProcessorPil(size={"height": 32, "width": 32}, image_seq_length=16)
+    processor = PaliGemmaNoLabelsProcessor(images, tok)  # adds PaliGemma's <locNNNN>/<segNNN> tokens
+    text = GemmaConfig(**TEXT, **_text_ids(tok), head_dim=16)
+    cfg = PaliGemmaConfig(vision_config=SiglipVisionConfig(**VISION, image_size=32), text_config=text,
+                          image_token_index=tok.image_token_id, projection_dim=TEXT["hidden_size"],
+                          hidden_size=TEXT["hidden_size"], vocab_size=len(tok))
+    return cfg, processor
 
 
 def _llama() -> tuple[LlamaConfig, PreTrainedTokenizerFast]:
@@ -277,13 +427,27 @@ _REGISTRY: dict[str, _Family] = {
     "qwen2_vl": _Family(Qwen2VLForConditionalGeneration, _qwen2_vl,
                         "<|vision_start|><|image_pad|><|vision_end|>"),
     "idefics3": _Family(Idefics3ForConditionalGeneration, _idefics3, "<image>"),
+    "smolvlm": _Family(SmolVLMForConditionalGeneration, _smolvlm, "<image>"),
     "gemma3": _Family(Gemma3ForConditionalGeneration, _gemma3, "<start_of_image>"),
     "qwen2_5_vl": _Family(Qwen2_5_VLForConditionalGeneration, _qwen2_5_vl,
                           "<|vision_start|><|image_pad|><|vision_end|>"),
+    "qwen3_vl": _Family(Qwen3VLForConditionalGeneration, _qwen3_vl,
+                        "<|vision_start|><|image_pad|><|vision_end|>"),
+    "qwen3_5": _Family(Qwen3_5ForConditionalGeneration, _qwen3_5, "<|vision_start|><|image_pad|><|vision_end|>"),
+    "gemma4": _Family(Gemma4ForConditionalGeneration, _gemma4, "<|image|>", _scaled_query_norms),
+    "paligemma": _Family(PaliGemmaForConditionalGeneration, _paligemma, "<image>"),
+    "internvl": _Family(InternVLForConditionalGeneration, _internvl, "<IMG_CONTEXT>"),
+    "mistral3": _Family(Mistral3ForConditionalGeneration, _mistral3, "[IMG]"),
     "llama": _Family(LlamaForCausalLM, _llama, None),
     "qwen2": _Family(Qwen2ForCausalLM, _text_decoder(Qwen2Config), None),
     "mistral": _Family(MistralForCausalLM, _text_decoder(MistralConfig, head_dim=16), None),
     "gemma": _Family(GemmaForCausalLM, _text_decoder(GemmaConfig, head_dim=16), None),
+    # Llama4's text model: chunked attention (16-token chunks) with RoPE and L2-normed q/k on the first two
+    # layers, NoPE on the last, a 2-expert MoE in the middle; the NoPE layer's attention-temperature tuning
+    # starts at the default position 8192 (it counts padding too, so a padded batch would differ below it)
+    "llama4_text": _Family(Llama4ForCausalLM, _text_decoder(
+        Llama4TextConfig, head_dim=16, intermediate_size_mlp=128, no_rope_layer_interval=3, attention_chunk_size=16,
+        num_local_experts=2, interleave_moe_layer_step=2), None),
     "bert": _Family(BertForMaskedLM, _bert, None),
 }
 
@@ -309,6 +473,9 @@ def build(family: str, *, seed: int = 0, attn_implementation: str = "sdpa",
     torch.manual_seed(seed)
     model = spec.model_class._from_config(config, attn_implementation=attn_implementation,
                                           dtype=torch.float32)
+    if spec.retune:
+        with torch.no_grad():
+            spec.retune(model)
     return model.eval(), processor
 
 

@@ -88,7 +88,9 @@ class SceneRecipe(Recipe):
 
 
 # Qwen2-VL's 36-token prompts cost about half a LLaVA step: it gets more steps in its time budget.
-RECIPES = {"llava": SceneRecipe(), "qwen2_vl": SceneRecipe(steps=5000, patch_steps=4000),
+RECIPES = {"llava": SceneRecipe(steps=6000, batch_size=16, patch_steps=5000, text_mlp=512, single_object_steps=400,
+                                two_object_steps=2400, caption_words=3),
+           "qwen2_vl": SceneRecipe(steps=5000, patch_steps=4000),
            "idefics3": SceneRecipe(steps=7000, batch_size=16, patch_steps=6000, text_mlp=512, single_object_steps=400,
                                    two_object_steps=2800, caption_words=3)}
 
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     model, processor = build(args.family, recipe, args.seed)
     heldout = [e.as_input() for e in scene_task.heldout_examples(args.heldout, family=args.family)]
     train_and_save(args.out, model, processor, recipe, args.seed, heldout,
-                   {"seed": scene_task.HELDOUT_SEED, "size": args.heldout}, spec=task_spec(args.family, recipe.caption_words))
+                   {"seed": scene_task.HELDOUT_SEED, "size": args.heldout}, spec=task_spec(args.family, recipe.caption_words), device=args.device)
 
 
 if __name__ == "__main__":

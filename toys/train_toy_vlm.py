@@ -203,17 +203,18 @@ def _lr_factor(step: int, recipe: Recipe) -> float:
 
 
 def train(model: Any, processor: Any, recipe: Recipe, seed: int, log_every: int = 50,
-          spec: TaskSpec = VQA_SPEC) -> list[dict[str, float]]:
-    """Train in place on freshly sampled examples; return the logged (step, loss, answer accuracy) rows."""
+          spec: TaskSpec = VQA_SPEC, device: str = "cpu") -> list[dict[str, float]]:
+    """Train in place on freshly sampled examples (on ``device``; the model ends on the CPU); return the
+    logged (step, loss, answer accuracy) rows."""
     rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, recipe))
-    weights = torch.tensor([1.0, recipe.eos_weight])
+    weights = torch.tensor([1.0, recipe.eos_weight], device=device)
     log, losses, hits, t0 = [], [], defaultdict(list), time.perf_counter()
-    model.train()
+    model.to(device).train()
     for step in range(recipe.steps):
         examples = [spec.sample(rng, recipe.n_objects(step, rng)) for _ in range(recipe.batch_size)]
-        batch = training_batch(processor, examples, spec)
+        batch = {k: v.to(device) for k, v in training_batch(processor, examples, spec).items()}
         targets, patch_targets = batch.pop("targets"), batch.pop("patch_targets")
         patch_on = step < recipe.patch_steps and recipe.patch_weight > 0
         middle = patch_on and recipe.patch_layer is not None
@@ -247,22 +248,22 @@ def train(model: Any, processor: Any, recipe: Recipe, seed: int, log_every: int 
             print(json.dumps({k: round(v, 3) for k, v in row.items()}), flush=True)
             log.append(row)
             losses, hits = [], defaultdict(list)
-    model.eval()
+    model.to("cpu").eval()
     return log
 
 
 def train_and_save(out: Path, model: Any, processor: Any, recipe: Recipe, seed: int, heldout: list[Any],
-                   heldout_info: dict[str, Any], spec: TaskSpec = VQA_SPEC) -> dict[str, Any]:
-    """Train with one thread, score ``heldout`` (real and blank images), and replace ``out`` atomically with
+                   heldout_info: dict[str, Any], spec: TaskSpec = VQA_SPEC, device: str = "cpu") -> dict[str, Any]:
+    """Train with one thread (on ``device``: the make targets train on the CPU), score ``heldout`` (real and blank images), and replace ``out`` atomically with
     the ``save_pretrained`` model and processor plus ``training.json``; return that json's content."""
     torch.set_num_threads(1)  # a seed fixes the weights only at a fixed thread count
     t0 = time.perf_counter()
-    log = train(model, processor, recipe, seed, spec=spec)
+    log = train(model, processor, recipe, seed, spec=spec, device=device)
     wall = time.perf_counter() - t0
     result = evaluate(model, processor, heldout)
     blank = evaluate(model, processor, heldout, blank=True)
     print(json.dumps({"heldout": result, "blank": blank}), flush=True)
-    info = {"recipe": asdict(recipe), "seed": seed, "threads": 1, "wall_seconds": round(wall, 1),
+    info = {"recipe": asdict(recipe), "seed": seed, "threads": 1, "device": device, "wall_seconds": round(wall, 1),
             "seconds_per_step": round(wall / recipe.steps, 3),
             "parameters": sum(p.numel() for p in model.parameters()),
             "heldout": {**heldout_info, **result},
@@ -282,6 +283,7 @@ def training_args(ap: argparse.ArgumentParser, argv: list[str] | None, out: str,
     ap.add_argument("--out", type=Path, required=True, help=f"output folder, e.g. {out}")
     ap.add_argument("--seed", type=int, default=0, help="seed for initialisation and training data")
     ap.add_argument("--steps", type=int, default=steps, help="optimiser steps (default: the recipe's)")
+    ap.add_argument("--device", default="cpu", help="where to train (the shipped models: cpu)")
     args = ap.parse_args(argv)
     if args.seed == heldout_seed:
         raise ValueError(f"seed {args.seed} is the held-out seed; pick another")
@@ -298,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     model = build_model(processor, recipe, args.seed)
     heldout = [e.as_input() for e in vqa_task.heldout_examples()]
     train_and_save(args.out, model, processor, recipe, args.seed, heldout,
-                   {"seed": vqa_task.HELDOUT_SEED, "size": vqa_task.HELDOUT_SIZE})
+                   {"seed": vqa_task.HELDOUT_SEED, "size": vqa_task.HELDOUT_SIZE}, device=args.device)
 
 
 if __name__ == "__main__":
