@@ -13,8 +13,11 @@ This module imports nothing of attnflow, so every layer may use it.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata as metadata
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import cache
 from typing import Any
 
@@ -151,3 +154,23 @@ def attention_call(attention: Any) -> Any:
     except AttributeError as exc:
         raise internals_error(f"the attention forward of {type(attention._module).__name__} has no "
                               f"{ATTENTION_CALL!r} op for nnsight to hook") from exc
+
+
+@contextmanager
+def sdpa_routed(route: Callable[..., Any]) -> Iterator[None]:
+    """Within the block, every call of transformers' attention function registered as "sdpa" goes
+    to ``route(sdpa, module, query, key, value, attention_mask, **kwargs)``, where ``sdpa`` is
+    transformers' own function (for the calls ``route`` passes on). Masks are still built for
+    SDPA, so the model runs its SDPA code path unchanged but for that one call."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as table
+
+    local = table._local_mapping
+    had, before, sdpa = "sdpa" in local, local.get("sdpa"), table["sdpa"]
+    table["sdpa"] = functools.partial(route, sdpa)
+    try:
+        yield
+    finally:
+        if had:
+            local["sdpa"] = before
+        else:
+            local.pop("sdpa", None)

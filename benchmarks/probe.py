@@ -35,7 +35,11 @@ METHODS: dict[str, str] = {
     "transformerlens": "TransformerLens run_with_cache (TransformerBridge; patterns + resid_post)",
 }
 BASELINE = "plain_sdpa"
-SUMMARY_TARGET = 1.3  # summary recording at most 1.3x the plain forward
+def summary_target(tokens: int) -> float:
+    """The most a summary recording may cost, as a multiple of the plain forward: 1.15x up to 600
+    tokens, 1.25x beyond (at 2,400 and more)."""
+    return 1.15 if tokens <= 600 else 1.25
+
 ADVANTAGE_TARGET = 3.0  # at 2,400 tokens, >= 3x cheaper in time or memory than each alternative
 ALTERNATIVES = ("hf_output_attentions", "transformerlens")
 # What attnflow's summary is computed from: the attention patterns and the residual stream.
@@ -158,8 +162,8 @@ def run(tokens: int, *, repeats: int = 5, warmup: int = 1, shape: shapes.Shape =
         "summary_ratio": rows["summary_sdpa"]["ratio_median"],
         "summary_ratio_min": rows["summary_sdpa"]["ratio_min"],
         "summary_ratio_cpu": rows["summary_sdpa"]["cpu_ratio_min"],
-        "summary_target": {"max_ratio": SUMMARY_TARGET,
-                           "met": rows["summary_sdpa"]["ratio_median"] <= SUMMARY_TARGET},
+        "summary_target": {"max_ratio": summary_target(tokens),
+                           "met": rows["summary_sdpa"]["ratio_median"] <= summary_target(tokens)},
     }
     if measure_memory:
         result["advantage"] = {other: _advantage(rows, other) for other in ALTERNATIVES if other in rows}

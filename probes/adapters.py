@@ -159,11 +159,16 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return reduce(getattr, layers_path(model).split("."), model)
 
 
-def attention_layers(model: nn.Module) -> list[bool]:
-    """Per decoder layer: whether it has the family's softmax-attention module (a hybrid model's
-    linear-attention layers, such as Qwen3.5's Gated DeltaNet, have none and no attention map)."""
+def attention_modules(model: nn.Module) -> list[nn.Module | None]:
+    """Per decoder layer: its softmax-attention module, or None (a hybrid model's linear-attention
+    layers, such as Qwen3.5's Gated DeltaNet, have none and no attention map)."""
     attention = (adapter_for(model).attention,)
-    return [_resolve(layer, attention) is not None for layer in decoder_layers(model)]
+    return [None if (found := _resolve(layer, attention)) is None else found[1] for layer in decoder_layers(model)]
+
+
+def attention_layers(model: nn.Module) -> list[bool]:
+    """Per decoder layer: whether it has the family's softmax-attention module."""
+    return [m is not None for m in attention_modules(model)]
 
 
 def final_norm(model: nn.Module) -> nn.Module | None:

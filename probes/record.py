@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 import attnflow
 from attnflow import compat
-from attnflow.probes import adapters
+from attnflow.probes import adapters, onepass
 from attnflow.probes.inputs import Example, as_examples, encode, file_sha256
 from attnflow.probes import schema
 from attnflow.probes.schema import GROUPS, SCHEMA_VERSION
@@ -49,29 +49,29 @@ def _trace_batch(nm: nnsight.NNsight, model: nn.Module, batch: dict, layout: Lay
     envoys = _submodule(nm, adapters.layers_path(model))
     has_attention = adapters.attention_layers(model)
     heads = adapters.dims(model)["num_heads"]
+    modules = {m: i for i, m in enumerate(adapters.attention_modules(model)) if m is not None}
+    state = onepass.Pass(layout, modules, full_layers, chunk, rank_max_tokens)
     results: list[dict] = []
-    with torch.no_grad(), nm.trace(**batch):
+    with torch.no_grad(), onepass.one_pass(state), nm.trace(**batch):
         for i, layer in enumerate(envoys):
             h_in = layer.inputs[0][0]
             keep_full = level == "full" and i in full_layers
             if not has_attention[i]:  # a linear-attention layer: hidden-state statistics only
                 stats = no_attention_stats(layout, heads, keep_full=keep_full)
-            else:
+            elif eager:  # the weights the model returned
                 call = compat.attention_call(_submodule(layer, adapter.attention))
                 args, kwargs = call.inputs
-                _, q, k, _, mask = args[:5]
-                weights = call.output[1] if eager else None
-                stats = attention_stats(
-                    layout, weights=weights, q=None if eager else q, k=None if eager else k,
-                    mask=mask, scaling=kwargs.get("scaling"), softcap=kwargs.get("softcap"),
-                    chunk=chunk, keep_full=keep_full, rank_max_tokens=rank_max_tokens)
+                stats = attention_stats(layout, weights=call.output[1], mask=args[4], chunk=chunk,
+                                        keep_full=keep_full, rank_max_tokens=rank_max_tokens)
+            else:  # computed in the layer's one attention pass (attnflow.probes.onepass)
+                stats = compat.attention_call(_submodule(layer, adapter.attention)).output[1]
             h_out = compat.layer_hidden(layer.output)
             stats.update(hidden_stats(h_in, h_out))
             rows = torch.arange(h_in.shape[0], device=h_in.device)
             stats["resid_in_last"] = h_in[rows, layout.last].float()
             stats["resid_out_last"] = h_out[rows, layout.last].float()
-            results.append(nnsight.save({k_: v.detach().cpu() for k_, v in stats.items()}))
-    return results
+            results.append(nnsight.save({k_: v.detach() for k_, v in stats.items()}))
+    return [{k_: v.cpu() for k_, v in r.items()} for r in results]
 
 
 def _left_align(x: np.ndarray, real: np.ndarray, T: int, fill: Any) -> np.ndarray:
@@ -175,7 +175,7 @@ def record(
         positions = torch.arange(ids.shape[1]).expand_as(ids)
         layout = Layout(valid=real.to(device), group=torch.as_tensor(spans.group_index()).to(device),
                         last=torch.where(prompt, positions, -1).max(1).values.to(device),
-                        n_groups=len(GROUPS), causal=adapter.causal)
+                        n_groups=len(GROUPS), causal=adapter.causal, all_valid=bool(real.all()))
         per_layer = _trace_batch(nm, model, {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()},
                                  layout, level=level, full_layers=set(full_layers), chunk=chunk,
                                  rank_max_tokens=rank_max_tokens)

@@ -1,15 +1,17 @@
 """Statistics reduced inside the trace, so that no n×n attention map outlives one layer.
 
 ``attention_stats`` takes a layer's attention either as the weights an eager model returned
-or as (q, k, mask, scaling) to recompute under SDPA/FlashAttention, in query chunks with GQA
-expanded; both paths feed the same reduction. ``hidden_stats`` reduces a layer's residual
+or as (q, k, mask, scaling) to compute in query chunks with GQA expanded; both paths feed the
+same reduction. Given v as well, it also returns the attention output from the same
+probabilities: the recorder's one pass (attnflow.probes.onepass) replaces the model's SDPA call
+by it, so each layer's QKᵀ and softmax are computed once. ``hidden_stats`` reduces a layer's residual
 input and output. All outputs are float32 tensors on the model's device.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 import torch
 
@@ -23,6 +25,9 @@ class Layout:
     last: torch.Tensor  # [B] long, last non-pad position
     n_groups: int
     causal: bool
+    all_valid: bool = False  # no padding in the batch (known on the host: no device sync per layer)
+    # per attention mask of this batch (layers share their mask objects): visibility and key ends
+    masks: dict[Any, tuple[torch.Tensor, list[int]]] = field(default_factory=dict, repr=False)
 
 
 def visibility(mask: torch.Tensor | None, layout: Layout, rows: slice, T: int) -> torch.Tensor:
@@ -45,21 +50,36 @@ def _chunks(T: int, size: int) -> Iterator[slice]:
         yield slice(start, min(T, start + size))
 
 
-def _key_end(vis: torch.Tensor, rows: slice, mask: torch.Tensor | None, causal: bool) -> int:
-    """One past the last key any query of the chunk may see: causal chunks skip the future."""
-    if mask is None:
-        return rows.stop if causal else vis.shape[-1]
-    seen = torch.nonzero(vis.any(dim=(0, 1, 2)))
-    return int(seen.max()) + 1 if seen.numel() else rows.stop
+def _visible(mask: torch.Tensor | None, layout: Layout, T: int, chunk: int) -> tuple[torch.Tensor, list[int]]:
+    """Bool [B, 1|H, T, T] visibility, and per query chunk one past the last key any of its queries
+    may see (causal chunks skip the future). Computed once per mask of a batch (the layers share
+    their mask objects), so a GPU syncs once, not once per chunk and layer."""
+    key = (id(mask), T, chunk)
+    if key not in layout.masks:
+        vis = visibility(mask, layout, slice(0, T), T)
+        if mask is None:
+            ends = [min(T, s + chunk) if layout.causal else T for s in range(0, T, chunk)]
+        else:
+            last = torch.where(vis.any(dim=(0, 1)), torch.arange(1, T + 1, device=vis.device), 0).amax(1)  # [T]
+            ends = torch.nn.functional.pad(last, (0, -T % chunk)).view(-1, chunk).amax(1).tolist()
+            ends = [e if e else min(T, i * chunk + chunk) for i, e in enumerate(ends)]
+        layout.masks[key] = (vis, ends)
+    return layout.masks[key]
 
 
-def _attention(qs, k, vis, softcap: float | None, rows: slice, kend: int) -> torch.Tensor:
-    """A for the query rows ``rows`` over keys [0, kend): masked keys get a score of -huge,
-    so their weight is exactly 0 without a NaN-producing -inf."""
-    scores = qs[:, :, rows] @ k[:, :, :kend].transpose(-1, -2)
+def _attention(qs: torch.Tensor, kt: torch.Tensor, vis: torch.Tensor, softcap: float | None, rows: slice,
+               kend: int) -> torch.Tensor:
+    """A for the query rows ``rows`` over keys [0, kend) (``kt``: keys transposed, [B, H, d, T]).
+    Masked keys get a score of -huge, so their weight is exactly 0 without a NaN-producing -inf;
+    the mask is added inside the score matmul (baddbmm), one pass over the scores."""
+    bias = torch.zeros(vis.shape, dtype=qs.dtype, device=qs.device).masked_fill_(~vis, torch.finfo(qs.dtype).min)
     if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
-    scores.masked_fill_(~vis, torch.finfo(scores.dtype).min)
+        scores = torch.tanh((qs[:, :, rows] @ kt[..., :kend]) / softcap) * softcap + bias
+    else:
+        B, H = qs.shape[:2]
+        scores = torch.empty(B, H, rows.stop - rows.start, kend, dtype=qs.dtype, device=qs.device)
+        for b in range(B):
+            torch.baddbmm(bias[b], qs[b, :, rows], kt[b, :, :, :kend], out=scores[b])
     return scores.softmax(-1)
 
 
@@ -69,6 +89,7 @@ def attention_stats(
     weights: torch.Tensor | None = None,
     q: torch.Tensor | None = None,
     k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     scaling: float | None = None,
     softcap: float | None = None,
@@ -76,19 +97,23 @@ def attention_stats(
     keep_full: bool = False,
     rank_max_tokens: int = 256,
 ) -> dict[str, torch.Tensor]:
-    """received, uniform, n_seen, last_row, flow, arank (and attn if keep_full).
+    """received, uniform, n_seen, last_row, flow, arank (and attn if keep_full; output if ``v``).
 
     Give ``weights`` [B,H,T,T] (eager) or ``q`` [B,H,T,d], ``k`` [B,Hkv,T,d], ``mask``,
-    ``scaling`` (recomputed per query chunk, memory O(B·H·chunk·T)). Each chunk only visits
+    ``scaling`` (computed per query chunk, memory O(B·H·chunk·T)), and ``v`` [B,Hkv,T,dv] for
+    the attention output [B,H,T,dv] (float32) from the same probabilities. Each chunk only visits
     the keys its queries can see (half the work for causal models). ARank costs O(n³) per
     head, so it is computed only up to ``rank_max_tokens`` tokens (NaN beyond).
     """
     ref = weights if weights is not None else q
     B, H, T = ref.shape[0], ref.shape[1], ref.shape[2]
     if weights is None:
-        k = k.float().repeat_interleave(H // k.shape[1], dim=1)
+        kt = k.float().repeat_interleave(H // k.shape[1], dim=1).transpose(-1, -2).contiguous()
         qs = q.float() * (q.shape[-1] ** -0.5 if scaling is None else scaling)
-    all_valid = bool(layout.valid.all())
+    if v is not None:
+        v = v.float().repeat_interleave(H // v.shape[1], dim=1)
+        output = torch.zeros(B, H, T, v.shape[-1], device=ref.device)
+    all_valid = layout.all_valid
     validf = layout.valid.float()
     onehot = torch.nn.functional.one_hot(layout.group.clamp(min=0), layout.n_groups).float()
     onehot = onehot * validf[..., None]  # [B, T, G]
@@ -98,25 +123,29 @@ def attention_stats(
     n_seen = torch.zeros(B, T, device=ref.device)
     uniform = torch.zeros(B, T, device=ref.device)
     full = [] if keep_full or T <= rank_max_tokens else None
-    for rows in _chunks(T, chunk):
-        vis = visibility(mask, layout, rows, T)
-        kend = _key_end(vis, rows, mask, layout.causal)
-        vis = vis[..., :kend]
+    batch = torch.arange(B, device=ref.device)
+    vis_all, ends = _visible(mask, layout, T, chunk)
+    for rows, kend in zip(_chunks(T, chunk), ends):
+        vis = vis_all[..., rows, :kend]
         visf = vis[:, 0].float()  # [B, c, kend]
         n_seen[:, :kend] += visf.sum(1)
         uniform[:, :kend] += (visf / visf.sum(2, keepdim=True).clamp_min(1)).sum(1)
         if weights is not None:
             a = weights[:, :, rows, :kend].float().masked_fill(~vis, 0.0)
         else:
-            a = _attention(qs, k, vis, softcap, rows, kend)
-        if not all_valid:
+            a = _attention(qs, kt, vis, softcap, rows, kend)
+        if v is not None:
+            output[:, :, rows] = a @ v[:, :, :kend]
+        if full is not None and not all_valid:  # pad queries' rows (not in any group below) zeroed
             a = a * validf[:, None, rows, None]
-        recv[..., :kend] += a.sum(2)
-        mass = a @ onehot[:, None, :kend]  # [B, H, c, G]: attention each query pays to each group
-        flow += onehot[:, None, rows].transpose(-1, -2) @ mass
-        hit = (layout.last >= rows.start) & (layout.last < rows.stop)
-        for b in torch.nonzero(hit).flatten().tolist():
-            last_row[b, :, :kend] = a[b, :, int(layout.last[b]) - rows.start]
+        # [B, H, G, kend]: what each group of real queries pays each key; one read of ``a``
+        by_group = onehot[:, None, rows].transpose(-1, -2) @ a
+        recv[..., :kend] += by_group.sum(2)
+        flow += by_group @ onehot[:, None, :kend]
+        at = layout.last - rows.start  # each sample's last prompt row, if it falls in this chunk
+        hit = (at >= 0) & (at < rows.stop - rows.start)
+        row = a[batch, :, at.clamp(0, rows.stop - rows.start - 1)]  # [B, H, kend]
+        last_row[:, :, :kend] = torch.where(hit[:, None, None], row, last_row[:, :, :kend])
         if full is not None:
             full.append(torch.nn.functional.pad(a, (0, T - kend)))
     uniform = uniform / n_seen.clamp_min(1)
@@ -133,6 +162,8 @@ def attention_stats(
         else torch.full((B, H), float("nan"), device=ref.device)
     if keep_full:
         out["attn"] = torch.cat(full, 2)
+    if v is not None:
+        out["output"] = output
     return out
 
 

@@ -39,6 +39,8 @@ def apply(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path", 
     adapter = adapters.adapter_for(model)
     if not adapter.causal:
         raise ScheduleError(f"{adapter.family} is not a causal decoder; reducers shorten decoders only")
+    if adapter.unshortenable:
+        raise ScheduleError(f"reducers cannot shorten {adapter.family}: {adapter.unshortenable}")
     backend = adapters.attn_implementation(model)
     if backend not in BACKENDS:
         raise ScheduleError(f"reducers run under attention backends {list(BACKENDS)}, not {backend!r}: "

@@ -55,6 +55,8 @@ class Planner:
         self.exit = next((s["layer"] for s in schedule.steps_of("visual_exit")), None)
         self.prunes = {s["layer"]: s["keep"] for s in schedule.steps_of("prune_visual")}
         self.skips = {layer: s["tokens"] for s in schedule.steps_of("skip_layers") for layer in s["layers"]}
+        # the layers where tokens may leave, known on the host: deciding a cut needs no device sync
+        self.leave_layers = {*self.prunes, *(() if self.exit is None else (self.exit,))}
         self.sliding = adapters.window_layer_types(model)
         self.decoding = False
         self.layer_tokens: dict[int, tuple[Tensor, Tensor]] = {}
@@ -131,9 +133,8 @@ class Planner:
     def _prefill_cut(self, layer: int) -> Cut | None:
         pos_in = self.pos
         pad_in = self.pad.gather(1, pos_in)
-        gone = (self.removed_at.gather(1, pos_in) <= layer) & ~pad_in & ~self.filler  # leave here
         skip = self.skips.get(layer)
-        changes = skip is not None or bool(gone.any())
+        changes = skip is not None or layer in self.leave_layers
         if not self.touched and not changes:
             self.cached[layer] = None
             self.layer_tokens[layer] = (pos_in, ~pad_in)
@@ -147,6 +148,7 @@ class Planner:
             self.layer_tokens[layer] = (pos_in, ~self.steady.blocked)
             return self.steady
         self.touched, self.steady = True, None
+        gone = (self.removed_at.gather(1, pos_in) <= layer) & ~pad_in & ~self.filler  # leave here
         keep, keep_filler = _rectangular(~pad_in & ~self.filler & ~gone, pad_in)
         kept = pos_in.gather(1, keep)
         kept_pad = self.pad.gather(1, kept)

@@ -143,7 +143,11 @@ class Shortener:
             cut = self.planner(i, hidden)
             if cut is None:
                 return None
-            new_kwargs = {**kwargs, **self._sliced(cut, kwargs, hidden.dtype)}
+            sliced = self._sliced(cut, kwargs, hidden.dtype)
+            if cut.take is None and cut.keep is None and len(sliced) == 1 and sliced[compat.ATTENTION_MASK] is None \
+                    and kwargs.get(compat.ATTENTION_MASK) is None:  # a decode step with nothing to cut
+                return None
+            new_kwargs = {**kwargs, **sliced}
             new_hidden = hidden if cut.take is None else gather_seq(hidden, cut.take, 1)
             self._pending[i] = (cut, hidden)
             if positional:

@@ -68,6 +68,15 @@ def test_gemma3_refuses_cached_generation_under_a_schedule():
             model.generate(**batch, max_new_tokens=2, do_sample=False)
 
 
+@pytest.mark.parametrize("family, why", [("qwen3_5", "Gated DeltaNet"), ("gemma4", "per-layer input embeddings"),
+                                         ("paligemma", "not a causal decoder")])
+def test_families_reducers_cannot_shorten_are_refused_with_the_reason(family, why):
+    model, _ = tiny.build(family)
+    with pytest.raises(ScheduleError, match=why):
+        with apply(model, Schedule.for_model(model, [{"op": "visual_exit", "layer": 1}])):
+            pass
+
+
 @pytest.mark.parametrize("steps", [
     [{"op": "prune_visual", "layer": 1, "keep": 0.0}],
     [{"op": "visual_exit", "layer": 1}],
