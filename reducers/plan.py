@@ -68,6 +68,7 @@ class Planner:
         self.touched, self.steady, self.steady_entry = False, None, None
         self.cached: dict[int, tuple[Tensor, Tensor] | None] = {}
         self.decode_cuts: dict[tuple[int, bool], Cut] = {}
+        self.plain_decode: dict[int, bool] = {}
         self.prompt_tokens = self.seen = 0
 
     # ---- prompt bookkeeping -------------------------------------------------------------
@@ -109,7 +110,7 @@ class Planner:
         self.pos = torch.arange(n, device=dev).expand(b, n)
         self.filler = torch.zeros(b, n, dtype=torch.bool, device=dev)
         self.touched, self.steady, self.steady_entry = False, None, None
-        self.cached, self.layer_tokens, self.scores = {}, {}, {}
+        self.cached, self.layer_tokens, self.scores, self.plain_decode = {}, {}, {}, {}
         self.prompt_tokens = self.seen = n
         self.decoding = False
 
@@ -127,8 +128,20 @@ class Planner:
         return ~self.filler & ~self.pad.gather(1, self.pos)
 
     # ---- cuts ---------------------------------------------------------------------------
-    def __call__(self, layer: int, hidden: Tensor) -> Cut | None:
-        return self._decode_cut(layer, hidden) if self.decoding else self._prefill_cut(layer)
+    def __call__(self, layer: int, hidden: Tensor, masked: bool) -> Cut | None:
+        """The cut of this call of ``layer``; ``masked``: the model passed the layer a mask tensor."""
+        if not self.decoding:
+            return self._prefill_cut(layer)
+        return None if not masked and self._plain_decode(layer) else self._decode_cut(layer, hidden)
+
+    def _plain_decode(self, layer: int) -> bool:
+        """Whether, without a mask, a decode step runs ``layer`` as the unreduced model does: its cache
+        holds no filler or pad and it is not skipped (its cache is merely shorter). Decided once
+        per prompt, so decode steps pay neither a cut nor a device sync."""
+        if layer not in self.plain_decode:
+            entry = self.cached.get(layer)
+            self.plain_decode[layer] = entry is None or (self.skips.get(layer) != "all" and not bool(entry[1].any()))
+        return self.plain_decode[layer]
 
     def _prefill_cut(self, layer: int) -> Cut | None:
         pos_in = self.pos

@@ -52,7 +52,7 @@ class Cut:
     write: Tensor | None = None
 
 
-Planner = Callable[[int, Tensor], "Cut | None"]
+Planner = Callable[[int, Tensor, bool], "Cut | None"]  # (layer, hidden states, a mask was passed) -> cut
 
 
 def gather_seq(x: Tensor, idx: Tensor, dim: int) -> Tensor:
@@ -140,14 +140,10 @@ class Shortener:
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
             positional = bool(args)
             hidden = args[0] if positional else kwargs[compat.HIDDEN_STATES]
-            cut = self.planner(i, hidden)
+            cut = self.planner(i, hidden, kwargs.get(compat.ATTENTION_MASK) is not None)
             if cut is None:
                 return None
-            sliced = self._sliced(cut, kwargs, hidden.dtype)
-            if cut.take is None and cut.keep is None and len(sliced) == 1 and sliced[compat.ATTENTION_MASK] is None \
-                    and kwargs.get(compat.ATTENTION_MASK) is None:  # a decode step with nothing to cut
-                return None
-            new_kwargs = {**kwargs, **sliced}
+            new_kwargs = {**kwargs, **self._sliced(cut, kwargs, hidden.dtype)}
             new_hidden = hidden if cut.take is None else gather_seq(hidden, cut.take, 1)
             self._pending[i] = (cut, hidden)
             if positional:
