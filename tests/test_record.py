@@ -82,6 +82,8 @@ def test_summary_matches_hf_eager_attentions(family, impl):
             np.testing.assert_allclose(trace.update_cos.values[i, layer, :T], cos.numpy(), atol=1e-4)
             rms = h_out.pow(2).mean(-1).sqrt().numpy()
             np.testing.assert_allclose(trace.rms.values[i, layer, :T], rms, rtol=1e-4, atol=1e-5)
+            median = h_out.abs().median(-1).values.numpy()  # torch's lower median
+            np.testing.assert_allclose(trace.median_abs.values[i, layer, :T], median, rtol=1e-4, atol=1e-5)
             # the layer's output itself (under SDPA: from the recorder's one attention pass)
             np.testing.assert_allclose(trace.resid_last.values[i, layer + 1], h_out[T - 1].numpy(), atol=1e-5)
 
