@@ -61,7 +61,8 @@ def _visible(mask: torch.Tensor | None, layout: Layout, T: int, chunk: int) -> t
         if mask is None:
             ends = [min(T, s + chunk) if layout.causal else T for s in range(0, T, chunk)]
         else:
-            last = torch.where(vis.any(dim=(0, 1)), torch.arange(1, T + 1, device=vis.device), 0).amax(1)  # [T]
+            seen = vis.any(dim=(0, 1))  # [T queries, T keys]; a byte per pair, not an index
+            last = torch.where(seen.any(1), T - seen.flip(-1).to(torch.uint8).argmax(1), 0)  # [T]
             ends = torch.nn.functional.pad(last, (0, -T % chunk)).view(-1, chunk).amax(1).tolist()
             ends = [e if e else min(T, i * chunk + chunk) for i, e in enumerate(ends)]
         layout.masks[key] = (vis, ends)
