@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import transformers
@@ -24,6 +24,9 @@ from attnflow.probes import adapters
 from attnflow.probes.inputs import file_sha256, load_examples
 from attnflow.probes.io import save_trace
 from attnflow.probes.record import record
+
+if TYPE_CHECKING:
+    from attnflow.reducers.derive import Budget
 
 STAGES: tuple[str, ...] = ("record", "analyze", "schedule", "verify", "report")
 
@@ -55,7 +58,7 @@ def schedule_applies(model: torch.nn.Module, trace: Any) -> str | None:
 
 
 def default_budget(examples: list, max_kl: float | None, min_agreement: float | None,
-                   max_accuracy_drop: float | None) -> "Budget":
+                   max_accuracy_drop: float | None) -> Budget:
     """The budget asked for, or one point of accuracy when every example has an answer, else KL 0.01."""
     from attnflow.reducers.derive import Budget
 

@@ -27,7 +27,6 @@ model's figures. Nothing here times or verifies: callers verify the result once
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path

@@ -10,7 +10,6 @@ import torch
 
 from attnflow.probes.inputs import Example
 from attnflow.reducers import Schedule, ScheduleError
-from attnflow.reducers.cost import Shape, predict
 from attnflow.reducers.derive import Budget, derive, first_prune_layer, visual_sink_indices
 from attnflow.reducers.verdict import Row, mark_pareto
 from attnflow.reducers.verify import verify, verify_schedule
