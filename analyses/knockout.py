@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
-from functools import reduce
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -33,10 +32,6 @@ from attnflow.probes.inputs import Example
 
 class KnockoutError(UserError, RuntimeError):
     """The model's attention modules do not take the mask the knockout needs."""
-
-
-def _attention_module(model: nn.Module, layer: nn.Module) -> nn.Module:
-    return reduce(getattr, adapters.adapter_for(model).attention.split("."), layer)
 
 
 def cut_mask(mask: torch.Tensor | None, blocked: torch.Tensor, dtype: torch.dtype,
@@ -74,9 +69,9 @@ def cut_visual(model: nn.Module, layers: Iterable[int], queries: torch.Tensor,
         cut = cut_mask(kwargs[compat.ATTENTION_MASK], blocked.to(hidden.device), hidden.dtype, causal)
         return args, {**kwargs, compat.ATTENTION_MASK: cut}
 
-    stack, has_attention = adapters.decoder_layers(model), adapters.attention_layers(model)
-    handles = [_attention_module(model, stack[l]).register_forward_pre_hook(hook, with_kwargs=True)
-               for l in layers if has_attention[l]]  # linear-attention layers have no edges to cut
+    attention = adapters.attention_modules(model)
+    handles = [attention[l].register_forward_pre_hook(hook, with_kwargs=True)
+               for l in layers if attention[l] is not None]  # linear-attention layers have no edges to cut
     try:
         yield
     finally:

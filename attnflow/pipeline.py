@@ -20,7 +20,6 @@ import attnflow
 from attnflow.errors import UserError
 from attnflow.fileio import atomic_dir, write_json
 from attnflow.models import default_inputs, load_model
-from attnflow.probes import adapters
 from attnflow.probes.inputs import file_sha256, load_examples
 from attnflow.probes.io import save_trace
 from attnflow.probes.record import record
@@ -47,11 +46,11 @@ class RunResult:
 
 def schedule_applies(model: torch.nn.Module, trace: Any) -> str | None:
     """Why no schedule can be derived for this model (None when one can)."""
-    adapter = adapters.adapter_for(model)
-    if not adapter.causal:
-        return "the model does not attend causally (an encoder or a prefix-LM): reducers shorten causal decoders only"
-    if adapter.unshortenable:
-        return f"reducers cannot shorten {adapter.family}: {adapter.unshortenable}"
+    from attnflow.reducers.apply import cannot_shorten
+
+    why = cannot_shorten(model)
+    if why:
+        return why
     if not (trace.modality == "visual").any():
         return "the inputs have no visual tokens: the schedule's ops act on visual tokens"
     return None

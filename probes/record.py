@@ -47,16 +47,16 @@ def _trace_batch(nm: nnsight.NNsight, model: nn.Module, batch: dict, layout: Lay
     adapter = adapters.adapter_for(model)
     eager = adapters.attn_implementation(model) == "eager"
     envoys = _submodule(nm, adapters.layers_path(model))
-    has_attention = adapters.attention_layers(model)
+    attention = adapters.attention_modules(model)
     heads = adapters.dims(model)["num_heads"]
-    modules = {m: i for i, m in enumerate(adapters.attention_modules(model)) if m is not None}
+    modules = {m: i for i, m in enumerate(attention) if m is not None}
     state = onepass.Pass(layout, modules, full_layers, chunk, rank_max_tokens)
     results: list[dict] = []
     with torch.no_grad(), onepass.one_pass(state), nm.trace(**batch):
         for i, layer in enumerate(envoys):
             h_in = layer.inputs[0][0]
             keep_full = level == "full" and i in full_layers
-            if not has_attention[i]:  # a linear-attention layer: hidden-state statistics only
+            if attention[i] is None:  # a linear-attention layer: hidden-state statistics only
                 stats = no_attention_stats(layout, heads, keep_full=keep_full)
             elif eager:  # the weights the model returned
                 call = compat.attention_call(_submodule(layer, adapter.attention))

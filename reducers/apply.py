@@ -24,6 +24,17 @@ from attnflow.reducers.shorten import Shortener
 BACKENDS: tuple[str, ...] = ("eager", "sdpa")
 
 
+def cannot_shorten(model: nn.Module) -> str | None:
+    """Why the reducers cannot shorten ``model``'s family (None when they can)."""
+    adapter = adapters.adapter_for(model)
+    if not adapter.causal:
+        return (f"{adapter.family} is not a causal decoder (an encoder or a prefix-LM): reducers shorten "
+                "causal decoders only")
+    if adapter.unshortenable:
+        return f"reducers cannot shorten {adapter.family}: {adapter.unshortenable}"
+    return None
+
+
 @contextmanager
 def apply(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path", *,
           prompt_length: int | None = None) -> Iterator[Planner]:
@@ -36,11 +47,10 @@ def apply(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path", 
     """
     sched = load_schedule(schedule)
     sched.check_model(model)
+    why = cannot_shorten(model)
+    if why:
+        raise ScheduleError(why)
     adapter = adapters.adapter_for(model)
-    if not adapter.causal:
-        raise ScheduleError(f"{adapter.family} is not a causal decoder; reducers shorten decoders only")
-    if adapter.unshortenable:
-        raise ScheduleError(f"reducers cannot shorten {adapter.family}: {adapter.unshortenable}")
     backend = adapters.attn_implementation(model)
     if backend not in BACKENDS:
         raise ScheduleError(f"reducers run under attention backends {list(BACKENDS)}, not {backend!r}: "
