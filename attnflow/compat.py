@@ -161,10 +161,13 @@ def sdpa_routed(route: Callable[..., Any]) -> Iterator[None]:
     """Within the block, every call of transformers' attention function registered as "sdpa" goes
     to ``route(sdpa, module, query, key, value, attention_mask, **kwargs)``, where ``sdpa`` is
     transformers' own function (for the calls ``route`` passes on). Masks are still built for
-    SDPA, so the model runs its SDPA code path unchanged but for that one call."""
+    SDPA, so the model runs its SDPA code path unchanged but for that one call. The table is
+    process-wide: two threads recording at once in one process would share the route."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as table
 
-    local = table._local_mapping
+    local = getattr(table, "_local_mapping", None)
+    if local is None or "sdpa" not in table:
+        raise internals_error("transformers' attention-function table has no local 'sdpa' override to route")
     had, before, sdpa = "sdpa" in local, local.get("sdpa"), table["sdpa"]
     table["sdpa"] = functools.partial(route, sdpa)
     try:

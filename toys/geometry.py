@@ -20,7 +20,6 @@ atomically) for ``attnflow run --model``; ``geometry-NAME`` names it everywhere 
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -114,9 +113,8 @@ def sample_prompts(name: str, n: int = 8) -> list[dict]:
 
 def cached(name: str, *, layers: int = 2) -> Path:
     """The folder of geometry ``name`` (bf16 safetensors, processor, and ``inputs/inputs.jsonl``),
-    written the first time into ``$ATTNFLOW_CACHE`` (or ``~/.cache/attnflow``)/geometry."""
-    root = Path(os.environ.get("ATTNFLOW_CACHE") or Path.home() / ".cache" / "attnflow")
-    target = root / "geometry" / f"{name}-L{layers}"
+    written the first time into ``tiny.cache_root()/geometry``."""
+    target = tiny.cache_root() / "geometry" / f"{name}-L{layers}"
     if not (target / "config.json").is_file():
         with atomic_dir(target) as tmp:
             model, processor = build(name, layers=layers)
@@ -131,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("name", choices=list(GEOMETRIES))
     ap.add_argument("--layers", type=int, default=2)
-    print(cached(ap.parse_args(argv).name, layers=ap.parse_args(argv).layers))
+    args = ap.parse_args(argv)
+    print(cached(args.name, layers=args.layers))
 
 
 if __name__ == "__main__":

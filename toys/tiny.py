@@ -489,11 +489,14 @@ def save(family: str, path: str | os.PathLike, *, seed: int = 0) -> Path:
     return path
 
 
+def cache_root() -> Path:
+    """Where generated models are kept: ``$ATTNFLOW_CACHE`` or ``~/.cache/attnflow``."""
+    return Path(os.environ.get("ATTNFLOW_CACHE") or Path.home() / ".cache" / "attnflow")
+
+
 def cache_dir(family: str, *, seed: int = 0) -> Path:
-    """Where ``cached`` keeps a toy: ``$ATTNFLOW_CACHE`` or ``~/.cache/attnflow``, then
-    ``toys/<family>-seed<seed>``."""
-    root = Path(os.environ.get("ATTNFLOW_CACHE") or Path.home() / ".cache" / "attnflow")
-    return root / "toys" / f"{family}-seed{seed}"
+    """Where ``cached`` keeps a toy: ``cache_root()/toys/<family>-seed<seed>``."""
+    return cache_root() / "toys" / f"{family}-seed{seed}"
 
 
 def cached(family: str, *, seed: int = 0) -> Path:
