@@ -58,26 +58,18 @@ def schedule_applies(model: torch.nn.Module, trace: Any) -> str | None:
 
 def default_budget(examples: list, max_kl: float | None, min_agreement: float | None,
                    max_accuracy_drop: float | None) -> Budget:
-    """The budget asked for, or one point of accuracy when every example has an answer, else KL 0.01."""
-    from attnflow.reducers.derive import Budget
+    """The budget asked for; else one point of accuracy when every example has an answer and derive's
+    validation part of ``examples`` is large enough to certify it (Budget.prompts_needed), else KL 0.01."""
+    from attnflow.reducers.derive import Budget, Settings
+    from attnflow.reducers.validation import split
 
     if max_kl is None and min_agreement is None and max_accuracy_drop is None:
-        if all(ex.answer for ex in examples):
-            return Budget(max_accuracy_drop=0.01)
+        accuracy = Budget(max_accuracy_drop=0.01)
+        validation = split(examples, Settings().validation_share)[1]
+        if all(ex.answer for ex in examples) and len(validation) >= accuracy.prompts_needed():
+            return accuracy
         return Budget(max_kl=0.01)
     return Budget(max_kl=max_kl, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop)
-
-
-def split_holdout(examples: list, share: float) -> tuple[list, list]:
-    """(search, held-out): every example whose index falls in the held-out share of a fixed
-    interleaving goes to the held-out part, so both parts span the whole input file (its
-    question types included); ``share=0`` holds nothing out."""
-    if not 0 <= share < 1:
-        raise ValueError(f"the held-out share must be in [0, 1), not {share}")
-    if share == 0 or len(examples) < 2:
-        return list(examples), []
-    held = {i for i in range(len(examples)) if int((i + 1) * share) > int(i * share)}
-    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
 
 
 def run(
@@ -101,16 +93,16 @@ def run(
     """Run the whole toolkit on ``model`` (a local folder or a toy name) and its ``inputs``
     (default: the model's bundled inputs; ``limit`` keeps the first N examples).
 
-    With no budget given, inputs with answers get ``max_accuracy_drop=0.01`` (one point of
-    task accuracy) and inputs without get ``max_kl=0.01``. The inputs are split (``split_holdout``):
-    the schedule is searched on one part (derive, whose own measurement there is the in-sample
-    fidelity in ``derived_from.fidelity``), then verified once, with the baselines, ``new_tokens``
+    With no budget given, ``default_budget`` picks one. The inputs are split (``reducers.validation.split``):
+    the schedule is derived on one part (derive searches on half of it and accepts on the other
+    half by confidence bounds; its in-sample and validation figures are in ``derived_from``), then verified once, with the baselines, ``new_tokens``
     greedy tokens and ``repeats`` timing rounds, on the ``holdout`` share it was not derived from;
     that held-out verdict is what the schedule's ``verified`` section records. ``holdout=0``
     derives and verifies on every input (in-sample only, and marked so). ``load`` goes to
     ``load_model`` (device, dtype, device_map, revision)."""
     from attnflow.analyses import analyze
     from attnflow.reducers.derive import derive
+    from attnflow.reducers.validation import split
     from attnflow.reducers.verify import verify_schedule
     from attnflow.reports.build import build
 
@@ -144,8 +136,8 @@ def run(
             result.skipped.update(schedule=why_not, verify=why_not)
         else:
             stage("schedule")
-            budget = default_budget(examples, max_kl, min_agreement, max_accuracy_drop)
-            search, held_out = split_holdout(examples, holdout)
+            search, held_out = split(examples, holdout)
+            budget = default_budget(search, max_kl, min_agreement, max_accuracy_drop)
             schedule = derive(findings.to_dict(), m, search, processor, budget)
             stage("verify")
             verdict = verify_schedule(m, schedule, held_out or search, processor, budget, batch_size=batch_size,
@@ -207,11 +199,14 @@ def summarize(out: str | Path) -> str:
         lines.append(f"verified ({where}, {v.get('n_examples')} prompts): agreement {_num(v.get('agreement'), '.3f')}, "
                      f"KL {_num(v.get('kl'), '.4f')}{acc}; FLOPs x{_num(pred.get('flops_ratio'), '.2f')}, "
                      f"prefill speedup x{_num(v.get('prefill_speedup'), '.2f')}")
-        fid = (sched.get("derived_from") or {}).get("fidelity") or {}
-        if fid:
-            acc = "" if fid.get("accuracy_delta") is None else f", accuracy {100 * fid['accuracy_delta']:+.1f} pts"
-            lines.append(f"in-sample ({fid['n_examples']} prompts it was derived on): agreement "
-                         f"{_num(fid.get('agreement'), '.3f')}, KL {_num(fid.get('kl'), '.4f')}{acc}")
+        derived = sched.get("derived_from") or {}
+        for key, where in (("fidelity", "in-sample ({} prompts it was searched on)"),
+                           ("validation", "validation ({} other prompts it was accepted on)")):
+            fid = derived.get(key) or {}
+            if fid:
+                acc = "" if fid.get("accuracy_delta") is None else f", accuracy {100 * fid['accuracy_delta']:+.1f} pts"
+                lines.append(f"{where.format(fid['n_examples'])}: agreement {_num(fid.get('agreement'), '.3f')}, "
+                             f"KL {_num(fid.get('kl'), '.4f')}{acc}")
     else:
         lines.append(f"schedule: none ({run.why_missing('schedule', 'schedule.json')})")
     lines.append(f"report: {out / 'report.pdf'}")

@@ -67,8 +67,8 @@ def apply(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path", 
     shortener = Shortener(layers, planner, bool_mask=backend != "eager")
     handles = [model.register_forward_pre_hook(begin, with_kwargs=True)]
     try:
-        handles += attach_rankers(layers, planner, adapter)
         shortener.attach()
+        handles += attach_rankers(layers, planner, adapter)  # after the shortener: rankers see cut inputs
         yield planner
     finally:
         shortener.detach()

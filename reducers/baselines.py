@@ -1,9 +1,14 @@
 """The reducers the field compares against, as Schedules for a given model.
 
-FastV (arXiv 2403.06764): at layer K=2 keep the visual tokens the last position attends to
-most, R=50% dropped. PyramidDrop (arXiv 2410.17247): keep 50%, 25%, 12.5% at 1/4, 1/2, 3/4 of
-the depth. ``fastv_at_flops`` gives FastV the FLOPs another schedule costs, for a like-for-like
-comparison.
+At their published defaults (``published``): FastV (arXiv 2403.06764): at layer K=2 keep the
+visual tokens the last position attends to most, R=50% dropped. PyramidDrop (arXiv 2410.17247):
+keep 50%, 25%, 12.5% at 1/4, 1/2, 3/4 of the depth. DART (arXiv 2502.11494): K=2, reduction
+ratio 0.778 (keep 22.2%), duplication against pivots. DivPrune (arXiv 2503.02175): keep 9.8% by
+max-min diversity of the LLM's input states (layer 1 here: layer 0 runs every token).
+
+At the FLOPs another schedule costs (``matched``), each method as one prune stage with the keep
+share whose predicted FLOPs ratio is closest to it: FastV and DART at K=2, DivPrune, random and
+spatial pooling (the controls, arXiv 2511.02650 and 2510.07143) at layer 1.
 """
 
 from __future__ import annotations
@@ -17,13 +22,26 @@ from attnflow.reducers.cost import Shape, predict
 from attnflow.reducers.schedule import DEFAULT_PROTECT, Schedule
 
 PDROP_STAGES = ((0.25, 0.5), (0.5, 0.25), (0.75, 0.125))  # (boundary as a share of depth, keep)
+# name -> (layer, score, published keep or None for the controls, which have no default)
+METHODS: dict[str, tuple[int, str, float | None]] = {
+    "fastv": (2, "last_row", 0.5),
+    "dart": (2, "dart", 0.222),
+    "divprune": (1, "divprune", 0.098),
+    "random": (1, "random", None),
+    "pool": (1, "pool", None),
+}
+
+
+def one_stage(model: nn.Module, keep: float, layer: int, by: str = "last_row") -> Schedule:
+    """One ``prune_visual`` step at ``layer`` (or the last layer of a shallower model) ranked by ``by``."""
+    depth = len(adapters.decoder_layers(model))
+    step = {"op": "prune_visual", "layer": min(layer, depth - 1), "keep": keep, "by": by}
+    return Schedule.for_model(model, [step], protect=DEFAULT_PROTECT)
 
 
 def fastv(model: nn.Module, keep: float = 0.5, layer: int = 2) -> Schedule:
     """FastV: prune visual tokens at ``layer`` (2, or the last layer of a shallower model)."""
-    depth = len(adapters.decoder_layers(model))
-    return Schedule.for_model(model, [{"op": "prune_visual", "layer": min(layer, depth - 1), "keep": keep}],
-                              protect=DEFAULT_PROTECT)
+    return one_stage(model, keep, layer)
 
 
 def pdrop(model: nn.Module) -> Schedule:
@@ -37,10 +55,24 @@ def pdrop(model: nn.Module) -> Schedule:
     return Schedule.for_model(model, steps, protect=DEFAULT_PROTECT)
 
 
-def fastv_at_flops(model: nn.Module, target: float, shape: Shape, layouts: list[tuple[int, int]]) -> Schedule:
-    """FastV K=2 with the keep share whose predicted FLOPs ratio is closest to ``target``."""
+def published(model: nn.Module) -> dict[str, Schedule]:
+    """Every method with a published default, at that default."""
+    out = {name: one_stage(model, keep, layer, by) for name, (layer, by, keep) in METHODS.items() if keep is not None}
+    return {"fastv": out["fastv"], "pdrop": pdrop(model), **{k: v for k, v in out.items() if k != "fastv"}}
+
+
+def at_flops(model: nn.Module, target: float, shape: Shape, layouts: list[tuple[int, int]], layer: int,
+             by: str = "last_row") -> Schedule:
+    """One stage at ``layer`` ranked by ``by`` with the keep share whose predicted FLOPs ratio is closest to ``target``."""
     lo, hi = 0.0, 1.0
     for _ in range(30):  # the ratio grows with keep: bisect
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if predict(fastv(model, mid), shape, layouts)["flops_ratio"] < target else (lo, mid)
-    return fastv(model, round(hi, 4))
+        below = predict(one_stage(model, mid, layer, by), shape, layouts)["flops_ratio"] < target
+        lo, hi = (mid, hi) if below else (lo, mid)
+    return one_stage(model, round(hi, 4), layer, by)
+
+
+def matched(model: nn.Module, target: float, shape: Shape, layouts: list[tuple[int, int]]) -> dict[str, Schedule]:
+    """Every method at the FLOPs ratio ``target``, named ``<method>_equal_flops``."""
+    return {f"{name}_equal_flops": at_flops(model, target, shape, layouts, layer, by)
+            for name, (layer, by, _) in METHODS.items()}

@@ -10,18 +10,25 @@ position's attention after the image is read, PyramidDrop arXiv 2410.17247 for l
   fades (the image has been read at the peak; attention from there ranks tokens best);
 - keep share: the smallest share of visual tokens whose last-row attention at layer K-1
   covers ``coverage`` of the visual mass (measured on the inputs, mean over prompts); the
-  prune stage is searched at K and every earlier layer, the cheapest within budget wins, and
-  a second, smaller stage is tried at every later layer (PyramidDrop-style);
+  prune stage is searched at K and every earlier layer, the cheapest within budget wins;
+- the score: the other scores of ``reducers.scores`` (random and pooling as controls,
+  DivPrune's diversity, DART's duplication) are searched at that layer and at layer 1, and the
+  cheapest of all within budget wins, because attention ranking is a poor score where the
+  last row is dominated by sinks or position (arXiv 2508.17807, 2502.11501); then a second,
+  smaller stage with the winning score is tried at every later layer (PyramidDrop-style);
 - layers to skip: ``redundancy.candidates`` (most redundant first), tried one at a time;
 - protected visual sinks: ``sinks.visual`` positions, mapped to visual-token indices.
 
-Then a greedy search under the budget, each trial checked on the inputs (next-token KL and
-top-1 agreement, and accuracy when the prompts have answers, against the unreduced model):
-the earliest exit within budget, the prune stages with the lowest predicted FLOPs within
-budget, then every skip that stays within budget. Finally, while the schedule's fidelity on
-all the inputs is outside the budget it backs off (drop the last skip, raise keep, move the
-exit later). Every choice is written to ``derived_from.reasons``; ``predicted`` holds the cost
-model's figures. Nothing here times or verifies: callers verify the result once
+The inputs are split (``reducers.validation.split``) into a search part and a validation part.
+A greedy search on the search part, each trial judged by one-sided 95% bounds of its losses
+against the unreduced model (next-token KL, top-1 agreement, answers broken: see
+``reducers.validation``): the earliest exit within budget, the prune stages with the lowest
+predicted FLOPs within budget, then every skip that stays within budget. The result must then
+keep its bounds within budget on the validation prompts, which the search never saw; while it
+does not, it backs off (drop the last skip, raise keep, move the exit later). Every choice and
+trial (with its part) is written to ``derived_from``; ``fidelity`` holds the search part's
+figures (in-sample), ``validation`` the held-out ones it was accepted on. Nothing here times
+or verifies: callers verify the result once, on prompts neither part saw
 (``reducers.verify.verify_schedule``).
 """
 
@@ -41,9 +48,12 @@ from attnflow.probes import adapters
 from attnflow.probes.inputs import Example, as_examples, encode
 from attnflow.reducers.apply import apply
 from attnflow.reducers.cost import Shape, predict, prediction
-from attnflow.reducers.fidelity import answer_accuracy, encode_batches, generate_greedy, next_token_fidelity
+from attnflow.reducers.fidelity import answer_accuracy, answers_right, encode_batches, generate_greedy, per_prompt_fidelity
 from attnflow.reducers.schedule import Schedule, ScheduleError, model_info
+from attnflow.reducers.scores import SCORES
+from attnflow.reducers.validation import CONFIDENCE, bootstrap_mean_upper, min_prompts, split, wilson_lower, wilson_upper
 
+BOUNDS_METHOD = "one-sided Wilson score (accuracy drop, agreement), percentile bootstrap of the mean (KL)"
 DEFAULT_MAX_KL = 0.01  # nats; used when a budget names no bound
 BUDGET_KEYS = ("max_kl", "min_agreement", "max_accuracy_drop")
 
@@ -81,6 +91,36 @@ class Budget:
     def to_dict(self) -> dict[str, float]:
         return {k: getattr(self, k) for k in BUDGET_KEYS if getattr(self, k) is not None}
 
+    def bounds(self, losses: "Losses", confidence: float = CONFIDENCE) -> dict[str, float]:
+        """One-sided ``confidence`` bounds (reducers.validation) on what the budget limits: the mean KL
+        (bootstrap), the top-1 agreement (Wilson, lower) and the share of answers the reduction
+        breaks (Wilson, upper; the budget's accuracy drop)."""
+        out: dict[str, float] = {}
+        if self.max_kl is not None:
+            out["kl_upper"] = bootstrap_mean_upper(losses.kl, confidence)
+        if self.min_agreement is not None:
+            out["agreement_lower"] = wilson_lower(int(losses.agree.sum()), losses.agree.size, confidence)
+        if self.max_accuracy_drop is not None:
+            if losses.broken is None:
+                raise ScheduleError("a max_accuracy_drop budget needs inputs with answers")
+            out["accuracy_drop_upper"] = wilson_upper(int(losses.broken.sum()), losses.broken.size, confidence)
+        return out
+
+    def certified(self, bounds: dict[str, float]) -> bool:
+        """Whether the confidence bounds of ``bounds()`` lie within the budget."""
+        return ((self.max_kl is None or bounds["kl_upper"] <= self.max_kl)
+                and (self.min_agreement is None or bounds["agreement_lower"] >= self.min_agreement)
+                and (self.max_accuracy_drop is None or bounds["accuracy_drop_upper"] <= self.max_accuracy_drop + 1e-9))
+
+    def prompts_needed(self, confidence: float = CONFIDENCE) -> int:
+        """The fewest validation prompts with which the budget can be certified at all (zero losses)."""
+        shares = [b for b in (self.max_accuracy_drop, None if self.min_agreement is None else 1 - self.min_agreement)
+                  if b is not None]
+        if any(b <= 0 for b in shares):
+            raise ScheduleError("a budget of zero accuracy drop (or agreement 1) can never be certified on a sample "
+                                "of prompts: allow a small loss")
+        return max([min_prompts(b, confidence) for b in shares if b < 1], default=1)
+
     def holds(self, measured: dict[str, Any]) -> bool:
         """Whether ``measured`` (kl, agreement, accuracy_delta) is within the budget."""
         if self.max_accuracy_drop is not None and measured.get("accuracy_delta") is None:
@@ -92,11 +132,23 @@ class Budget:
 
 
 @dataclass
+class Losses:
+    """Per-prompt losses of a reduced model against the unreduced one: next-token KL (nats), top-1
+    agreement, and whether the reduction broke a right answer (None without answers)."""
+
+    kl: np.ndarray
+    agree: np.ndarray
+    broken: np.ndarray | None
+
+
+@dataclass
 class Settings:
     """Knobs of the derivation (coverage and fade: the shares the search starts from)."""
 
     coverage: float = 0.9  # share of last-row visual attention the kept tokens must cover
     fade: float = 0.5  # the text->visual curve has faded below this share of its peak
+    validation_share: float = 0.5  # of the inputs, held out of the search to accept its result
+    confidence: float = CONFIDENCE  # of the one-sided bounds a schedule must keep within budget
     max_examples: int = 256  # prompts used for the search's fidelity checks
     batch_size: int = 16
     max_backoffs: int = 20
@@ -107,12 +159,12 @@ class Candidate:
     """One point of the search: an exit layer, prune stages (layer, keep) and skipped layers."""
 
     exit: int | None
-    prunes: tuple[tuple[int, float], ...] = ()
+    prunes: tuple[tuple[int, float, str], ...] = ()  # (layer, keep, score: reducers.scores.SCORES)
     skips: tuple[tuple[int, str], ...] = ()
 
     def steps(self) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = [{"op": "prune_visual", "layer": layer, "keep": round(keep, 4)}
-                                     for layer, keep in self.prunes]
+        out: list[dict[str, Any]] = [{"op": "prune_visual", "layer": layer, "keep": round(keep, 4), "by": by}
+                                     for layer, keep, by in self.prunes]
         if self.exit is not None:
             out.append({"op": "visual_exit", "layer": self.exit})
         out += [{"op": "skip_layers", "layers": [layer], "tokens": tokens} for layer, tokens in self.skips]
@@ -136,15 +188,20 @@ class _Probe:
         with torch.no_grad():
             self.full = generate_greedy(model, self.batches, self.tok, self.new_tokens)
         self.accuracy = answer_accuracy(self.full, examples)[0]
+        self.right = answers_right(self.full, examples)
 
-    def fidelity(self, schedule: Schedule) -> dict[str, Any]:
-        """Next-token KL(full || reduced) and top-1 agreement at the last prompt position, and the
-        accuracy change when the prompts have answers (what ``verify`` reports)."""
+    def fidelity(self, schedule: Schedule) -> tuple[dict[str, Any], Losses]:
+        """Mean next-token KL(full || reduced) and top-1 agreement at the last prompt position, and
+        the accuracy change when the prompts have answers (what ``verify`` reports); and the
+        per-prompt losses behind them."""
         with torch.no_grad(), apply(self.model, schedule):
             run = generate_greedy(self.model, self.batches, self.tok, self.new_tokens)
         accuracy = answer_accuracy(run, self.examples)[0]
-        return {**next_token_fidelity(self.full.first_logits, run.first_logits),
-                "accuracy_delta": None if accuracy is None else accuracy - self.accuracy}
+        kl, agree = per_prompt_fidelity(self.full.first_logits, run.first_logits)
+        scored = [(a, b) for a, b in zip(self.right, answers_right(run, self.examples)) if a is not None]
+        losses = Losses(kl.numpy(), agree.numpy(), np.array([a and not b for a, b in scored]) if scored else None)
+        return ({"kl": float(kl.mean()), "agreement": float(agree.double().mean()),
+                 "accuracy_delta": None if accuracy is None else accuracy - self.accuracy}, losses)
 
 
 @dataclass
@@ -155,6 +212,7 @@ class _Search:
     probe: _Probe
     budget: Budget
     protect: dict[str, Any]
+    confidence: float = CONFIDENCE
     reasons: list[str] = field(default_factory=list)
     trials: list[dict[str, Any]] = field(default_factory=list)
 
@@ -165,19 +223,21 @@ class _Search:
         """Predicted FLOPs ratio of ``cand`` on the probe prompts."""
         return predict(self.schedule(cand), Shape.of(self.model), self.probe.layouts)["flops_ratio"]
 
-    def ok(self, cand: Candidate) -> bool:
-        """Whether ``cand`` is a valid schedule within budget on the probe inputs (logged once)."""
+    def ok(self, cand: Candidate, probe: _Probe | None = None, part: str = "search") -> bool:
+        """Whether ``cand`` is a valid schedule whose confidence bounds on ``probe``'s prompts (the
+        search part by default) lie within budget (logged once per part)."""
         try:
             self.schedule(cand)
         except ScheduleError:
             return False
         for trial in self.trials:
-            if trial["steps"] == cand.steps():
+            if trial["steps"] == cand.steps() and trial["part"] == part:
                 return trial["within_budget"]
-        measured = self.probe.fidelity(self.schedule(cand))
-        passed = self.budget.holds(measured)
-        self.trials.append({"steps": cand.steps(), **measured, "flops_ratio": self.flops(cand),
-                            "within_budget": passed})
+        measured, losses = (probe or self.probe).fidelity(self.schedule(cand))
+        bounds = self.budget.bounds(losses, self.confidence)
+        passed = self.budget.certified(bounds)
+        self.trials.append({"steps": cand.steps(), "part": part, **measured, **bounds,
+                            "flops_ratio": self.flops(cand), "within_budget": passed})
         return passed
 
 
@@ -269,14 +329,14 @@ def keep_share(search: _Search, layer: int, coverage: float) -> tuple[float, str
                    f"of the last position's visual attention at layer {layer - 1}")
 
 
-def _smallest_keep(search: _Search, cand: Candidate, layer: int, keep: float) -> Candidate | None:
+def _smallest_keep(search: _Search, cand: Candidate, layer: int, keep: float, by: str = "last_row") -> Candidate | None:
     """``cand`` plus a prune stage at ``layer`` with the smallest keep within budget: from
     ``keep``, shrinking x2/3 while within budget, or growing x1.5 until it is (up to the
     previous stage's keep, or 1); None when none fits."""
     ceiling = cand.prunes[-1][1] if cand.prunes else 1.0
 
     def at(k: float) -> Candidate:
-        return replace(cand, prunes=cand.prunes + ((layer, k),))
+        return replace(cand, prunes=cand.prunes + ((layer, k, by),))
 
     if search.ok(at(keep)):
         while keep > 0.01 and search.ok(at(keep * 2 / 3)):
@@ -294,8 +354,8 @@ def _cheapest(search: _Search, found: list[Candidate], what: str) -> Candidate |
         search.reasons.append(f"{what}: none stays within budget")
         return None
     best = min(found, key=search.flops)
-    layer, keep = best.prunes[-1]
-    search.reasons.append(f"{what}: keep {keep:.3f} at layer {layer} has the lowest predicted FLOPs "
+    layer, keep, by = best.prunes[-1]
+    search.reasons.append(f"{what}: keep {keep:.3f} at layer {layer} ranked by {by} has the lowest predicted FLOPs "
                           f"({search.flops(best):.3f}) of those within budget")
     return best
 
@@ -319,10 +379,15 @@ def _greedy(search: _Search, start: Candidate, first_prune: int, num_layers: int
         keep, why = keep_share(search, layer, coverage)
         search.reasons.append(why)
         first.append(_smallest_keep(search, cand, layer, keep))
-    cand = _cheapest(search, [c for c in first if c is not None], "prune_visual (first stage)") or cand
+    best = _cheapest(search, [c for c in first if c is not None], "prune_visual (first stage, last-row attention)")
+    if best is not None:  # the other scores, at that layer and at layer 1 (the LLM's input states)
+        layer, keep, _ = best.prunes[0]
+        others = [_smallest_keep(search, cand, at, keep, by) for by in SCORES if by != "last_row"
+                  for at in sorted({layer, 1})]
+        cand = _cheapest(search, [best, *(c for c in others if c is not None)], "prune_visual (first stage, every score)")
     if cand.prunes:
-        layer, keep = cand.prunes[0]
-        second = [_smallest_keep(search, cand, later, keep * 2 / 3) for later in range(layer + 1, limit)]
+        layer, keep, by = cand.prunes[0]
+        second = [_smallest_keep(search, cand, later, keep * 2 / 3, by) for later in range(layer + 1, limit)]
         cand = _cheapest(search, [c for c in second if c is not None], "prune_visual (second stage)") or cand
     for layer in skips:
         for tokens in ("all", "visual"):
@@ -343,20 +408,24 @@ def _relax(cand: Candidate, num_layers: int) -> Candidate | None:
     if cand.skips:
         return replace(cand, skips=cand.skips[:-1])
     if cand.prunes:
-        layer, keep = cand.prunes[-1]
+        layer, keep, by = cand.prunes[-1]
         ceiling = cand.prunes[-2][1] if len(cand.prunes) > 1 else 1.0
         rest = cand.prunes[:-1]
-        return replace(cand, prunes=rest + (((layer, keep * 1.5),) if keep * 1.5 < ceiling else ()))
+        return replace(cand, prunes=rest + (((layer, keep * 1.5, by),) if keep * 1.5 < ceiling else ()))
     if cand.exit is not None:
         return replace(cand, exit=cand.exit + 1 if cand.exit + 1 < num_layers else None)
     return None
 
 
 def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
-           budget: "Budget | dict[str, float] | None" = None, *, settings: Settings | None = None) -> Schedule:
-    """A schedule for ``model`` from ``findings`` (a Findings, its dict or a JSON path) whose
-    fidelity on ``inputs`` is within ``budget``; ``derived_from`` says why each step was chosen
-    and what was measured on the way, ``predicted`` holds its cost-model figures."""
+           budget: "Budget | dict[str, float] | None" = None, *, settings: Settings | None = None,
+           validation: Any = None) -> Schedule:
+    """A schedule for ``model`` from ``findings`` (a Findings, its dict or a JSON path), searched on
+    part of ``inputs`` and accepted only when the one-sided confidence bounds of its losses on the
+    other part (``settings.validation_share`` of them, interleaved; or the ``validation`` prompts
+    when given) lie within ``budget``: a search fits its prompts, so its own measurement flatters
+    it. ``derived_from`` says why each step was chosen and what was measured on each part;
+    ``predicted`` holds its cost-model figures."""
     cfg = settings or Settings()
     budget = Budget.of(budget or Budget())
     data, source = _findings(findings)
@@ -365,32 +434,48 @@ def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
         raise ScheduleError(f"the findings ({source}) were made for model {data['model'].get('fingerprint')}, "
                             f"not this one ({info['fingerprint']})")
     examples = as_examples(inputs)
+    if validation is None:
+        examples, held = split(examples, cfg.validation_share)
+    else:
+        held = as_examples(validation)
+    needed = budget.prompts_needed(cfg.confidence)
+    if not examples or len(held) < needed:
+        raise ScheduleError(f"budget {budget.to_dict()} needs at least {needed} validation prompts to be certified at "
+                            f"{cfg.confidence:.0%} (got {len(held)} of {len(examples) + len(held)} inputs): give more "
+                            "inputs, a larger budget, or a KL budget")
     num_layers = info["num_layers"]
     probe = _Probe(model, processor, examples[:cfg.max_examples], cfg.batch_size)
     sinks, sink_why = visual_sink_indices(data, probe.examples, processor, model)
     protect = {"visual_sinks": sinks}
-    search = _Search(model, probe, budget, protect)
+    search = _Search(model, probe, budget, protect, cfg.confidence)
     exit_layer, exit_why = exit_evidence(data, num_layers)
     curve = ((data.get("exit") or {}).get("curves") or {}).get("observational")
     prune_layer, prune_why = first_prune_layer(curve, num_layers, cfg.fade)
     candidates = [int(c) for c in (data.get("redundancy") or {}).get("candidates") or [] if 0 < int(c) < num_layers]
     search.reasons += [exit_why, prune_why, sink_why, f"redundancy candidates (most redundant first): {candidates}"]
     cand = _greedy(search, Candidate(exit_layer), prune_layer, num_layers, cfg.coverage, candidates)
-    every = probe if len(examples) <= cfg.max_examples else _Probe(model, processor, examples, cfg.batch_size)
-    for backoff in range(cfg.max_backoffs + 1):  # the budget must hold on every prompt, not only the probe ones
-        measured = every.fidelity(search.schedule(cand))
-        measured["within_budget"] = budget.holds(measured)
+    checker = _Probe(model, processor, held, cfg.batch_size)
+    for backoff in range(cfg.max_backoffs + 1):  # accepted on prompts the search never saw
+        accepted = search.ok(cand, checker, "validation")
         relaxed = _relax(cand, num_layers)
-        if measured["within_budget"] or relaxed is None or backoff == cfg.max_backoffs:
+        if accepted or relaxed is None or backoff == cfg.max_backoffs:
             break
-        search.reasons.append(f"kl {measured['kl']:.4g}, agreement {measured['agreement']:.3f} on all "
-                              f"{len(examples)} prompts: outside the budget, backing off from {cand.steps()}")
+        search.reasons.append(f"{cand.steps()} is outside the budget's {cfg.confidence:.0%} bound on the "
+                              f"{len(held)} validation prompts: backing off")
         cand = relaxed
     schedule = search.schedule(cand)
+    search.ok(cand)  # its search-part figures (logged already unless the back-off made a new candidate)
+    trial = {part: next(t for t in search.trials if t["steps"] == cand.steps() and t["part"] == part)
+             for part in ("search", "validation")}
+    figures = {part: {k: v for k, v in t.items() if k not in ("steps", "part", "flops_ratio")}
+               for part, t in trial.items()}
     schedule.derived_from = {"findings": source, "budget": budget.to_dict(), "reasons": search.reasons,
                              "evidence": {"exit_layer": exit_layer, "first_prune_layer": prune_layer,
                                           "coverage": cfg.coverage, "fade": cfg.fade,
                                           "visual_sinks": sinks, "skip_candidates": candidates},
-                             "fidelity": {**measured, "n_examples": len(examples)}, "trials": search.trials}
-    schedule.predicted = prediction(schedule, Shape.of(model), every.layouts)
+                             "fidelity": {**figures["search"], "n_examples": len(probe.examples)},
+                             "validation": {**figures["validation"], "n_examples": len(held),
+                                            "confidence": cfg.confidence, "bounds": BOUNDS_METHOD},
+                             "trials": search.trials}
+    schedule.predicted = prediction(schedule, Shape.of(model), probe.layouts + checker.layouts)
     return schedule

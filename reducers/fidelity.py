@@ -49,11 +49,22 @@ def generate_greedy(model: nn.Module, batches: list[dict], tok: Any, new_tokens:
     return Generated(torch.cat(logits), torch.cat(tokens), texts)
 
 
-def next_token_fidelity(full: torch.Tensor, reduced: torch.Tensor) -> dict[str, float]:
-    """Mean KL(full || reduced) (nats) and top-1 agreement of next-token logits [n, V]."""
+def per_prompt_fidelity(full: torch.Tensor, reduced: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per prompt, KL(full || reduced) (nats, float64) and top-1 agreement (bool) of next-token logits [n, V]."""
     log_full, log_red = full.double().log_softmax(-1), reduced.double().log_softmax(-1)
     kl = (log_full.exp() * (log_full - log_red)).sum(-1).clamp_min(0)
-    return {"kl": float(kl.mean()), "agreement": float((full.argmax(-1) == reduced.argmax(-1)).double().mean())}
+    return kl, full.argmax(-1) == reduced.argmax(-1)
+
+
+def next_token_fidelity(full: torch.Tensor, reduced: torch.Tensor) -> dict[str, float]:
+    """Mean KL(full || reduced) (nats) and top-1 agreement of next-token logits [n, V]."""
+    kl, agree = per_prompt_fidelity(full, reduced)
+    return {"kl": float(kl.mean()), "agreement": float(agree.double().mean())}
+
+
+def answers_right(run: Generated, examples: list[Example]) -> list[bool | None]:
+    """Per example, whether its generation matches its answer (None: it has none)."""
+    return [None if ex.answer is None else answer_matches(text, ex.answer) for ex, text in zip(examples, run.texts)]
 
 
 def answer_accuracy(run: Generated, examples: list[Example]) -> tuple[float | None, dict[str, float]]:

@@ -54,6 +54,7 @@ class Planner:
         self.sinks = schedule.protect["visual_sinks"]
         self.exit = next((s["layer"] for s in schedule.steps_of("visual_exit")), None)
         self.prunes = {s["layer"]: s["keep"] for s in schedule.steps_of("prune_visual")}
+        self.rank_by = {s["layer"]: (s["by"], s.get("seed", 0)) for s in schedule.steps_of("prune_visual")}
         self.skips = {layer: s["tokens"] for s in schedule.steps_of("skip_layers") for layer in s["layers"]}
         # the layers where tokens may leave, known on the host: deciding a cut needs no device sync
         self.leave_layers = {*self.prunes, *(() if self.exit is None else (self.exit,))}
@@ -64,6 +65,8 @@ class Planner:
         # per prompt (set by a prefill): labels, when each position leaves, the current rows
         self.removed_at: Tensor | None = None
         self.pad = self.removable = self.pos = self.filler = torch.empty(0)
+        # per prompt position: index among the sample's visual tokens (-1 if none), patch cell, text
+        self.visual_index = self.patch_row = self.patch_col = self.text = torch.empty(0)
         self.n_keep: dict[int, Tensor] = {}
         self.touched, self.steady, self.steady_entry = False, None, None
         self.cached: dict[int, tuple[Tensor, Tensor] | None] = {}
@@ -100,6 +103,10 @@ class Planner:
         self.pad = torch.as_tensor(modality == "pad", device=dev)
         visual = torch.as_tensor(modality == "visual", device=dev)
         index = visual.long().cumsum(1) - 1  # index among the sample's visual tokens
+        self.visual_index = torch.where(visual, index, -1)
+        self.patch_row = torch.as_tensor(spans.patch_row, device=dev)
+        self.patch_col = torch.as_tensor(spans.patch_col, device=dev)
+        self.text = torch.as_tensor(modality == "text", device=dev)
         sink = visual & torch.isin(index, torch.tensor(self.sinks, dtype=torch.long, device=dev))
         self.removable = visual & ~sink
         self.removed_at = torch.full((b, n), self.num_layers, dtype=torch.long, device=dev)
@@ -221,14 +228,20 @@ class Planner:
                                 f"layer {layer}")
         return hit.float().argmax(1)
 
-    def ranked(self, layer: int, scores: Tensor) -> None:
-        """Settle the prune step at ``layer + 1`` from the last-row attention ``scores`` [B, R]
-        over the tokens layer ``layer`` processed: keep the top ``n_keep`` unprotected visual
-        tokens per sample, remove the rest from ``layer + 1`` on."""
-        k = layer + 1
+    def candidates(self, layer: int) -> Tensor:
+        """[B, R] over the tokens layer ``layer`` processed: the unprotected visual tokens the prune
+        step at ``layer + 1`` may remove (real, not removed before)."""
         rows, real = self.layer_tokens[layer]
+        return real & self.removable.gather(1, rows) & (self.removed_at.gather(1, rows) > layer + 1)
+
+    def ranked(self, layer: int, scores: Tensor) -> None:
+        """Settle the prune step at ``layer + 1`` from ``scores`` [B, R] (higher: kept first) over
+        the tokens layer ``layer`` processed: keep the top ``n_keep`` unprotected visual tokens per
+        sample, remove the rest from ``layer + 1`` on."""
+        k = layer + 1
+        rows, _ = self.layer_tokens[layer]
         self.scores[k] = scores
-        candidate = real & self.removable.gather(1, rows) & (self.removed_at.gather(1, rows) > k)
+        candidate = self.candidates(layer)
         order = scores.masked_fill(~candidate, float("-inf")).argsort(dim=1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
                                                 .expand_as(order))

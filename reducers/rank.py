@@ -1,4 +1,5 @@
-"""Rank tokens by the attention the last prompt position pays them (FastV / PyramidDrop).
+"""Rank the visual tokens a prune step may remove: by the attention the last prompt position pays
+them (FastV / PyramidDrop), or by the other scores of reducers.scores, all from layer K-1.
 
 The head-mean attention row of one query is recomputed from that layer's own q/k: forward
 hooks keep the query/key projection outputs the layer computes anyway, and after the attention
@@ -18,6 +19,7 @@ from torch.utils.hooks import RemovableHandle
 
 from attnflow import compat
 from attnflow.probes import adapters
+from attnflow.reducers import scores as score_fns
 from attnflow.reducers.plan import Planner
 from attnflow.reducers.shorten import gather_seq
 
@@ -51,11 +53,14 @@ def last_row_attention(attn: nn.Module, adapter: adapters.Adapter, q: Tensor, k:
 
 
 def attach_rankers(layers: nn.ModuleList, planner: Planner, adapter: adapters.Adapter) -> list[RemovableHandle]:
-    """Hooks on the attention module of every layer whose last-row attention a prune step
-    needs; each hands its scores to ``planner.ranked``."""
+    """Hooks on layer K-1 of every prune step at layer K: they keep what its score needs (q/k
+    projection outputs, the layer's input states) and, once the attention module has run, hand
+    the scores to ``planner.ranked``. Attach them after the shortener, so that a layer's input is
+    seen as cut."""
     handles: list[RemovableHandle] = []
     q_proj, k_proj = adapter.projections
     for layer in sorted(k - 1 for k in planner.prunes):
+        by, seed = planner.rank_by[layer + 1]
         attn = reduce(getattr, adapter.attention.split("."), layers[layer])
         captured: dict[str, Tensor] = {}
 
@@ -65,21 +70,49 @@ def attach_rankers(layers: nn.ModuleList, planner: Planner, adapter: adapters.Ad
                     captured[name] = output
             return hook
 
-        def rank(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any,
-                 layer: int = layer, captured: dict = captured) -> None:
+        def keep_input(module: nn.Module, args: tuple, kwargs: dict[str, Any], layer: int = layer,
+                       captured: dict = captured) -> None:
+            if planner.ranks_after(layer):
+                captured["states"] = args[0] if args else kwargs[compat.HIDDEN_STATES]
+
+        def rank(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any, layer: int = layer,
+                 captured: dict = captured, by: str = by, seed: int = seed) -> None:
             if not planner.ranks_after(layer):
                 return
-            rows, real = planner.layer_tokens[layer]
-            slot = planner.query_slots(layer)
-            key_ok = real.clone()
-            window = getattr(module, "sliding_window", None) if adapter.sliding_window else None
-            if window:
-                key_ok &= rows > planner.query_position - window
-            scores = last_row_attention(module, adapter, captured.pop("q"), captured.pop("k"),
-                                        kwargs[compat.POSITION_EMBEDDINGS], slot, key_ok)
+            candidates = planner.candidates(layer)
+            if by == "last_row":
+                rows, real = planner.layer_tokens[layer]
+                key_ok = real.clone()
+                window = getattr(module, "sliding_window", None) if adapter.sliding_window else None
+                if window:
+                    key_ok &= rows > planner.query_position - window
+                scores = last_row_attention(module, adapter, captured.pop("q"), captured.pop("k"),
+                                            kwargs[compat.POSITION_EMBEDDINGS], planner.query_slots(layer), key_ok)
+            else:
+                scores = _score(by, seed, planner, layer, candidates, captured)
             planner.ranked(layer, scores)
 
-        handles.append(getattr(attn, q_proj).register_forward_hook(keep_output("q")))
-        handles.append(getattr(attn, k_proj).register_forward_hook(keep_output("k")))
+        if by == "last_row":
+            handles.append(getattr(attn, q_proj).register_forward_hook(keep_output("q")))
+        if by in ("last_row", "dart"):
+            handles.append(getattr(attn, k_proj).register_forward_hook(keep_output("k")))
+        if by == "divprune":
+            handles.append(layers[layer].register_forward_pre_hook(keep_input, with_kwargs=True))
         handles.append(attn.register_forward_hook(rank, with_kwargs=True))
     return handles
+
+
+def _score(by: str, seed: int, planner: Planner, layer: int, candidates: Tensor, captured: dict[str, Tensor]) -> Tensor:
+    """Scores [B, R] of reducers.scores' ``by`` over the tokens layer ``layer`` processed."""
+    rows, _ = planner.layer_tokens[layer]
+    n_keep = planner.n_keep[layer + 1]
+    limit = int(n_keep.max()) if n_keep.numel() else 0
+    if by == "random":
+        return score_fns.random_scores(planner.visual_index.gather(1, rows), candidates, seed)
+    if by == "pool":
+        return score_fns.pool_scores(planner.patch_row.gather(1, rows), planner.patch_col.gather(1, rows),
+                                     candidates, limit)
+    if by == "divprune":
+        return score_fns.divprune_scores(captured.pop("states"), candidates, limit)
+    prompt_text = planner.text.gather(1, rows) & (rows <= planner.query_position)  # not generated tokens
+    return score_fns.dart_scores(captured.pop("k"), candidates, prompt_text, n_keep)

@@ -40,13 +40,14 @@ from torch import nn
 from attnflow.errors import UserError
 from attnflow.fileio import write_json
 from attnflow.probes import adapters
+from attnflow.reducers.scores import SCORES
 
 SCHEDULE_VERSION = 2
 OPS: tuple[str, ...] = ("prune_visual", "visual_exit", "skip_layers")
 SKIP_TOKENS: tuple[str, ...] = ("all", "visual")
 DEFAULT_PROTECT: dict[str, Any] = {"visual_sinks": []}
 _STEP_KEYS: dict[str, dict[str, Any]] = {  # op -> {key: default, or ... when required}
-    "prune_visual": {"layer": ..., "keep": ...},
+    "prune_visual": {"layer": ..., "keep": ..., "by": "last_row", "seed": None},
     "visual_exit": {"layer": ...},
     "skip_layers": {"layers": ..., "tokens": "all"},
 }
@@ -171,6 +172,12 @@ def _step(raw: Any, where: str, num_layers: int) -> dict[str, Any]:
         if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 <= keep <= 1.0:
             raise ScheduleError(f"{where} (prune_visual) keep must be a number in [0, 1], got {keep!r}")
         step["keep"] = float(keep)
+        if step["by"] not in SCORES:
+            raise ScheduleError(f"{where} (prune_visual) by must be one of {list(SCORES)}, got {step['by']!r}")
+        if step["by"] == "random":
+            step["seed"] = _int(0 if step["seed"] is None else step["seed"], f"{where} (prune_visual) seed", 0, 2**63 - 1)
+        elif step.pop("seed") is not None:
+            raise ScheduleError(f"{where} (prune_visual): seed applies to by='random' only")
     if op == "skip_layers":
         layers = step["layers"]
         if not isinstance(layers, list) or not layers:

@@ -1,7 +1,8 @@
-"""Verify a schedule against the unreduced model, beside fixed baselines: fidelity and cost.
+"""Verify a schedule against the unreduced model, beside the field's reducers: fidelity and cost.
 
-For the schedule and the baselines (FastV K=2 R=50%, FastV K=2 at the schedule's FLOPs,
-PyramidDrop's defaults scaled to the model's depth) the same inputs run greedy ``generate``
+For the schedule and the baselines (reducers.baselines: FastV, PyramidDrop, DART and DivPrune at
+their published defaults; FastV, DART, DivPrune, random and pooling at the schedule's FLOPs)
+the same inputs run greedy ``generate``
 under ``reducers.apply``; each is compared with the unreduced model on: next-token top-1
 agreement and KL(full ‖ reduced) at the last prompt position, greedy generated-token
 agreement over ``new_tokens`` tokens, and task accuracy when the examples carry answers (the
@@ -22,7 +23,7 @@ from torch import nn
 from attnflow.probes import adapters
 from attnflow.probes.inputs import as_examples
 from attnflow.reducers.apply import apply
-from attnflow.reducers.baselines import fastv, fastv_at_flops, pdrop
+from attnflow.reducers.baselines import matched, published
 from attnflow.reducers.cost import Shape, predict
 from attnflow.reducers.fidelity import answer_accuracy, encode_batches, generate_greedy, next_token_fidelity
 from attnflow.reducers.schedule import Schedule, load_schedule
@@ -56,8 +57,7 @@ def verify(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path",
     schedules: dict[str, Schedule] = {"schedule": sched}
     if baselines:
         target = predict(sched, shape, layouts)["flops_ratio"]
-        schedules.update({"fastv": fastv(model), "fastv_equal_flops": fastv_at_flops(model, target, shape, layouts),
-                          "pdrop": pdrop(model)})
+        schedules.update({**published(model), **matched(model, target, shape, layouts)})
     with torch.no_grad():
         full = generate_greedy(model, batches, tok, new_tokens)
         runs = {}

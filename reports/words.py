@@ -179,17 +179,34 @@ def verified_sentence(schedule: dict[str, Any] | None) -> str:
 
 
 def in_sample_sentence(schedule: dict[str, Any] | None) -> str:
-    """What derive measured on the prompts it searched (the in-sample figures), or ''."""
-    fid = ((schedule or {}).get("derived_from") or {}).get("fidelity") or {}
+    """What derive measured on the prompts it searched (in-sample) and on its validation prompts
+    (with the confidence bounds it was accepted by), or ''."""
+    derived = (schedule or {}).get("derived_from") or {}
+    fid, val = derived.get("fidelity") or {}, derived.get("validation") or {}
     if not fid:
         return ""
+    text = f"In-sample, on the {fid['n_examples']} prompts it was searched on: {_fidelity_words(fid)}."
+    if val:
+        bounds = [f"{name} {fmt(val[key])}" for key, name, fmt in (
+            ("kl_upper", "KL at most", lambda v: f"{num(v)} nats"),
+            ("agreement_lower", "agreement at least", lambda v: pct(v, 1)),
+            ("accuracy_drop_upper", "answers broken at most", lambda v: pct(v, 1))) if val.get(key) is not None]
+        text += (f" Validation, on {val['n_examples']} other prompts: {_fidelity_words(val)}; "
+                 f"{pct(val['confidence'])} bounds {', '.join(bounds)} "
+                 f"({'within' if val['within_budget'] else 'OUTSIDE'} the budget).")
+    return text
+
+
+def _fidelity_words(fid: dict[str, Any]) -> str:
     acc = "" if fid.get("accuracy_delta") is None else f", accuracy change {100 * fid['accuracy_delta']:+.1f} points"
-    return (f"In-sample, on the {fid['n_examples']} prompts it was derived on: next-token agreement "
-            f"{pct(fid['agreement'], 1)}, KL {num(fid['kl'])} nats{acc}.")
+    return f"next-token agreement {pct(fid['agreement'], 1)}, KL {num(fid['kl'])} nats{acc}"
 
 
-CONFIG_NAMES = {"schedule": "derived schedule", "fastv": "FastV (K=2, R=50%)",
-                "fastv_equal_flops": "FastV K=2 at equal FLOPs", "pdrop": "PyramidDrop (scaled)"}
+CONFIG_NAMES = {"schedule": "derived schedule", "fastv": "FastV (K=2, R=50%)", "pdrop": "PyramidDrop (scaled)",
+                "dart": "DART (K=2, keep 22%)", "divprune": "DivPrune (keep 9.8%)",
+                "fastv_equal_flops": "FastV K=2 at equal FLOPs", "dart_equal_flops": "DART K=2 at equal FLOPs",
+                "divprune_equal_flops": "DivPrune at equal FLOPs", "random_equal_flops": "random at equal FLOPs",
+                "pool_equal_flops": "pooling at equal FLOPs"}
 
 
 def config_name(name: str) -> str:

@@ -27,7 +27,12 @@ STEPS = {
     "skip_visual": [{"op": "skip_layers", "layers": [1], "tokens": "visual"}],
     "skip_all": [{"op": "skip_layers", "layers": [1], "tokens": "all"}],
     "mixed": [{"op": "prune_visual", "layer": 1, "keep": 0.5}, {"op": "skip_layers", "layers": [2], "tokens": "visual"}],
+    "random": [{"op": "prune_visual", "layer": 1, "keep": 0.5, "by": "random", "seed": 3}],
+    "pool": [{"op": "prune_visual", "layer": 1, "keep": 0.4, "by": "pool"}],
+    "divprune": [{"op": "prune_visual", "layer": 1, "keep": 0.3, "by": "divprune"}],
+    "dart": [{"op": "prune_visual", "layer": 2, "keep": 0.4, "by": "dart"}],
 }
+FIELD = ["random", "pool", "divprune", "dart"]  # reducers.scores' ops, beside FastV's last row
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +148,7 @@ def test_prune_keeps_the_top_of_the_last_row(models, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op", ["pdrop", "exit", "skip_all", "mixed"])
+@pytest.mark.parametrize("op", ["pdrop", "exit", "skip_all", "mixed", *FIELD])
 def test_generate_with_cache_equals_recomputing_the_prefix(models, backend, op):
     model, processor = models[backend]
     batch = encode(processor, prompts())
@@ -165,7 +170,7 @@ def test_generate_with_cache_equals_recomputing_the_prefix(models, backend, op):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op", ["pdrop", "exit", "mixed", "skip_all"])
+@pytest.mark.parametrize("op", ["pdrop", "exit", "mixed", "skip_all", *FIELD])
 def test_padded_batch_equals_one_sample_at_a_time(models, backend, op):
     model, processor = models[backend]
     schedule = Schedule.for_model(model, STEPS[op])
@@ -185,6 +190,27 @@ def test_padded_batch_equals_one_sample_at_a_time(models, backend, op):
         with torch.no_grad(), apply(model, schedule):
             gen_one = model.generate(**one, max_new_tokens=4, do_sample=False, eos_token_id=None)
         assert gen[b, -4:].tolist() == gen_one[0, -4:].tolist()
+
+
+def test_random_is_reproducible_by_seed_and_field_scores_keep_what_they_claim(models):
+    model, processor = models["sdpa"]
+    batch = encode(processor, prompts())
+
+    def kept(step):
+        return reduced(model, [step], batch)[1].positions.tolist()
+
+    step = {"op": "prune_visual", "layer": 1, "keep": 0.5, "by": "random"}
+    assert kept({**step, "seed": 5}) == kept({**step, "seed": 5}) != kept({**step, "seed": 6})
+    # pool keeps spread cells: with 4 of a 4x4 grid, the corners
+    from attnflow.reducers.scores import pool_scores
+    cells = torch.arange(16)
+    scores = pool_scores((cells // 4)[None], (cells % 4)[None], torch.ones(1, 16, dtype=torch.bool), 4)
+    assert sorted(scores.topk(4).indices[0].tolist()) == [0, 3, 12, 15]
+    # DivPrune keeps one of two duplicates before any second copy: 3 distinct directions, 2 copies each
+    from attnflow.reducers.scores import divprune_scores
+    states = torch.eye(3).repeat_interleave(2, 0)[None]
+    top = divprune_scores(states, torch.ones(1, 6, dtype=torch.bool), 3).topk(3).indices[0]
+    assert sorted((top // 2).tolist()) == [0, 1, 2]
 
 
 def test_hooks_are_removed_on_exit_and_on_error(models):

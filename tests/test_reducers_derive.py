@@ -14,6 +14,7 @@ from attnflow.reducers.derive import Budget, derive, first_prune_layer, visual_s
 from attnflow.reducers.verdict import Row, mark_pareto
 from attnflow.reducers.verify import verify, verify_schedule
 from attnflow.toys import planted, tiny
+from tests.claims import findings_claiming
 
 PLANTED_EXIT = 2
 
@@ -21,16 +22,6 @@ PLANTED_EXIT = 2
 @pytest.fixture(scope="module")
 def exit_vlm():
     return planted.exit_vlm(PLANTED_EXIT, num_layers=4, samples=6)
-
-
-def findings_claiming(exit_layer: int, num_layers: int) -> dict:
-    """Findings whose knockout says ``exit_layer`` and whose text->visual curve fades at it."""
-    curve = [0.9 if layer < exit_layer else 0.0 for layer in range(num_layers)]
-    return {"attnflow_findings": 1, "flow": {}, "thresholds": {}, "model": {}, "trace": {},
-            "exit": {"applies": True, "layer": exit_layer, "criterion": "knockout",
-                     "layers": {"knockout": {"layer": exit_layer, "tolerance": 0.01}},
-                     "curves": {"observational": curve}},
-            "redundancy": {"candidates": []}, "sinks": {"visual": []}}
 
 
 @pytest.mark.parametrize("claimed", [1, 3])
@@ -122,11 +113,13 @@ def test_verdict_is_self_consistent():
     assert empty.agreement == 1.0 and empty.kl == 0.0 and empty.generation_agreement == 1.0
     assert empty.flops_ratio == 1.0 and empty.accuracy == verdict.unreduced["accuracy"] == 1.0
     assert empty.accuracy_delta == 0.0
-    assert [r.name for r in verdict.rows] == ["schedule", "fastv", "fastv_equal_flops", "pdrop"]
+    assert [r.name for r in verdict.rows] == ["schedule", "fastv", "pdrop", "dart", "divprune", "fastv_equal_flops",
+                                              "dart_equal_flops", "divprune_equal_flops", "random_equal_flops",
+                                              "pool_equal_flops"]
     ids = [processor(text=e.prompt, images=e.images, return_tensors="pt")["input_ids"][0] for e in examples]
     layouts = [(len(i), int((i == model.config.image_token_id).sum())) for i in ids]
     assert verdict.row("fastv").flops_ratio == pytest.approx(fastv_flops_by_hand(model.config.text_config, layouts))
-    assert verdict.row("fastv").steps == [{"op": "prune_visual", "layer": 2, "keep": 0.5}]  # K=2, R=50%
+    assert verdict.row("fastv").steps == [{"op": "prune_visual", "layer": 2, "keep": 0.5, "by": "last_row"}]  # K=2, R=50%
     assert [s["layer"] for s in verdict.row("pdrop").steps] == [1, 2]  # 1/4, 1/2, 3/4 of 3 layers, rounded
     assert [s["keep"] for s in verdict.row("pdrop").steps] == [0.5, 0.125]
     assert {p["name"] for p in verdict.to_dict()["pareto"]} == {r.name for r in verdict.rows if r.pareto}
@@ -140,7 +133,7 @@ def test_back_off_order():
     previous stage (or 1) and drop it, then move the exit later until there is none."""
     from attnflow.reducers.derive import Candidate, _relax
 
-    cand = Candidate(exit=4, prunes=((1, 0.5), (2, 0.3)), skips=((3, "all"),))
+    cand = Candidate(exit=4, prunes=((1, 0.5, "last_row"), (2, 0.3, "last_row")), skips=((3, "all"),))
     seen = []
     while cand is not None:
         seen.append(cand.steps())

@@ -32,7 +32,7 @@ def test_round_trip_through_json(llava, tmp_path):
     assert data["model"] == {"model_type": "llava", "fingerprint": adapters.fingerprint(llava), "num_layers": 3}
     assert set(data) == {"attnflow_schedule", "model", "protect", "steps", "derived_from", "predicted", "verified"}
     assert data["protect"] == {"visual_sinks": [0, 3]}
-    assert data["steps"][0] == {"op": "prune_visual", "layer": 1, "keep": 0.5}
+    assert data["steps"][0] == {"op": "prune_visual", "layer": 1, "keep": 0.5, "by": "last_row"}  # default filled in
     loaded = load_schedule(path)
     assert loaded.to_dict() == schedule.to_dict()
     assert load_schedule(data).to_dict() == schedule.to_dict()
@@ -56,6 +56,9 @@ def test_malformed_json_names_the_file_and_the_problem(tmp_path):
     ([{"op": "prune_visual", "layer": 1}], r"missing key\(s\) \['keep'\]"),
     ([{"op": "prune_visual", "layer": 1, "keep": 1.5}], r"keep must be a number in \[0, 1\]"),
     ([{"op": "prune_visual", "layer": 1, "keep": 0.5, "rank_by": "last_row"}], r"unknown key\(s\) \['rank_by'\]"),
+    ([{"op": "prune_visual", "layer": 1, "keep": 0.5, "by": "magic"}], "by must be one of"),
+    ([{"op": "prune_visual", "layer": 1, "keep": 0.5, "seed": 3}], "seed applies to by='random' only"),
+    ([{"op": "prune_visual", "layer": 1, "keep": 0.5, "by": "random", "seed": -1}], "seed must be an integer"),
     ([{"op": "visual_exit", "layer": 0}], r"layer must be an integer in \[1, 2\]"),
     ([{"op": "visual_exit", "layer": 3}], r"layer must be an integer in \[1, 2\]"),
     ([{"op": "visual_exit", "layer": 1, "keep": 0.5}], r"unknown key\(s\) \['keep'\]"),

@@ -87,6 +87,20 @@ class SceneObj(vqa_task.Obj):
         return self.color, self.shape, self.quadrant, ROWS[self.row], COLUMNS[self.col]
 
 
+def referents(example: VQAExample) -> list[tuple[int, tuple[str, ...]]]:
+    """The question's words that name a colour or a shape, as (position from the prompt's end, the
+    named object's caption, or ``("no",)`` when the scene has no such object): the training
+    script's referent loss."""
+    words = example.prompt.split()
+    question = words[max(i for i, w in enumerate(words) if w.startswith("<")) + 1:]
+    found = []
+    for j, word in enumerate(question):
+        if word in COLORS or word in SHAPES:
+            obj = next((o for o in example.objects if word in (o.color, o.shape)), None)
+            found.append((len(question) - j, obj.caption() if obj else ("no",)))
+    return found
+
+
 def vocabulary() -> list[str]:
     """Every token of the task, special tokens first, in a fixed order (the tokenizer's ids)."""
     words = [*SYSTEM_PROMPT.split(), *_QUESTION_WORDS, *COLORS, *SHAPES, *QUADRANTS, *COUNTS, "yes", "no",

@@ -91,11 +91,11 @@ class SceneRecipe(Recipe):
 
 
 # Qwen2-VL's 36-token prompts cost about half a LLaVA step: it gets more steps in its time budget.
-RECIPES = {"llava": SceneRecipe(steps=6000, batch_size=16, patch_steps=5000, text_mlp=512, single_object_steps=400,
-                                two_object_steps=2400, caption_words=3),
+RECIPES = {"llava": SceneRecipe(steps=4500, batch_size=16, patch_steps=4000, text_mlp=512, single_object_steps=400,
+                                two_object_steps=2000, lr=1e-3, patch_layer=0, refer_layer=3),
            "qwen2_vl": SceneRecipe(steps=5000, patch_steps=4000),
-           "idefics3": SceneRecipe(steps=7000, batch_size=16, patch_steps=6000, text_mlp=512, single_object_steps=400,
-                                   two_object_steps=2800, caption_words=3)}
+           "idefics3": SceneRecipe(steps=7000, batch_size=16, patch_steps=6200, text_mlp=512, single_object_steps=400,
+                                   two_object_steps=2800, lr=1e-3, refer_layer=3)}
 
 
 def task_spec(family: str, caption_words: int = 5) -> TaskSpec:
@@ -107,7 +107,8 @@ def task_spec(family: str, caption_words: int = 5) -> TaskSpec:
     return TaskSpec(sample=lambda rng, n: scene_task.sample_example(rng, n_objects=n, family=family),
                     n_visual=scene_task.GRID ** 2 if merged else scene_task.PATCHES ** 2,
                     token_of=(lambda o: o.cell) if merged else (lambda o: o.patch),
-                    caption=lambda o: o.caption()[:caption_words], positions=family != "qwen2_vl")
+                    caption=lambda o: o.caption()[:caption_words], positions=family != "qwen2_vl",
+                    refer=scene_task.referents)
 
 
 def build_qwen_processor() -> Qwen2VLImageOnlyProcessor:

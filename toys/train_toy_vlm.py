@@ -78,6 +78,8 @@ class Recipe:
     tie_embeddings: bool = False  # LM head = input embeddings: a captioned visual token then looks like its words
     single_object_steps: int = 200  # stage 1: one object per image for the first steps
     two_object_share: float = 0.7  # then two objects this often: only they teach binding a word to an object
+    refer_layer: int | None = None  # referent loss from this decoder layer's output (None: off; needs TaskSpec.refer)
+    refer_weight: float = 1.0
 
     def n_objects(self, step: int, rng: np.random.Generator) -> int:
         """Objects in a training image: one during the curriculum's first stage, then two at ``two_object_share``."""
@@ -93,6 +95,8 @@ class TaskSpec:
     ``sample(rng, n_objects)`` draws a training example; the per-patch captioning loss asks the
     visual token ``token_of(obj)`` (of ``n_visual`` per image, row-major) to name ``caption(obj)``.
     ``positions``: pass explicit position ids (LLaVA); Qwen2-VL computes its own M-RoPE ids.
+    ``refer(example)``: (k, words) pairs for the referent loss: the k-th last prompt token names an
+    object, whose words (or ``("no",)`` when the scene has none) a middle layer must name.
     """
 
     sample: Callable[[np.random.Generator, int], Any]
@@ -100,6 +104,7 @@ class TaskSpec:
     token_of: Callable[[Any], int]
     caption: Callable[[Any], tuple[str, ...]]
     positions: bool = True
+    refer: Callable[[Any], list[tuple[int, tuple[str, ...]]]] | None = None
 
 
 VQA_SPEC = TaskSpec(sample=lambda rng, n: vqa_task.sample_example(rng, n_objects=n), n_visual=vqa_task.GRID ** 2,
@@ -181,7 +186,21 @@ def training_batch(processor: Any, examples: list[vqa_task.VQAExample],
             batch[key] = torch.cat([value, fill.get(key, torch.zeros_like(tail))], dim=1)
     if spec.positions:
         batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # as generate does
-    return {**batch, "targets": tail, "patch_targets": _patch_targets(tok, examples, spec)}
+    out = {**batch, "targets": tail, "patch_targets": _patch_targets(tok, examples, spec)}
+    if spec.refer is not None:
+        out["refer_targets"] = _refer_targets(tok, examples, spec.refer, width[1])
+    return out
+
+
+def _refer_targets(tok: PreTrainedTokenizerFast, examples: list[vqa_task.VQAExample],
+                   refer: Callable[[Any], list[tuple[int, tuple[str, ...]]]], prompt_len: int) -> torch.Tensor:
+    """[B, prompt tokens, words] word ids the referent loss asks for at each referring token; -100 elsewhere."""
+    pairs = [refer(e) for e in examples]
+    targets = torch.full((len(examples), prompt_len, max((len(w) for p in pairs for _, w in p), default=1)), -100)
+    for i, pair in enumerate(pairs):
+        for k, words in pair:
+            targets[i, prompt_len - k, :len(words)] = torch.tensor(tok.convert_tokens_to_ids(list(words)))
+    return targets
 
 
 def _patch_targets(tok: PreTrainedTokenizerFast, examples: list[vqa_task.VQAExample], spec: TaskSpec) -> torch.Tensor:
@@ -202,6 +221,19 @@ def _lr_factor(step: int, recipe: Recipe) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _lens(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A middle layer's states -> logits through the final norm and the LM head."""
+    text_model = getattr(model.model, "language_model", None) or model.model.text_model  # Idefics3
+    return lambda h: model.lm_head(text_model.norm(h))
+
+
+def _multi_word_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of [N, V] logits against each of [N, k] target words (-100: none)."""
+    k = targets.shape[-1]
+    return torch.nn.functional.cross_entropy(logits.unsqueeze(1).expand(-1, k, -1).reshape(-1, logits.shape[-1]),
+                                             targets.reshape(-1))
+
+
 def train(model: Any, processor: Any, recipe: Recipe, seed: int, log_every: int = 50,
           spec: TaskSpec = VQA_SPEC, device: str = "cpu") -> list[dict[str, float]]:
     """Train in place on freshly sampled examples (on ``device``; the model ends on the CPU); return the
@@ -216,9 +248,11 @@ def train(model: Any, processor: Any, recipe: Recipe, seed: int, log_every: int 
         examples = [spec.sample(rng, recipe.n_objects(step, rng)) for _ in range(recipe.batch_size)]
         batch = {k: v.to(device) for k, v in training_batch(processor, examples, spec).items()}
         targets, patch_targets = batch.pop("targets"), batch.pop("patch_targets")
+        refer_targets = batch.pop("refer_targets", None)
         patch_on = step < recipe.patch_steps and recipe.patch_weight > 0
+        refer_on = patch_on and refer_targets is not None and recipe.refer_layer is not None
         middle = patch_on and recipe.patch_layer is not None
-        out = model(**batch, logits_to_keep=0 if patch_on else 3, output_hidden_states=middle)
+        out = model(**batch, logits_to_keep=0 if patch_on else 3, output_hidden_states=middle or refer_on)
         all_logits = out.logits
         logits = all_logits[:, -3:-1]  # predictions of answer and <eos>
         ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
@@ -226,12 +260,15 @@ def train(model: Any, processor: Any, recipe: Recipe, seed: int, log_every: int 
         if patch_on:
             is_visual = batch["input_ids"] == model.config.image_token_id
             if middle:  # caption from a middle layer's state, through the final norm and the LM head
-                text_model = getattr(model.model, "language_model", None) or model.model.text_model  # Idefics3
-                visual = model.lm_head(text_model.norm(out.hidden_states[recipe.patch_layer][is_visual]))
+                visual = _lens(model)(out.hidden_states[recipe.patch_layer][is_visual])
             else:
                 visual = all_logits[is_visual]  # [B * patches, V], row-major
-            patch = visual.unsqueeze(1).expand(-1, patch_targets.shape[-1], -1).reshape(-1, visual.shape[-1])
-            loss = loss + recipe.patch_weight * torch.nn.functional.cross_entropy(patch, patch_targets.reshape(-1))
+            loss = loss + recipe.patch_weight * _multi_word_ce(visual, patch_targets.reshape(-1, patch_targets.shape[-1]))
+        if refer_on:
+            hidden = out.hidden_states[recipe.refer_layer][:, :refer_targets.shape[1]]
+            rows = (refer_targets[..., 0] != -100)
+            words = _lens(model)(hidden[rows])
+            loss = loss + recipe.refer_weight * _multi_word_ce(words, refer_targets[rows])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)

@@ -1,0 +1,123 @@
+"""How a ``prune_visual`` step ranks the visual tokens it may remove (its ``by`` key), beside
+FastV's last-row attention (reducers.rank).
+
+Each scorer returns scores [B, R] over the tokens layer K-1 processed (higher: kept first); only
+``candidates`` [B, R] (unprotected visual tokens still present) are ranked. Selection rules that
+build a set greedily (farthest points, DART's pivots) are written as their selection order, so
+keeping the top ``n`` scores is the set the rule picks for ``n``:
+
+- ``random`` (the control of UniPruneBench, arXiv 2511.02650): a seeded random order of each
+  sample's visual-token indices, the same whatever the batch;
+- ``pool`` (the downsampling control, VTC-Bench arXiv 2510.07143): farthest-point order of the
+  tokens' patch cells, a near-uniform spatial grid at any keep (token order where the cells are
+  unknown);
+- ``divprune`` (DivPrune, arXiv 2503.02175): greedy max-min diversity of the token states
+  entering layer K-1 (the LLM's input embeddings at K = 1, where DivPrune applies it) under
+  cosine distance: first the token farthest from its nearest neighbour, then repeatedly the token
+  farthest from those chosen;
+- ``dart`` (DART, arXiv 2502.11494; defaults K = 2, 4 visual + 4 text pivots): layer K-1's
+  keys (before RoPE); pivots are the visual and the text tokens of largest key L1 norm, and each
+  pivot in turn keeps the remaining visual token least cosine-similar to it (the most duplicated
+  ones are dropped).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+SCORES: tuple[str, ...] = ("last_row", "random", "pool", "divprune", "dart")
+DART_PIVOTS = (4, 4)  # visual, text: DART's defaults
+
+
+def order_scores(order: Tensor, candidates: Tensor) -> Tensor:
+    """Scores from a selection order [B, R] of slot indices (first = kept first): -rank, -inf off the candidates."""
+    b, r = order.shape
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(r, device=order.device).expand(b, r))
+    return (-rank.to(torch.float32)).masked_fill(~candidates, float("-inf"))
+
+
+def farthest_point(distance: Tensor, candidates: Tensor, limit: int) -> Tensor:
+    """Greedy max-min order [B, R] of the candidates under pairwise ``distance`` [B, R, R]: first the
+    candidate farthest from its nearest other candidate, then the one farthest from all chosen; the
+    first ``limit`` are chosen this way, every other slot follows in slot order."""
+    b, r, _ = distance.shape
+    dev = distance.device
+    big = torch.finfo(distance.dtype).max
+    off = ~candidates[:, None, :] | torch.eye(r, dtype=torch.bool, device=dev)[None]
+    nearest = distance.masked_fill(off, big).amin(-1)  # each candidate's nearest other candidate
+    score = torch.where(nearest == big, torch.zeros_like(nearest), nearest).masked_fill(~candidates, -1)
+    slot = torch.arange(r, device=dev).expand(b, r)
+    when = r + slot  # selection step; the unchosen after every chosen, in slot order
+    gap = torch.full_like(score, big)
+    rows = torch.arange(b, device=dev)
+    for step in range(min(limit, r)):
+        pick = score.argmax(1)  # the first slot among ties
+        live = score[rows, pick] >= 0
+        when = when.index_put((rows[live], pick[live]), torch.full_like(pick[live], step))
+        gap = torch.minimum(gap, distance[rows, pick])
+        score = gap.masked_fill(~candidates | (when < r), -1)
+    return when.argsort(dim=1, stable=True)
+
+
+def cosine_distance(x: Tensor) -> Tensor:
+    """Pairwise 1 - cos [B, R, R] of states [B, R, D] (float32)."""
+    unit = torch.nn.functional.normalize(x.float(), dim=-1)
+    return 1 - unit @ unit.transpose(1, 2)
+
+
+def random_scores(visual_index: Tensor, candidates: Tensor, seed: int) -> Tensor:
+    """A seeded random score per visual-token index: a sample's order does not depend on its batch."""
+    top = int(visual_index.max()) + 1 if visual_index.numel() else 0
+    draw = torch.rand(max(top, 1), generator=torch.Generator().manual_seed(seed))
+    scores = draw.to(visual_index.device)[visual_index.clamp_min(0)]
+    return scores.masked_fill(~candidates, float("-inf"))
+
+
+def pool_scores(row: Tensor, col: Tensor, candidates: Tensor, limit: int) -> Tensor:
+    """Farthest-point order of the candidates' patch cells (row, col); a token without a cell
+    counts by its slot, so a model whose grid is unknown keeps evenly spaced tokens."""
+    slot = torch.arange(row.shape[1], device=row.device).expand_as(row).float()
+    known = (row >= 0) & (col >= 0)
+    y = torch.where(known, row.float(), torch.zeros_like(slot))
+    x = torch.where(known, col.float(), slot)
+    points = torch.stack([y, x], -1)
+    return order_scores(farthest_point(torch.cdist(points, points), candidates, limit), candidates)
+
+
+def divprune_scores(states: Tensor, candidates: Tensor, limit: int) -> Tensor:
+    """DivPrune: greedy max-min cosine diversity of the states [B, R, D]."""
+    return order_scores(farthest_point(cosine_distance(states), candidates, limit), candidates)
+
+
+def dart_scores(keys: Tensor, candidates: Tensor, text: Tensor, n_keep: Tensor,
+                pivots: tuple[int, int] = DART_PIVOTS) -> Tensor:
+    """DART: pivots by key L1 norm (``pivots`` visual among the candidates, text among ``text``),
+    then each pivot in turn keeps the remaining candidate least cosine-similar to it, until
+    ``n_keep`` [B] are kept per sample."""
+    b, r, _ = keys.shape
+    norm = keys.float().abs().sum(-1)
+    unit = torch.nn.functional.normalize(keys.float(), dim=-1)
+    orders = []
+    for i in range(b):
+        cand, txt = candidates[i], text[i]
+        vis_piv = norm[i].masked_fill(~cand, -1).topk(min(pivots[0], int(cand.sum()))).indices
+        txt_piv = norm[i].masked_fill(~txt, -1).topk(min(pivots[1], int(txt.sum()))).indices
+        chosen = torch.zeros(r, dtype=torch.bool, device=keys.device)
+        chosen[vis_piv] = True
+        picks = list(vis_piv.tolist())
+        anchors = torch.cat([vis_piv, txt_piv])
+        similarity = unit[i, anchors] @ unit[i].T  # [P, R]
+        want = int(n_keep[i])
+        while len(picks) < min(want, int(cand.sum())) and anchors.numel():
+            for p in range(anchors.numel()):
+                if len(picks) >= want:
+                    break
+                pick = int(similarity[p].masked_fill(~cand | chosen, float("inf")).argmin())
+                if not bool(cand[pick]) or bool(chosen[pick]):
+                    break
+                chosen[pick] = True
+                picks.append(pick)
+        rest = [s for s in range(r) if not bool(chosen[s])]
+        orders.append(torch.tensor(picks + rest, device=keys.device))
+    return order_scores(torch.stack(orders), candidates)

@@ -1,0 +1,81 @@
+"""Accepting a schedule on prompts it was not searched on: the split, the confidence bounds by hand,
+and a derivation whose search prompts accept what its validation prompts reject."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from attnflow.models import default_inputs, load_model
+from attnflow.probes.inputs import load_examples
+from attnflow.reducers import ScheduleError
+from attnflow.reducers.derive import Budget, Losses, derive
+from attnflow.reducers.validation import bootstrap_mean_upper, min_prompts, split, wilson_lower, wilson_upper
+from tests.claims import findings_claiming
+
+
+@pytest.mark.parametrize("n, share", [(300, 0.5), (7, 0.5), (10, 0.3), (5, 0.0)])
+def test_the_split_is_disjoint_whole_and_spread(n, share):
+    rest, held = split(list(range(n)), share)
+    assert sorted(rest + held) == list(range(n)) and not set(rest) & set(held)
+    assert len(held) == int(n * share)
+    if held:  # spread over the whole file: both parts reach its end
+        assert max(held) >= n - 1 / share - 1 and max(rest) >= n - 2
+    with pytest.raises(ValueError, match="held-out share"):
+        split([1, 2], 1.0)
+
+
+def test_wilson_bounds_by_hand():
+    # 3 losses in 100 at one-sided 95% (z = 1.6449, z² = 2.7055):
+    # (0.03 + z²/200 + z·sqrt(0.03·0.97/100 + z²/40000)) / (1 + z²/100) = 0.07467 / 1.02706 = 0.0727
+    assert wilson_upper(3, 100) == pytest.approx(0.0727, abs=1e-4)
+    assert wilson_lower(97, 100) == pytest.approx(1 - 0.0727, abs=1e-4)
+    # zero losses: z² / (n + z²); one point needs 268 prompts
+    assert wilson_upper(0, 100) == pytest.approx(2.7055 / 102.7055, abs=1e-4)
+    assert min_prompts(0.01) == 268 and wilson_upper(0, 268) <= 0.01 < wilson_upper(0, 267)
+    assert bootstrap_mean_upper([0.5] * 20) == 0.5
+    kl = np.r_[np.zeros(90), np.full(10, 0.1)]  # mean 0.01
+    upper = bootstrap_mean_upper(kl)
+    assert 0.01 < upper < 0.02 and upper == bootstrap_mean_upper(kl)  # seeded
+
+
+def test_a_budget_is_certified_by_its_bound_not_its_mean():
+    budget = Budget(max_accuracy_drop=0.01)
+    none_broken = Losses(np.zeros(300), np.ones(300, bool), np.zeros(300, bool))
+    one_broken = Losses(np.zeros(300), np.ones(300, bool), np.r_[True, np.zeros(299, bool)])
+    assert budget.certified(budget.bounds(none_broken))  # 0/300: bound 0.0089
+    bounds = budget.bounds(one_broken)
+    assert bounds["accuracy_drop_upper"] == pytest.approx(wilson_upper(1, 300))
+    assert not budget.certified(bounds)  # a 0.33-point drop whose 95% bound is 1.9 points
+    assert budget.prompts_needed() == 268
+    assert Budget(min_agreement=0.95).prompts_needed() == min_prompts(0.05)
+    with pytest.raises(ScheduleError, match="never be certified"):
+        Budget(max_accuracy_drop=0.0).prompts_needed()
+
+
+def test_validation_rejects_what_the_search_prompts_accept():
+    """The toy VLM reads colours early and places/counts late: searched on colour questions alone,
+    an early visual exit passes; the where/count validation prompts reject it, and derive backs off."""
+    torch.set_num_threads(1)
+    model, processor = load_model("toy-vlm")
+    examples = load_examples(default_inputs("toy-vlm"))
+    colour = [e for e in examples if e.qtype == "color_of_shape"][:16]
+    late = [e for e in examples if e.qtype in ("where", "count")][:16]
+    schedule = derive(findings_claiming(3, 6), model, colour, processor, Budget(max_kl=0.05), validation=late)
+    trials = schedule.derived_from["trials"]
+    searched = [t for t in trials if t["part"] == "search" and t["steps"] and t["within_budget"]]
+    assert searched, "the search prompts accept some cut"
+    rejected = {str(t["steps"]) for t in trials if t["part"] == "validation" and not t["within_budget"]}
+    assert str(searched[0]["steps"]) in rejected
+    validation = schedule.derived_from["validation"]
+    assert validation["within_budget"] and validation["kl_upper"] <= 0.05 and validation["n_examples"] == 16
+    assert schedule.derived_from["fidelity"]["n_examples"] == 16
+    assert any("validation prompts: backing off" in r for r in schedule.derived_from["reasons"])
+
+
+def test_a_budget_the_validation_part_cannot_certify_is_refused_up_front():
+    model, processor = load_model("toy-vlm")
+    examples = load_examples(default_inputs("toy-vlm"))[:40]
+    with pytest.raises(ScheduleError, match="needs at least 268 validation prompts"):
+        derive(findings_claiming(3, 6), model, examples, processor, Budget(max_accuracy_drop=0.01))
