@@ -42,7 +42,6 @@ class ModelSpecError(UserError, ValueError):
 BUNDLED: dict[str, tuple[str, str]] = {
     "toy-vlm": ("toy-vlm", "toy-vqa/heldout.jsonl"),
     "toy-llava-scenes": ("toy-llava-scenes", "toy-scenes/heldout-llava.jsonl"),
-    "toy-qwen-scenes": ("toy-qwen-scenes", "toy-scenes/heldout-qwen2_vl.jsonl"),
     "toy-idefics3-scenes": ("toy-idefics3-scenes", "toy-scenes/heldout-idefics3.jsonl"),
 }
 
@@ -180,13 +179,14 @@ def default_inputs(spec: str) -> Path:
 
 def bundled_models() -> list[dict[str, Any]]:
     """One row per shipped trained model: name, path, model_type, visual tokens per image, parameters,
-    held-out file, and the held-out accuracy with real and blank images its training.json records."""
+    held-out file, and the held-out accuracy (overall, by question type, with blank images) its
+    training.json records."""
     rows = []
     for name in BUNDLED:
         path, heldout = bundled_path(name, 0), bundled_path(name, 1)
         row: dict[str, Any] = {"name": name, "path": str(path), "model_type": None, "visual_tokens": None,
                                "parameters": None, "size_mb": None, "heldout": str(heldout),
-                               "accuracy": None, "blank_accuracy": None}
+                               "accuracy": None, "blank_accuracy": None, "accuracy_by_type": None}
         if (path / "config.json").is_file():
             row.update(_describe(path, heldout))
         rows.append(row)
@@ -215,6 +215,7 @@ def _describe(path: Path, heldout: Path) -> dict[str, Any]:
         info = json.loads(info_path.read_text())
         row["accuracy"] = info.get("heldout", {}).get("accuracy")
         row["blank_accuracy"] = info.get("heldout_blank_images", {}).get("accuracy")
+        row["accuracy_by_type"] = info.get("heldout", {}).get("per_type")
     return row
 
 

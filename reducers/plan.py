@@ -2,8 +2,8 @@
 
 ``Planner`` turns a Schedule into one ``Cut`` per decoder-layer call for the shortening
 mechanism (reducers.shorten): ``visual_exit`` and ``skip_layers`` are fixed per prompt,
-``prune_visual`` at layer K is settled when layer K-1 has run and its last-row attention is
-known (``ranked``). Everything is per sample, so a padded batch is cut sample by sample: pads
+``prune_visual`` at layer K is settled when layer K-1 has run and its scores are known
+(``ranked``; reducers.rank computes them). Everything is per sample, so a padded batch is cut sample by sample: pads
 are dropped with the first cut, and when samples keep different counts the shorter ones carry
 filler (their pads first, then tokens they dropped) that the mask hides from every query.
 """

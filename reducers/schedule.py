@@ -5,7 +5,7 @@ JSON form (``attnflow_schedule: 2``)::
     {"attnflow_schedule": 2,
      "model": {"model_type": "llava", "fingerprint": "sha256:...", "num_layers": 6},
      "protect": {"visual_sinks": [0, 5]},
-     "steps": [{"op": "prune_visual", "layer": 2, "keep": 0.5},
+     "steps": [{"op": "prune_visual", "layer": 2, "keep": 0.5, "by": "last_row"},
                {"op": "visual_exit", "layer": 5},
                {"op": "skip_layers", "layers": [4], "tokens": "visual"}],
      "derived_from": {...} | null, "predicted": {...}, "verified": {...}}
@@ -13,7 +13,9 @@ JSON form (``attnflow_schedule: 2``)::
 Semantics. Layers are 0-indexed decoder layers. ``prune_visual`` removes visual tokens from
 ``layer`` on, keeping ``round(keep * V)`` of each sample's V unprotected visual tokens (keep is
 a share of the *original* count, so PyramidDrop's 0.5/0.25/0.125 are written as they are),
-ranked by the head-mean attention the last prompt position pays them at ``layer - 1``.
+ranked ``by`` one of reducers.scores.SCORES from layer ``layer - 1``: ``last_row`` (default: the
+head-mean attention the last prompt position pays them, FastV), ``random`` (with ``seed``),
+``pool``, ``divprune`` or ``dart``.
 ``visual_exit`` removes every unprotected visual token from ``layer`` on. ``skip_layers`` lets
 tokens bypass whole layers (``tokens: "all"``) or lets only the unprotected visual tokens bypass
 them (``"visual"``: their residual stream passes the layer unchanged, the other tokens do not

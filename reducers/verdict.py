@@ -2,8 +2,8 @@
 
 JSON form (``attnflow_verdict: 1``): ``model`` (the schedule's model section), ``device``,
 ``backend``, ``dtype``, ``n_examples``, ``new_tokens``, ``repeats``, ``timing_batch``,
-``unreduced`` (the reference's accuracy, per-type accuracy, prefill ms, decode ms per token,
-visual tokens), ``rows`` (each Row's fields below) and ``pareto`` (the rows on the
+``unreduced`` (the reference's accuracy, per-type accuracy, prefill ms and decode ms per token on
+the timing batch and at batch size 1, visual tokens), ``rows`` (each Row's fields below) and ``pareto`` (the rows on the
 fidelity-vs-FLOPs front, cheapest first). Fidelity is task accuracy when the prompts carry
 answers, else next-token top-1 agreement.
 """
@@ -46,6 +46,10 @@ class Row:
     prefill_speedup: float | None
     decode_speedup: float | None
     pareto: bool = False
+    prefill_ms_b1: float | None = None  # the same at batch size 1 (the first prompt alone)
+    decode_ms_per_token_b1: float | None = None
+    prefill_speedup_b1: float | None = None
+    decode_speedup_b1: float | None = None
 
     @property
     def fidelity(self) -> float:
@@ -85,6 +89,7 @@ class Verdict:
         return {"agreement": r.agreement, "kl": r.kl, "generation_agreement": r.generation_agreement,
                 "accuracy": r.accuracy, "accuracy_delta": r.accuracy_delta,
                 "prefill_speedup": r.prefill_speedup, "decode_speedup": r.decode_speedup,
+                "prefill_speedup_b1": r.prefill_speedup_b1, "decode_speedup_b1": r.decode_speedup_b1,
                 "device": self.device, "backend": self.backend, "n_examples": self.n_examples}
 
 

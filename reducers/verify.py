@@ -50,6 +50,7 @@ def verify(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path",
     tok = getattr(processor, "tokenizer", processor)
     batches = encode_batches(processor, examples, batch_size, device)
     timing_batch = encode_batches(processor, examples[:batch_size], len(examples), device)[0]
+    one = encode_batches(processor, examples[:1], 1, device)[0]
     image_id = adapters.image_token_id(model)
     layouts = [(int(am.sum()), int(((ids == image_id) & am.bool()).sum()) if image_id is not None else 0)
                for b in batches for ids, am in zip(b["input_ids"], b["attention_mask"])]
@@ -65,9 +66,10 @@ def verify(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path",
             with apply(model, s):
                 runs[name] = generate_greedy(model, batches, tok, new_tokens)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        timed = speed(model, {"unreduced": None, **schedules}, timing_batch, new_tokens=new_tokens,
-                       repeats=repeats, pad=pad)
-        times = {name: medians(t) for name, t in timed.items()}
+        configs = {"unreduced": None, **schedules}
+        times, times_b1 = ({name: medians(t) for name, t in speed(model, configs, b, new_tokens=new_tokens,
+                                                                 repeats=repeats, pad=pad).items()}
+                           for b in (timing_batch, one))
     full_accuracy, full_by_type = answer_accuracy(full, examples)
     rows = []
     for name, s in schedules.items():
@@ -75,7 +77,7 @@ def verify(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path",
         fidelity = next_token_fidelity(full.first_logits, run.first_logits)
         accuracy, by_type = answer_accuracy(run, examples)
         cost = predict(s, shape, layouts)
-        t, t0 = times[name], times["unreduced"]
+        t, t0, u, u0 = times[name], times["unreduced"], times_b1[name], times_b1["unreduced"]
         rows.append(Row(
             name=name, steps=s.steps,
             agreement=fidelity["agreement"], kl=fidelity["kl"], generation_agreement=float((full.tokens == run.tokens).float().mean()),
@@ -85,7 +87,10 @@ def verify(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path",
             kv_bytes_ratio=cost["kv_bytes_ratio"], decode_flops_ratio=cost["decode_flops_ratio"],
             prefill_ms=t["prefill_ms"], decode_ms_per_token=t["decode_ms_per_token"],
             prefill_speedup=_ratio(t0["prefill_ms"], t["prefill_ms"]),
-            decode_speedup=_ratio(t0["decode_ms_per_token"], t["decode_ms_per_token"])))
+            decode_speedup=_ratio(t0["decode_ms_per_token"], t["decode_ms_per_token"]),
+            prefill_ms_b1=u["prefill_ms"], decode_ms_per_token_b1=u["decode_ms_per_token"],
+            prefill_speedup_b1=_ratio(u0["prefill_ms"], u["prefill_ms"]),
+            decode_speedup_b1=_ratio(u0["decode_ms_per_token"], u["decode_ms_per_token"])))
     mark_pareto(rows)
     return Verdict(model=sched.model, device=str(device), backend=adapters.attn_implementation(model),
                    dtype=str(next(model.parameters()).dtype).removeprefix("torch."), n_examples=len(examples),
@@ -93,6 +98,8 @@ def verify(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path",
                    unreduced={"accuracy": full_accuracy, "accuracy_by_type": full_by_type,
                               "prefill_ms": times["unreduced"]["prefill_ms"],
                               "decode_ms_per_token": times["unreduced"]["decode_ms_per_token"],
+                              "prefill_ms_b1": times_b1["unreduced"]["prefill_ms"],
+                              "decode_ms_per_token_b1": times_b1["unreduced"]["decode_ms_per_token"],
                               "visual_tokens": predict(sched, shape, layouts)["visual_tokens"]},
                    rows=rows)
 

@@ -166,7 +166,8 @@ def verification_section(run: Run, figures: dict[str, dict[str, Any]]) -> dict[s
     paragraphs = [words.verdict_sentence(verdict),
                   f"Measured on {verdict['n_examples']} prompts with {verdict['new_tokens']} greedy tokens each, on "
                   f"{verdict['device']} ({verdict['backend']}, {verdict['dtype']}); wall-clock times are medians of "
-                  f"{verdict['repeats']} interleaved repeats on a batch of {verdict['timing_batch']} in one process. "
+                  f"{verdict['repeats']} interleaved repeats on a batch of {verdict['timing_batch']} and on the first "
+                  "prompt alone (B=1), in one process. "
                   "FLOPs are the cost model's prediction for the prefill."]
     fidelity = _table("Pareto table: fidelity against the unreduced model",
                       ["configuration", "steps", "FLOPs", "T_eq", "agreement", "KL", "gen. agr.", "accuracy", "Δ acc.",
@@ -177,12 +178,14 @@ def verification_section(run: Run, figures: dict[str, dict[str, Any]]) -> dict[s
                         "n/a" if r["accuracy_delta"] is None else f"{100 * r['accuracy_delta']:+.1f}",
                         "yes" if r["pareto"] else ""] for r in rows])
     speed = _table("Cost and measured speed",
-                   ["configuration", "FLOPs", "KV cache", "prefill ms", "prefill ×", "decode ms/token", "decode ×"],
+                   ["configuration", "FLOPs", "KV cache", "prefill ms", "prefill ×", "decode ms/token", "decode ×",
+                    "prefill × B=1", "decode × B=1"],
                    [["unreduced model", "100%", "100%", full["prefill_ms"], "1.00", full["decode_ms_per_token"],
-                     "1.00"]]
+                     "1.00", "1.00", "1.00"]]
                    + [[words.config_name(r["name"]), words.pct(r["flops_ratio"], 1), words.pct(r["kv_bytes_ratio"], 1),
                        r["prefill_ms"], words.times(r["prefill_speedup"]), r["decode_ms_per_token"],
-                       words.times(r["decode_speedup"])] for r in rows])
+                       words.times(r["decode_speedup"]), words.times(r.get("prefill_speedup_b1")),
+                       words.times(r.get("decode_speedup_b1"))] for r in rows])
     tables = [fidelity, speed]
     types = sorted(full.get("accuracy_by_type") or {})
     if types:

@@ -1,8 +1,10 @@
-"""The scene task and its two trained VLMs (toy-llava-scenes, toy-qwen-scenes): task, trainer smoke, loading, answers."""
+"""The scene task and its two trained VLMs (toy-llava-scenes, toy-idefics3-scenes): task, referent targets,
+trainer smoke, loading, answers."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from attnflow.probes.inputs import encode, load_examples
 from attnflow.toys import scene_task
 from attnflow.toys.evaluate import evaluate
 
-SCENE_MODELS = {"toy-llava-scenes": ("llava", scene_task.PATCHES ** 2), "toy-qwen-scenes": ("qwen2_vl", scene_task.GRID ** 2),
+SCENE_MODELS = {"toy-llava-scenes": ("llava", scene_task.PATCHES ** 2),
                 "toy-idefics3-scenes": ("idefics3", scene_task.GRID ** 2)}
 
 
@@ -62,8 +64,9 @@ def test_every_question_word_is_in_the_vocabulary_and_prompts_end_on_a_word():
 
 def test_shipped_heldout_set_is_the_generator_output():
     fresh = scene_task.heldout_examples()
-    for family, slot in scene_task.IMAGE_PLACEHOLDERS.items():
-        shipped = load_examples(default_inputs(next(n for n, (f, _) in SCENE_MODELS.items() if f == family)))
+    for name, (family, _) in SCENE_MODELS.items():
+        slot = scene_task.IMAGE_PLACEHOLDERS[family]
+        shipped = load_examples(default_inputs(name))
         assert len(shipped) == len(fresh) >= 300
         assert {e.qtype for e in shipped} == set(scene_task.QUESTION_TYPES)
         for s, f in zip(shipped[:40], fresh):
@@ -74,20 +77,38 @@ def test_shipped_heldout_set_is_the_generator_output():
 @pytest.mark.parametrize("family,middle", [("llava", False), ("qwen2_vl", False), ("idefics3", False),
                                            ("llava", True), ("idefics3", True)])
 def test_training_smoke_loss_goes_down(family, middle):
-    """A few steps of a tiny recipe through the real trainer (batching, captioning loss, schedule);
-    ``middle``: captioning from a middle layer with tied embeddings."""
+    """A few steps of a tiny recipe through the real trainer (batching, captioning and referent losses,
+    schedule); ``middle``: captioning from a middle layer with tied embeddings."""
     from attnflow.toys.train_scenes import SceneRecipe, build, task_spec
     from attnflow.toys.train_toy_vlm import train
 
     recipe = SceneRecipe(vision_hidden=16, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2,
-                         text_heads=2, text_mlp=64, steps=20, batch_size=4, lr=1e-2, warmup=2,
-                         patch_steps=20, single_object_steps=4, patch_layer=1 if middle else None,
-                         tie_embeddings=middle)
+                         text_heads=2, text_mlp=64, steps=30, batch_size=4, lr=1e-2, warmup=2,
+                         patch_steps=30, single_object_steps=4, patch_layer=1 if middle else None,
+                         tie_embeddings=middle, refer_layer=1, caption_input=middle)
     model, processor = build(family, recipe, seed=1)
     assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == middle
     log = train(model, processor, recipe, seed=1, log_every=5, spec=task_spec(family))
-    assert len(log) == 4
+    assert len(log) == 6
     assert log[-1]["loss"] < 0.85 * log[0]["loss"]
+
+
+def test_referents_name_the_object_a_question_word_points_to():
+    rng = np.random.default_rng(7)
+    for qtype in scene_task.QUESTION_TYPES:
+        for _ in range(10):
+            ex = scene_task.sample_example(rng, qtype)
+            words = ex.prompt.split()
+            for k, caption in scene_task.referents(ex):
+                word = words[-k]
+                assert word in scene_task.COLORS or word in scene_task.SHAPES
+                obj = [o for o in ex.objects if word in (o.color, o.shape)]
+                assert caption == (obj[0].caption() if obj else ("no",))
+            named = [w for w in words[words.index("<image>") + 1:] if w in scene_task.COLORS or w in scene_task.SHAPES]
+            assert len(scene_task.referents(ex)) == len(named)
+    ex = scene_task.sample_example(np.random.default_rng(1), "exists_shape")
+    absent = next(s for s in scene_task.SHAPES if s not in {o.shape for o in ex.objects})
+    assert scene_task.referents(replace(ex, prompt=ex.prompt.rsplit(" ", 1)[0] + f" {absent}")) == [(1, ("no",))]
 
 
 def test_training_batch_captions_the_right_visual_tokens():
@@ -103,6 +124,12 @@ def test_training_batch_captions_the_right_visual_tokens():
         assert ((ids == model.config.image_token_id).sum(1) == n_visual).all()
         assert batch["patch_targets"].shape[1] == n_visual
         assert ((batch["patch_targets"][..., 0] != -100).sum(1) == 3).all()
+        refer = batch["refer_targets"]  # one referring word or two (relations), at the prompt's end
+        assert refer.shape[:2] == ids[:, :-2].shape
+        for i, e in enumerate(examples):
+            for k, caption in scene_task.referents(e):
+                got = refer[i, refer.shape[1] - k, :len(caption)]
+                assert got.tolist() == processor.tokenizer.convert_tokens_to_ids(list(caption))
         assert set(ids[:, -1].tolist()) == {processor.tokenizer.eos_token_id}
         assert ("position_ids" in batch) == (family != "qwen2_vl")
 

@@ -74,7 +74,8 @@ class Recipe:
     eos_weight: float = 0.1
     patch_weight: float = 1.0  # per-patch captioning loss: an object's visual tokens name its colour, shape, quadrant
     patch_steps: int = 2000  # the per-patch loss is on for these first steps (stages 1-2)
-    patch_layer: int | None = None  # caption from this decoder layer's output (None: the last layer's)
+    patch_layer: int | None = None  # caption from this decoder layer's output (None: the last layer's; 0: the input)
+    caption_input: bool = False  # caption the LLM's input (the projector's output) too
     tie_embeddings: bool = False  # LM head = input embeddings: a captioned visual token then looks like its words
     single_object_steps: int = 200  # stage 1: one object per image for the first steps
     two_object_share: float = 0.7  # then two objects this often: only they teach binding a word to an object
@@ -251,7 +252,7 @@ def train(model: Any, processor: Any, recipe: Recipe, seed: int, log_every: int 
         refer_targets = batch.pop("refer_targets", None)
         patch_on = step < recipe.patch_steps and recipe.patch_weight > 0
         refer_on = patch_on and refer_targets is not None and recipe.refer_layer is not None
-        middle = patch_on and recipe.patch_layer is not None
+        middle = patch_on and (recipe.patch_layer is not None or recipe.caption_input)
         out = model(**batch, logits_to_keep=0 if patch_on else 3, output_hidden_states=middle or refer_on)
         all_logits = out.logits
         logits = all_logits[:, -3:-1]  # predictions of answer and <eos>
@@ -259,11 +260,14 @@ def train(model: Any, processor: Any, recipe: Recipe, seed: int, log_every: int 
         loss = (ce.mean(0) * weights).sum()
         if patch_on:
             is_visual = batch["input_ids"] == model.config.image_token_id
-            if middle:  # caption from a middle layer's state, through the final norm and the LM head
+            words = patch_targets.reshape(-1, patch_targets.shape[-1])
+            if recipe.patch_layer is not None:  # caption from a middle layer's state, through the final norm and LM head
                 visual = _lens(model)(out.hidden_states[recipe.patch_layer][is_visual])
             else:
                 visual = all_logits[is_visual]  # [B * patches, V], row-major
-            loss = loss + recipe.patch_weight * _multi_word_ce(visual, patch_targets.reshape(-1, patch_targets.shape[-1]))
+            loss = loss + recipe.patch_weight * _multi_word_ce(visual, words)
+            if recipe.caption_input:
+                loss = loss + recipe.patch_weight * _multi_word_ce(_lens(model)(out.hidden_states[0][is_visual]), words)
         if refer_on:
             hidden = out.hidden_states[recipe.refer_layer][:, :refer_targets.shape[1]]
             rows = (refer_targets[..., 0] != -100)
