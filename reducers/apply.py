@@ -16,6 +16,7 @@ from torch import nn
 
 from attnflow import compat
 from attnflow.probes import adapters
+from attnflow.reducers.inputcut import InputCut, attach_input_cut
 from attnflow.reducers.plan import Planner
 from attnflow.reducers.rank import attach_rankers
 from attnflow.reducers.schedule import Schedule, ScheduleError, load_schedule
@@ -57,15 +58,22 @@ def apply(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path", 
                             "load the model with attn_implementation='sdpa' or 'eager'")
     layers = adapters.decoder_layers(model)
     planner = Planner(sched, model, prompt_length=prompt_length)
+    first = next((s for s in sched.steps_of("prune_visual") if s["layer"] == 0), None)
+    cut = None if first is None else InputCut(first, planner, bool_mask=backend != "eager")
 
     def begin(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ScheduleError("reducers.apply needs input_ids (not only inputs_embeds) to find the visual tokens")
-        planner.begin(input_ids, kwargs.get(compat.ATTENTION_MASK), compat.is_decode_step(kwargs))
+        if cut is not None:  # the language model's own pre-hook begins the planner on the shortened prompt
+            cut.seen(input_ids, kwargs.get(compat.ATTENTION_MASK))
+        else:
+            planner.begin(input_ids, kwargs.get(compat.ATTENTION_MASK), compat.is_decode_step(kwargs))
 
     shortener = Shortener(layers, planner, bool_mask=backend != "eager")
     handles = [model.register_forward_pre_hook(begin, with_kwargs=True)]
+    if cut is not None:
+        handles.append(attach_input_cut(model, cut))
     try:
         shortener.attach()
         handles += attach_rankers(layers, planner, adapter)  # after the shortener: rankers see cut inputs

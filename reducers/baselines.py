@@ -4,11 +4,11 @@ At their published defaults (``published``): FastV (arXiv 2403.06764): at layer 
 visual tokens the last position attends to most, R=50% dropped. PyramidDrop (arXiv 2410.17247):
 keep 50%, 25%, 12.5% at 1/4, 1/2, 3/4 of the depth. DART (arXiv 2502.11494): K=2, reduction
 ratio 0.778 (keep 22.2%), duplication against pivots. DivPrune (arXiv 2503.02175): keep 9.8% by
-max-min diversity of the LLM's input states (layer 1 here: layer 0 runs every token).
+max-min diversity of the LLM's input states, before the first decoder layer.
 
 At the FLOPs another schedule costs (``matched``), each method as one prune stage with the keep
-share whose predicted FLOPs ratio is closest to it: FastV and DART at K=2, DivPrune, random and
-spatial pooling (the controls, arXiv 2511.02650 and 2510.07143) at layer 1.
+share whose predicted FLOPs ratio is closest to it: FastV and DART at K=2; DivPrune, random and
+spatial pooling (the controls, arXiv 2511.02650 and 2510.07143) before the LLM.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ PDROP_STAGES = ((0.25, 0.5), (0.5, 0.25), (0.75, 0.125))  # (boundary as a share
 METHODS: dict[str, tuple[int, str, float | None]] = {
     "fastv": (2, "last_row", 0.5),
     "dart": (2, "dart", 0.222),
-    "divprune": (1, "divprune", 0.098),
-    "random": (1, "random", None),
-    "pool": (1, "pool", None),
+    "divprune": (0, "divprune", 0.098),
+    "random": (0, "random", None),
+    "pool": (0, "pool", None),
 }
 
 

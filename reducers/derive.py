@@ -12,7 +12,8 @@ position's attention after the image is read, PyramidDrop arXiv 2410.17247 for l
   covers ``coverage`` of the visual mass (measured on the inputs, mean over prompts); the
   prune stage is searched at K and every earlier layer, the cheapest within budget wins;
 - the score: the other scores of ``reducers.scores`` (random and pooling as controls,
-  DivPrune's diversity, DART's duplication) are searched at that layer and at layer 1, and the
+  DivPrune's diversity, DART's duplication) are searched at that layer and before the first
+  decoder layer (layer 0; DART at layer 1, as it needs a layer's keys), and the
   cheapest of all within budget wins, because attention ranking is a poor score where the
   last row is dominated by sinks or position (arXiv 2508.17807, 2502.11501); then a second,
   smaller stage with the winning score is tried at every later layer (PyramidDrop-style);
@@ -50,7 +51,7 @@ from attnflow.reducers.apply import apply
 from attnflow.reducers.cost import Shape, predict, prediction
 from attnflow.reducers.fidelity import answer_accuracy, answers_right, encode_batches, generate_greedy, per_prompt_fidelity
 from attnflow.reducers.schedule import Schedule, ScheduleError, model_info
-from attnflow.reducers.scores import SCORES
+from attnflow.reducers.scores import INPUT_SCORES, SCORES
 from attnflow.reducers.validation import CONFIDENCE, bootstrap_mean_upper, min_prompts, split, wilson_lower, wilson_upper
 
 BOUNDS_METHOD = "one-sided Wilson score (accuracy drop, agreement), percentile bootstrap of the mean (KL)"
@@ -380,10 +381,10 @@ def _greedy(search: _Search, start: Candidate, first_prune: int, num_layers: int
         search.reasons.append(why)
         first.append(_smallest_keep(search, cand, layer, keep))
     best = _cheapest(search, [c for c in first if c is not None], "prune_visual (first stage, last-row attention)")
-    if best is not None:  # the other scores, at that layer and at layer 1 (the LLM's input states)
+    if best is not None:  # the other scores, at that layer and before the LLM where they need no attention
         layer, keep, _ = best.prunes[0]
         others = [_smallest_keep(search, cand, at, keep, by) for by in SCORES if by != "last_row"
-                  for at in sorted({layer, 1})]
+                  for at in sorted({layer, 0 if by in INPUT_SCORES else 1})]
         cand = _cheapest(search, [best, *(c for c in others if c is not None)], "prune_visual (first stage, every score)")
     if cand.prunes:
         layer, keep, by = cand.prunes[0]

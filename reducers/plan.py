@@ -24,7 +24,7 @@ def kept_count(keep: float, n: Tensor) -> Tensor:
     return torch.floor(keep * n.to(torch.float64) + 0.5).to(torch.long)
 
 
-def _rectangular(want: Tensor, pad: Tensor, min_width: int = 0) -> tuple[Tensor, Tensor]:
+def rectangular(want: Tensor, pad: Tensor, min_width: int = 0) -> tuple[Tensor, Tensor]:
     """Per sample, the slots where ``want`` holds, plus filler up to the batch's largest count
     (at least ``min_width``; pads first, then the earliest other slots), in slot order.
     Returns (slots, is_filler)."""
@@ -50,11 +50,12 @@ class Planner:
         self.num_layers = schedule.num_layers
         self.image_token_id = adapters.image_token_id(model)
         self.bos_ids = adapters.bos_ids(model)
-        self.prompt_length = prompt_length
+        self.requested_length = self.prompt_length = prompt_length
         self.sinks = schedule.protect["visual_sinks"]
         self.exit = next((s["layer"] for s in schedule.steps_of("visual_exit")), None)
-        self.prunes = {s["layer"]: s["keep"] for s in schedule.steps_of("prune_visual")}
-        self.rank_by = {s["layer"]: (s["by"], s.get("seed", 0)) for s in schedule.steps_of("prune_visual")}
+        inside = [s for s in schedule.steps_of("prune_visual") if s["layer"] > 0]  # layer 0: reducers.inputcut
+        self.prunes = {s["layer"]: s["keep"] for s in inside}
+        self.rank_by = {s["layer"]: (s["by"], s.get("seed", 0)) for s in inside}
         self.skips = {layer: s["tokens"] for s in schedule.steps_of("skip_layers") for layer in s["layers"]}
         # the layers where tokens may leave, known on the host: deciding a cut needs no device sync
         self.leave_layers = {*self.prunes, *(() if self.exit is None else (self.exit,))}
@@ -67,6 +68,7 @@ class Planner:
         self.pad = self.removable = self.pos = self.filler = torch.empty(0)
         # per prompt position: index among the sample's visual tokens (-1 if none), patch cell, text
         self.visual_index = self.patch_row = self.patch_col = self.text = torch.empty(0)
+        self.origin: Tensor | None = None  # [B, n] each position's index in the unshortened prompt (layer-0 cut)
         self.n_keep: dict[int, Tensor] = {}
         self.touched, self.steady, self.steady_entry = False, None, None
         self.cached: dict[int, tuple[Tensor, Tensor] | None] = {}
@@ -75,8 +77,12 @@ class Planner:
         self.prompt_tokens = self.seen = 0
 
     # ---- prompt bookkeeping -------------------------------------------------------------
-    def begin(self, input_ids: Tensor, attention_mask: Tensor | None, decoding: bool) -> None:
-        """Start a forward: a prefill labels the prompt's tokens; a decode step extends it."""
+    def begin(self, input_ids: Tensor, attention_mask: Tensor | None, decoding: bool,
+              labels: dict[str, Tensor] | None = None, shortened: int = 0) -> None:
+        """Start a forward: a prefill labels the prompt's tokens; a decode step extends it.
+        ``labels`` overrides the per-position ``visual_index``, ``patch_row``, ``patch_col`` and
+        ``origin`` of a prompt shortened by ``shortened`` tokens before the first layer (it keeps
+        its tokens' original ones)."""
         if decoding:
             if self.removed_at is None:
                 raise ScheduleError("a decode step arrived without a prefill under this schedule: "
@@ -95,6 +101,7 @@ class Planner:
             raise ScheduleError("the batch is right-padded; reducers need left padding "
                                 "(tokenizer.padding_side = 'left') so every prompt ends at the last position")
         b, n = input_ids.shape
+        self.prompt_length = None if self.requested_length is None else self.requested_length - shortened
         if self.prompt_length is not None and not 0 < self.prompt_length <= n:
             raise ScheduleError(f"prompt_length {self.prompt_length} does not fit a sequence of {n} tokens")
         dev = input_ids.device
@@ -102,10 +109,13 @@ class Planner:
         modality = spans.modality
         self.pad = torch.as_tensor(modality == "pad", device=dev)
         visual = torch.as_tensor(modality == "visual", device=dev)
-        index = visual.long().cumsum(1) - 1  # index among the sample's visual tokens
-        self.visual_index = torch.where(visual, index, -1)
+        self.visual_index = torch.where(visual, visual.long().cumsum(1) - 1, -1)  # among the sample's visual tokens
         self.patch_row = torch.as_tensor(spans.patch_row, device=dev)
         self.patch_col = torch.as_tensor(spans.patch_col, device=dev)
+        self.origin = None
+        for name, value in (labels or {}).items():
+            setattr(self, name, value)
+        index = self.visual_index
         self.text = torch.as_tensor(modality == "text", device=dev)
         sink = visual & torch.isin(index, torch.tensor(self.sinks, dtype=torch.long, device=dev))
         self.removable = visual & ~sink
@@ -129,6 +139,10 @@ class Planner:
     @property
     def positions(self) -> Tensor:
         return self.pos
+
+    def original(self, positions: Tensor) -> Tensor:
+        """``positions`` [B, R] of the (possibly shortened) prompt as indices into the prompt given to the model."""
+        return positions if self.origin is None else self.origin.gather(1, positions)
 
     @property
     def real(self) -> Tensor:
@@ -169,7 +183,7 @@ class Planner:
             return self.steady
         self.touched, self.steady = True, None
         gone = (self.removed_at.gather(1, pos_in) <= layer) & ~pad_in & ~self.filler  # leave here
-        keep, keep_filler = _rectangular(~pad_in & ~self.filler & ~gone, pad_in)
+        keep, keep_filler = rectangular(~pad_in & ~self.filler & ~gone, pad_in)
         kept = pos_in.gather(1, keep)
         kept_pad = self.pad.gather(1, kept)
         if skip == "all":
@@ -179,7 +193,7 @@ class Planner:
         else:
             run_want = ~keep_filler
         # a layer every token skips still runs one filler token: attention needs a non-empty query
-        put, run_filler = _rectangular(run_want, kept_pad, min_width=1)
+        put, run_filler = rectangular(run_want, kept_pad, min_width=1)
         take = keep.gather(1, put)
         rows = pos_in.gather(1, take)
         self.pos, self.filler = kept, keep_filler & ~kept_pad

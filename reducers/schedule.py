@@ -15,7 +15,9 @@ Semantics. Layers are 0-indexed decoder layers. ``prune_visual`` removes visual 
 a share of the *original* count, so PyramidDrop's 0.5/0.25/0.125 are written as they are),
 ranked ``by`` one of reducers.scores.SCORES from layer ``layer - 1``: ``last_row`` (default: the
 head-mean attention the last prompt position pays them, FastV), ``random`` (with ``seed``),
-``pool``, ``divprune`` or ``dart``.
+``pool``, ``divprune`` or ``dart``. A prune step at layer 0 by ``random``, ``pool`` or ``divprune``
+(scores that need no attention) drops its tokens before the first decoder layer
+(reducers.inputcut), as DivPrune does.
 ``visual_exit`` removes every unprotected visual token from ``layer`` on. ``skip_layers`` lets
 tokens bypass whole layers (``tokens: "all"``) or lets only the unprotected visual tokens bypass
 them (``"visual"``: their residual stream passes the layer unchanged, the other tokens do not
@@ -26,8 +28,7 @@ so that a schedule applies on its own, without the findings it came from); prote
 kept without taking a place in the ranking. A whole-layer skip acts on every token. Kept tokens keep their original
 RoPE positions; pads are dropped with the first cut.
 
-No op may act on layer 0: transformers sizes the KV cache and the decode masks from layer 0,
-so layer 0 always sees every token (drop tokens from the input instead).
+Apart from those, no op acts on layer 0.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from torch import nn
 from attnflow.errors import UserError
 from attnflow.fileio import write_json
 from attnflow.probes import adapters
-from attnflow.reducers.scores import SCORES
+from attnflow.reducers.scores import INPUT_SCORES, SCORES
 
 SCHEDULE_VERSION = 2
 OPS: tuple[str, ...] = ("prune_visual", "visual_exit", "skip_layers")
@@ -167,8 +168,9 @@ def _step(raw: Any, where: str, num_layers: int) -> dict[str, Any]:
         raise ScheduleError(f"{where} ({op}): missing key(s) {missing}")
     step = {"op": op, **{k: raw.get(k, v) for k, v in spec.items()}}
     last = num_layers - 1
-    if "layer" in step:
-        _int(step["layer"], f"{where} ({op}) layer", 1, last)
+    if "layer" in step:  # layer 0 (before the first decoder layer): prune steps whose score needs no attention
+        low = 0 if op == "prune_visual" and raw.get("by") in INPUT_SCORES else 1
+        _int(step["layer"], f"{where} ({op}) layer", low, last)
     if op == "prune_visual":
         keep = step["keep"]
         if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 <= keep <= 1.0:

@@ -12,7 +12,7 @@ keeping the top ``n`` scores is the set the rule picks for ``n``:
   tokens' patch cells, a near-uniform spatial grid at any keep (token order where the cells are
   unknown);
 - ``divprune`` (DivPrune, arXiv 2503.02175): greedy max-min diversity of the token states
-  entering layer K-1 (the LLM's input embeddings at K = 1, where DivPrune applies it) under
+  entering layer K-1 (at K = 0, before the LLM as DivPrune does: the LLM's input embeddings) under
   cosine distance: first the token farthest from its nearest neighbour, then repeatedly the token
   farthest from those chosen;
 - ``dart`` (DART, arXiv 2502.11494; defaults K = 2, 4 visual + 4 text pivots): layer K-1's
@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 SCORES: tuple[str, ...] = ("last_row", "random", "pool", "divprune", "dart")
+INPUT_SCORES: tuple[str, ...] = ("random", "pool", "divprune")  # need no attention: may act before layer 0
 DART_PIVOTS = (4, 4)  # visual, text: DART's defaults
 
 

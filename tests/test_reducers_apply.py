@@ -31,8 +31,11 @@ STEPS = {
     "pool": [{"op": "prune_visual", "layer": 1, "keep": 0.4, "by": "pool"}],
     "divprune": [{"op": "prune_visual", "layer": 1, "keep": 0.3, "by": "divprune"}],
     "dart": [{"op": "prune_visual", "layer": 2, "keep": 0.4, "by": "dart"}],
+    "input_divprune": [{"op": "prune_visual", "layer": 0, "keep": 0.5, "by": "divprune"}],  # before the LLM
+    "input_then_prune": [{"op": "prune_visual", "layer": 0, "keep": 0.6, "by": "pool"},
+                         {"op": "prune_visual", "layer": 2, "keep": 0.3}],
 }
-FIELD = ["random", "pool", "divprune", "dart"]  # reducers.scores' ops, beside FastV's last row
+FIELD = ["random", "pool", "divprune", "dart", "input_divprune", "input_then_prune"]  # beside FastV's last row
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +67,7 @@ def masked_run(model, batch, planner, **call):
     """Unreduced run in which layer l's keys are only the tokens the reduced run processed at
     l, and every other token's residual passes layer l unchanged (the masking oracle)."""
     b, n = batch["input_ids"].shape
-    processed = {layer: torch.zeros(b, n, dtype=torch.bool).scatter(1, rows, real)
+    processed = {layer: torch.zeros(b, n, dtype=torch.bool).scatter(1, planner.original(rows), real)
                  for layer, (rows, real) in planner.layer_tokens.items()}
     handles = []
     for i, layer in enumerate(adapters.decoder_layers(model)):
@@ -97,6 +100,22 @@ def reduced(model, steps, batch, **kw):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_keeping_everything_before_the_llm_reproduces_the_model(models, backend):
+    model, processor = models[backend]
+    batch = encode(processor, prompts())
+    steps = [{"op": "prune_visual", "layer": 0, "keep": 1.0, "by": "divprune"}]
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        full = model(**batch).logits
+        gen = model.generate(**batch, max_new_tokens=4, do_sample=False)
+        with apply(model, Schedule.for_model(model, steps)):
+            same = model(**batch).logits
+            same_gen = model.generate(**batch, max_new_tokens=4, do_sample=False)
+    torch.testing.assert_close(same[real], full[real], atol=1e-6, rtol=1e-6)
+    assert torch.equal(gen, same_gen)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_schedule_reproduces_logits_and_generation(models, backend):
     model, processor = models[backend]
     batch = encode(processor, prompts())
@@ -117,7 +136,7 @@ def test_drop_equals_mask(models, backend, op):
     batch = encode(processor, prompts())
     logits, planner = reduced(model, STEPS[op], batch)
     oracle = masked_oracle(models["eager"][0], batch, planner).logits
-    want = oracle.gather(1, planner.positions[..., None].expand(-1, -1, oracle.shape[-1]))
+    want = oracle.gather(1, planner.original(planner.positions)[..., None].expand(-1, -1, oracle.shape[-1]))
     real = planner.real
     assert logits.shape[1] <= batch["input_ids"].shape[1]
     if op not in ("skip_visual", "skip_all"):
@@ -184,8 +203,8 @@ def test_padded_batch_equals_one_sample_at_a_time(models, backend, op):
         alone, alone_planner = reduced(model, STEPS[op], one)
         torch.testing.assert_close(logits[b, -1], alone[0, -1], atol=1e-5, rtol=1e-5)
         offset = batch["input_ids"].shape[1] - one["input_ids"].shape[1]
-        kept = planner.positions[b][planner.real[b]] - offset
-        assert kept.tolist() == alone_planner.positions[0][alone_planner.real[0]].tolist()
+        kept = planner.original(planner.positions)[b][planner.real[b]] - offset
+        assert kept.tolist() == alone_planner.original(alone_planner.positions)[0][alone_planner.real[0]].tolist()
         torch.testing.assert_close(logits[b][planner.real[b]], alone[0][alone_planner.real[0]], atol=1e-5, rtol=1e-5)
         with torch.no_grad(), apply(model, schedule):
             gen_one = model.generate(**one, max_new_tokens=4, do_sample=False, eos_token_id=None)

@@ -14,6 +14,7 @@ from attnflow.reducers import Schedule, ScheduleError, apply
 from attnflow.toys import tiny
 
 STEPS = [{"op": "prune_visual", "layer": 1, "keep": 0.5}, {"op": "visual_exit", "layer": 2}]
+INPUT = [{"op": "prune_visual", "layer": 0, "keep": 0.5, "by": "divprune"}]  # before the first decoder layer
 
 
 def encode(processor, prompts):
@@ -23,28 +24,31 @@ def encode(processor, prompts):
 
 
 @pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen3_vl", "idefics3", "smolvlm", "internvl",
-                                    "mistral3", "gemma3"])
+                                    "mistral3", "gemma3", "qwen2_vl+input", "idefics3+input"])
 def test_drop_equals_mask_across_families(family):
+    family, _, before = family.partition("+")
+    steps = INPUT if before else STEPS
     model, processor = tiny.build(family, attn_implementation="eager")
     batch = encode(processor, tiny.sample_prompts(family))
     with torch.no_grad():
         full = model(**batch).logits
         with apply(model, Schedule.for_model(model, [])):
             assert torch.equal(model(**batch).logits, full)
-        with apply(model, Schedule.for_model(model, STEPS)) as planner:
+        with apply(model, Schedule.for_model(model, steps)) as planner:
             logits = model(**batch).logits
     assert logits.shape[1] < full.shape[1]
     oracle = masked_run(model, batch, planner).logits
-    want = oracle.gather(1, planner.positions[..., None].expand(-1, -1, oracle.shape[-1]))
+    want = oracle.gather(1, planner.original(planner.positions)[..., None].expand(-1, -1, oracle.shape[-1]))
     torch.testing.assert_close(logits[planner.real], want[planner.real], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen3_vl", "idefics3", "smolvlm", "internvl",
-                                    "mistral3"])
+                                    "mistral3", "qwen2_vl+input", "idefics3+input"])
 def test_cached_generation_equals_recomputing_across_families(family):
+    family, _, before = family.partition("+")
     model, processor = tiny.build(family)
     batch = encode(processor, tiny.sample_prompts(family)[:1])
-    schedule = Schedule.for_model(model, STEPS)
+    schedule = Schedule.for_model(model, INPUT if before else STEPS)
     steps, n = 4, batch["input_ids"].shape[1]
     with torch.no_grad():
         with apply(model, schedule):

@@ -1,0 +1,128 @@
+"""Prune steps at layer 0: visual tokens dropped before the first decoder layer.
+
+DivPrune (arXiv 2503.02175), spatial pooling and random selection choose among the visual tokens
+at the LLM's input, so the KV cache never holds the others. A forward pre-hook on the language
+model (the module holding the decoder layers) replaces its inputs: the input embeddings gathered
+to the kept positions (per sample; a sample that keeps fewer carries filler that nobody attends,
+as padding), the position ids gathered (original positions, also Qwen2-VL's M-RoPE rows), and a
+4-D mask built here from the kept layout, which transformers passes on as it is. Decode steps
+get the same mask over the shorter cache plus the new tokens. The planner of the later steps
+(reducers.plan) then sees the shortened prompt, with each token's original visual-token index,
+so protected sinks and seeded random scores stay the same.
+"""
+
+from __future__ import annotations
+
+from functools import reduce
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from attnflow import compat
+from attnflow.probes import adapters
+from attnflow.probes.spans import token_spans
+from attnflow.reducers import scores as score_fns
+from attnflow.reducers.plan import Planner, kept_count, rectangular
+from attnflow.reducers.schedule import ScheduleError
+from attnflow.reducers.shorten import gather_seq
+
+INPUTS_EMBEDS = "inputs_embeds"
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The module whose forward runs the decoder layers (their parent)."""
+    return reduce(getattr, adapters.layers_path(model).rsplit(".", 1)[0].split("."), model)
+
+
+def _mask(keys: Tensor, n_queries: int, first_query: int, bool_mask: bool, dtype: torch.dtype) -> Tensor:
+    """A 4-D mask [B, 1, Q, K]: query i (key index ``first_query + i``) sees allowed ``keys`` [B, K]
+    at or before it; a query whose own key is not allowed (filler) sees only itself."""
+    k = torch.arange(keys.shape[1], device=keys.device)
+    q = first_query + torch.arange(n_queries, device=keys.device)
+    allowed = keys[:, None, :] & (k[None, None, :] <= q[None, :, None])
+    allowed |= k[None, None, :] == q[None, :, None]
+    allowed = allowed[:, None]
+    if bool_mask:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=keys.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class InputCut:
+    """The layer-0 prune step of a schedule, executed on the language model's inputs."""
+
+    def __init__(self, step: dict[str, Any], planner: Planner, bool_mask: bool) -> None:
+        self.keep, self.by, self.seed = step["keep"], step["by"], step.get("seed", 0)
+        self.planner, self.bool_mask = planner, bool_mask
+        self.outer: dict[str, Tensor | None] = {}
+        self.valid = torch.empty(0)  # [B, N'] kept (True) or filler, per reduced slot
+        self.last_position = torch.empty(0)  # [B] the prompt's last original position
+
+    def seen(self, input_ids: Tensor, attention_mask: Tensor | None) -> None:
+        """The outer model's forward arguments (the only place the token ids are)."""
+        self.outer = {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        embeds = kwargs.get(INPUTS_EMBEDS)
+        if args or embeds is None:
+            raise compat.internals_error("attnflow's layer-0 pruning expects the language model to be called with "
+                                         "keyword inputs_embeds")
+        if compat.is_decode_step(kwargs):
+            return args, self._decode(kwargs, embeds)
+        return args, self._prefill(kwargs, embeds)
+
+    def _prefill(self, kwargs: dict[str, Any], embeds: Tensor) -> dict[str, Any]:
+        ids, am = self.outer["input_ids"], self.outer["attention_mask"]
+        b, n = ids.shape
+        dev = embeds.device
+        real = torch.ones(b, n, dtype=torch.bool, device=dev) if am is None else am.to(dev).bool()
+        planner = self.planner
+        spans = token_spans(ids, am, image_token_id=planner.image_token_id, bos_ids=planner.bos_ids)
+        visual = torch.as_tensor(spans.modality == "visual", device=dev)
+        index = torch.where(visual, visual.long().cumsum(1) - 1, -1)
+        sink = visual & torch.isin(index, torch.tensor(planner.sinks, dtype=torch.long, device=dev))
+        candidates = visual & ~sink
+        n_keep = kept_count(self.keep, candidates.sum(1))
+        limit = int(n_keep.max()) if b else 0
+        rows, cols = (torch.as_tensor(a, device=dev) for a in (spans.patch_row, spans.patch_col))
+        if self.by == "random":
+            scores = score_fns.random_scores(index, candidates, self.seed)
+        elif self.by == "pool":
+            scores = score_fns.pool_scores(rows, cols, candidates, limit)
+        else:
+            scores = score_fns.divprune_scores(embeds, candidates, limit)
+        order = scores.argsort(dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=dev).expand(b, n))
+        want = real & ~(candidates & (rank >= n_keep[:, None]))
+        take, filler = rectangular(want, ~real)
+        self.valid = ~filler
+        positions = kwargs.get(compat.POSITION_IDS)
+        if positions is None:
+            positions = (real.long().cumsum(-1) - 1).clamp_min(0)
+        self.last_position = positions.reshape(-1, b, n)[0, :, -1] if positions.dim() == 3 else positions[..., -1]
+        out = {**kwargs, INPUTS_EMBEDS: gather_seq(embeds, take, 1), compat.POSITION_IDS: gather_seq(positions, take, -1),
+               compat.ATTENTION_MASK: _mask(self.valid, take.shape[1], 0, self.bool_mask, embeds.dtype)}
+        planner.begin(ids.to(dev).gather(1, take), self.valid.long(), False,
+                      labels={"visual_index": index.gather(1, take), "patch_row": rows.gather(1, take),
+                              "patch_col": cols.gather(1, take), "origin": take}, shortened=n - take.shape[1])
+        return out
+
+    def _decode(self, kwargs: dict[str, Any], embeds: Tensor) -> dict[str, Any]:
+        if self.valid.numel() == 0:
+            raise ScheduleError("a decode step arrived without a prefill under this schedule: "
+                                "run the whole generation inside `with reducers.apply(...)`")
+        b, q = embeds.shape[:2]
+        cached = compat.forward_cache(kwargs).get_seq_length()
+        new = cached + q - self.valid.shape[1]  # generated tokens so far, this step's included
+        keys = torch.cat([self.valid, torch.ones(b, new, dtype=torch.bool, device=embeds.device)], 1)
+        out = {**kwargs, compat.ATTENTION_MASK: _mask(keys, q, cached, self.bool_mask, embeds.dtype)}
+        if kwargs.get(compat.POSITION_IDS) is None:
+            out[compat.POSITION_IDS] = self.last_position[:, None] + new - q + 1 + torch.arange(q, device=embeds.device)
+        self.planner.begin(torch.zeros(b, q, dtype=torch.long, device=embeds.device), None, True)
+        return out
+
+
+def attach_input_cut(model: nn.Module, cut: InputCut) -> RemovableHandle:
+    """Run ``cut`` on every call of ``model``'s language model."""
+    return language_model(model).register_forward_pre_hook(cut.hook, with_kwargs=True)
