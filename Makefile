@@ -11,7 +11,7 @@ UV := uv==0.13.9
 LOCK_FLAGS := --extra dev --override requirements/overrides.txt --find-links /opt/wheels \
 	--python-version 3.11 --python-platform x86_64-manylinux_2_28
 
-.PHONY: install demo docs test test-latest lock bench lab toy-vlm eval-toy-vlm clean
+.PHONY: install demo docs test test-latest lock bench bench-schedules lab toy-vlm eval-toy-vlm clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -71,6 +71,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m attnflow.benchmarks.run
+
+# Schedules derived on calibration prompts, verified on each trained model's held-out set (#14's targets).
+bench-schedules: $(STAMP)
+	$(BIN)/python -m attnflow.benchmarks.schedules
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/

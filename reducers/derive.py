@@ -49,10 +49,23 @@ from attnflow.probes import adapters
 from attnflow.probes.inputs import Example, as_examples, encode
 from attnflow.reducers.apply import apply
 from attnflow.reducers.cost import Shape, predict, prediction
-from attnflow.reducers.fidelity import answer_accuracy, answers_right, encode_batches, generate_greedy, per_prompt_fidelity
+from attnflow.reducers.fidelity import (
+    answer_accuracy,
+    answers_right,
+    encode_batches,
+    generate_greedy,
+    per_prompt_fidelity,
+)
 from attnflow.reducers.schedule import Schedule, ScheduleError, model_info
 from attnflow.reducers.scores import INPUT_SCORES, SCORES
-from attnflow.reducers.validation import CONFIDENCE, bootstrap_mean_upper, min_prompts, split, wilson_lower, wilson_upper
+from attnflow.reducers.validation import (
+    CONFIDENCE,
+    bootstrap_mean_upper,
+    min_prompts,
+    split,
+    wilson_lower,
+    wilson_upper,
+)
 
 BOUNDS_METHOD = "one-sided Wilson score (accuracy drop, agreement), percentile bootstrap of the mean (KL)"
 DEFAULT_MAX_KL = 0.01  # nats; used when a budget names no bound
