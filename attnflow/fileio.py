@@ -93,6 +93,8 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-new-", dir=out.parent))
     try:
         yield tmp
+        for path in tmp.rglob("*"):  # libraries that write through mkstemp (safetensors) leave 0600 files
+            _share(path, 0o777 if path.is_dir() else 0o666)
         _share(tmp, 0o777)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))

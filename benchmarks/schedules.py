@@ -6,7 +6,7 @@ training seed nor the held-out seed). On them: record, analyze, and derive under
 accuracy budget (derive searches on half and accepts on the other half by the one-sided 95% Wilson
 bound). Then verify on the held-out set, which derivation never saw, with FastV, PyramidDrop, DART,
 DivPrune at their defaults and FastV, DART, DivPrune, random and pooling at the schedule's FLOPs,
-timed at batch 1 and at batch 16. Writes ``benchmarks/results/schedules.{json,md}`` atomically.
+timed at batch 1 and at batch 16. Writes ``benchmarks/results/schedules-<model>.{json,md}`` atomically.
 """
 
 from __future__ import annotations
@@ -117,15 +117,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    results = []
     for name in args.models:
         n, cut, loss = MODELS[name]
         res = run_model(name, n, loss, args.repeats)
         res["targets"] = targets(res, cut, loss)
-        results.append(res)
+        write_json(args.out / f"schedules-{name}.json", res)
+        write_text(args.out / f"schedules-{name}.md", markdown([res]))
         print(markdown([res]), flush=True)
-    write_json(args.out / "schedules.json", results)
-    write_text(args.out / "schedules.md", markdown(results))
 
 
 if __name__ == "__main__":

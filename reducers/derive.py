@@ -21,9 +21,10 @@ position's attention after the image is read, PyramidDrop arXiv 2410.17247 for l
 - protected visual sinks: ``sinks.visual`` positions, mapped to visual-token indices.
 
 The inputs are split (``reducers.validation.split``) into a search part and a validation part.
-A greedy search on the search part, each trial judged by one-sided 95% bounds of its losses
-against the unreduced model (next-token KL, top-1 agreement, answers broken: see
-``reducers.validation``): the earliest exit within budget, the prune stages with the lowest
+A greedy search on the search part, each trial judged against what the validation part can
+accept (its losses against the unreduced model: next-token KL by its 95% bootstrap bound, the
+shares of top-1 disagreements and broken answers against the largest the validation bound lets
+through; see ``reducers.validation``): the earliest exit within budget, the prune stages with the lowest
 predicted FLOPs within budget, then every skip that stays within budget. The result must then
 keep its bounds within budget on the validation prompts, which the search never saw; while it
 does not, it backs off (drop the last skip, raise keep, move the exit later). Every choice and
@@ -63,6 +64,7 @@ from attnflow.reducers.validation import (
     bootstrap_mean_upper,
     min_prompts,
     split,
+    tolerated,
     wilson_lower,
     wilson_upper,
 )
@@ -125,6 +127,29 @@ class Budget:
         return ((self.max_kl is None or bounds["kl_upper"] <= self.max_kl)
                 and (self.min_agreement is None or bounds["agreement_lower"] >= self.min_agreement)
                 and (self.max_accuracy_drop is None or bounds["accuracy_drop_upper"] <= self.max_accuracy_drop + 1e-9))
+
+    def search_check(self, losses: "Losses", n_validation: int, confidence: float = CONFIDENCE) -> dict[str, float]:
+        """What a search-part trial is judged by: the KL bound as in ``bounds()``, and the observed
+        shares of disagreements and broken answers beside the largest shares the ``n_validation``
+        validation prompts can let through (``reducers.validation.tolerated``)."""
+        out: dict[str, float] = {}
+        if self.max_kl is not None:
+            out["kl_upper"] = bootstrap_mean_upper(losses.kl, confidence)
+        for name, budget, lost in (("disagreement", None if self.min_agreement is None else 1 - self.min_agreement,
+                                    ~losses.agree), ("broken", self.max_accuracy_drop, losses.broken)):
+            if budget is None:
+                continue
+            if lost is None:
+                raise ScheduleError("a max_accuracy_drop budget needs inputs with answers")
+            out[f"{name}_share"] = float(lost.mean())
+            out[f"{name}_allowed"] = tolerated(budget, n_validation, confidence) / n_validation
+        return out
+
+    def searched(self, check: dict[str, float]) -> bool:
+        """Whether a ``search_check`` is within what validation can accept."""
+        return ((self.max_kl is None or check["kl_upper"] <= self.max_kl)
+                and all(check[f"{n}_share"] <= check[f"{n}_allowed"] + 1e-12 for n in ("disagreement", "broken")
+                        if f"{n}_share" in check))
 
     def prompts_needed(self, confidence: float = CONFIDENCE) -> int:
         """The fewest validation prompts with which the budget can be certified at all (zero losses)."""
@@ -227,6 +252,7 @@ class _Search:
     budget: Budget
     protect: dict[str, Any]
     confidence: float = CONFIDENCE
+    n_validation: int = 1
     reasons: list[str] = field(default_factory=list)
     trials: list[dict[str, Any]] = field(default_factory=list)
 
@@ -238,8 +264,8 @@ class _Search:
         return predict(self.schedule(cand), Shape.of(self.model), self.probe.layouts)["flops_ratio"]
 
     def ok(self, cand: Candidate, probe: _Probe | None = None, part: str = "search") -> bool:
-        """Whether ``cand`` is a valid schedule whose confidence bounds on ``probe``'s prompts (the
-        search part by default) lie within budget (logged once per part)."""
+        """Whether ``cand`` is a valid schedule within budget on ``probe``'s prompts (logged once per
+        part): on the search part by ``Budget.search_check``, on validation by the confidence bounds."""
         try:
             self.schedule(cand)
         except ScheduleError:
@@ -248,8 +274,12 @@ class _Search:
             if trial["steps"] == cand.steps() and trial["part"] == part:
                 return trial["within_budget"]
         measured, losses = (probe or self.probe).fidelity(self.schedule(cand))
-        bounds = self.budget.bounds(losses, self.confidence)
-        passed = self.budget.certified(bounds)
+        if part == "search":
+            bounds = self.budget.search_check(losses, self.n_validation, self.confidence)
+            passed = self.budget.searched(bounds)
+        else:
+            bounds = self.budget.bounds(losses, self.confidence)
+            passed = self.budget.certified(bounds)
         self.trials.append({"steps": cand.steps(), "part": part, **measured, **bounds,
                             "flops_ratio": self.flops(cand), "within_budget": passed})
         return passed
@@ -461,7 +491,7 @@ def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
     probe = _Probe(model, processor, examples[:cfg.max_examples], cfg.batch_size)
     sinks, sink_why = visual_sink_indices(data, probe.examples, processor, model)
     protect = {"visual_sinks": sinks}
-    search = _Search(model, probe, budget, protect, cfg.confidence)
+    search = _Search(model, probe, budget, protect, cfg.confidence, len(held))
     exit_layer, exit_why = exit_evidence(data, num_layers)
     curve = ((data.get("exit") or {}).get("curves") or {}).get("observational")
     prune_layer, prune_why = first_prune_layer(curve, num_layers, cfg.fade)

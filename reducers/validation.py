@@ -13,7 +13,9 @@ its loss on a separate validation part lies within the budget:
 
 With zero losses the Wilson bound is z²/(n + z²), so a budget ``b`` can only ever be met with at
 least ``min_prompts(b)`` validation prompts (268 for one point at 95%): ``derive`` says so
-instead of searching in vain.
+instead of searching in vain. The search part aims at what validation will accept: a candidate
+passes there when its observed loss share is at most ``tolerated(b, n_validation) / n_validation``
+(the largest share the validation bound lets through), KL by the same bootstrap bound.
 """
 
 from __future__ import annotations
@@ -71,6 +73,14 @@ def bootstrap_mean_upper(values: Sequence[float], confidence: float = CONFIDENCE
     _z(confidence)
     means = x[np.random.default_rng(seed).integers(0, x.size, size=(resamples, x.size))].mean(1)
     return float(np.quantile(means, confidence))
+
+
+def tolerated(budget: float, n: int, confidence: float = CONFIDENCE) -> int:
+    """The most losses in ``n`` prompts whose upper Wilson bound stays within ``budget`` (-1: none)."""
+    k = -1
+    while k + 1 <= n and wilson_upper(k + 1, n, confidence) <= budget + 1e-12:
+        k += 1
+    return k
 
 
 def min_prompts(budget: float, confidence: float = CONFIDENCE) -> int:

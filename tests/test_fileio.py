@@ -32,8 +32,13 @@ def test_written_files_and_folders_are_readable_by_others(tmp_path, umask_022):
     with atomic_dir(tmp_path / "run") as tmp:
         write_text(tmp / "inner.txt", "hi")
         (tmp / "plain.txt").write_text("made by open()")
+        (tmp / "weights").mkdir()
+        private = tmp / "weights" / "model.safetensors"  # as a library writing through mkstemp leaves it
+        private.write_text("w")
+        private.chmod(0o600)
     assert _mode(tmp_path / "run") == 0o755
     assert _mode(tmp_path / "run" / "inner.txt") == 0o644
+    assert _mode(tmp_path / "run" / "weights" / "model.safetensors") == 0o644
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 

@@ -79,3 +79,18 @@ def test_a_budget_the_validation_part_cannot_certify_is_refused_up_front():
     examples = load_examples(default_inputs("toy-vlm"))[:40]
     with pytest.raises(ScheduleError, match="needs at least 268 validation prompts"):
         derive(findings_claiming(3, 6), model, examples, processor, Budget(max_accuracy_drop=0.01))
+
+
+def test_the_search_aims_at_what_validation_can_accept():
+    from attnflow.reducers.validation import tolerated
+
+    assert tolerated(0.01, 300) == 0 and tolerated(0.01, 100) == -1  # 1/300 is bounded by 1.9%
+    assert wilson_upper(tolerated(0.02, 1000), 1000) <= 0.02 < wilson_upper(tolerated(0.02, 1000) + 1, 1000)
+    budget = Budget(max_accuracy_drop=0.01)
+    clean = Losses(np.zeros(256), np.ones(256, bool), np.zeros(256, bool))
+    # 0 of 256 broken cannot be certified on 256 prompts (bound 1.05%), but is what 300 validation prompts accept
+    assert not budget.certified(budget.bounds(clean))
+    check = budget.search_check(clean, n_validation=300)
+    assert check == {"broken_share": 0.0, "broken_allowed": 0.0} and budget.searched(check)
+    one = Losses(np.zeros(256), np.ones(256, bool), np.r_[True, np.zeros(255, bool)])
+    assert not budget.searched(budget.search_check(one, n_validation=300))
