@@ -16,6 +16,8 @@ from importlib import import_module
 from typing import Any
 
 __version__ = "0.1.0"
+# The bundled model `attnflow run` and `make demo` use unless told otherwise (README: "The scene VLMs").
+DEFAULT_MODEL = "toy-llava-scenes"
 
 _EXPORTS = {
     "load_model": "attnflow.models",

@@ -10,6 +10,7 @@ from typing import Callable, Optional
 import typer
 from rich.console import Console
 
+from attnflow import DEFAULT_MODEL
 from attnflow.fileio import ensure_writable
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -17,7 +18,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console(stderr=True, soft_wrap=True)
 
 
-MODEL = typer.Option("toy-vlm", help="A Hugging Face repo id (org/name: the HF cache first, then the Hub unless "
+MODEL = typer.Option(DEFAULT_MODEL, help="A Hugging Face repo id (org/name: the HF cache first, then the Hub unless "
                                      "HF_HUB_OFFLINE=1), a local model folder, a bundled model (`attnflow models`), "
                                      "or toy-<family>.")
 INPUTS = typer.Option(None, help="JSONL of {image, prompt, answer}; default: the model's bundled inputs.")

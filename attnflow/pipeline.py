@@ -73,7 +73,7 @@ def default_budget(examples: list, max_kl: float | None, min_agreement: float | 
 
 
 def run(
-    model: str = "toy-vlm",
+    model: str = attnflow.DEFAULT_MODEL,
     inputs: str | Path | None = None,
     out: str | Path = "runs/latest",
     *,

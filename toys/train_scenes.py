@@ -111,7 +111,7 @@ class SceneRecipe(Recipe):
 
 # Qwen2-VL's 36-token prompts cost about half a LLaVA step: it gets more steps in its time budget.
 RECIPES = {"llava": SceneRecipe(steps=4500, batch_size=16, patch_steps=4000, text_mlp=512, single_object_steps=400,
-                                two_object_steps=2000, lr=1e-3, patch_layer=0, refer_layer=3),
+                                two_object_steps=2000, lr=1e-3, caption_input=True, refer_layer=3),
            "qwen2_vl": SceneRecipe(steps=5000, patch_steps=4000),
            "idefics3": SceneRecipe(steps=7000, batch_size=16, patch_steps=6200, text_mlp=512, single_object_steps=400,
                                    two_object_steps=2800, lr=1e-3, refer_layer=3)}
