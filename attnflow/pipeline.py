@@ -170,6 +170,7 @@ def _provenance(model: str, inputs: Path, n_examples: int, command: str, result:
 
 def summarize(out: str | Path) -> str:
     """A few lines a researcher reads first: sinks, exit layer, schedule, verified fidelity and speed."""
+    from attnflow.reports import words
     from attnflow.reports.rundir import load_run
 
     out = Path(out)
@@ -190,7 +191,7 @@ def summarize(out: str | Path) -> str:
     lines.append(f"most redundant layers: {cands[:3]}")
     if run.schedule is not None:
         sched = run.schedule
-        lines.append("schedule: " + "; ".join(_step(st) for st in sched["steps"]) if sched["steps"]
+        lines.append("schedule: " + "; ".join(words.step_words(st) for st in sched["steps"]) if sched["steps"]
                      else "schedule: no step fits the budget (the model runs unreduced)")
         v = sched.get("verified") or {}
         pred = sched.get("predicted") or {}
@@ -215,11 +216,3 @@ def summarize(out: str | Path) -> str:
 
 def _num(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
-
-
-def _step(step: dict) -> str:
-    if step["op"] == "prune_visual":
-        return f"prune visual tokens at layer {step['layer']} keeping {100 * step['keep']:.0f}%"
-    if step["op"] == "visual_exit":
-        return f"visual tokens exit at layer {step['layer']}"
-    return f"skip layers {step['layers']} for {step.get('tokens', 'all')} tokens"

@@ -127,11 +127,16 @@ def exit_sentence(findings: dict[str, Any]) -> str:
     return head + (f" Other criteria: {'; '.join(others)}." if others else "")
 
 
+RANKED_BY = {"last_row": "ranked by the last position's attention, FastV-style",
+             "random": "chosen at random, seeded", "pool": "a spatially uniform subset (pooling)",
+             "divprune": "the most diverse, DivPrune-style", "dart": "the least duplicated, DART-style"}
+
+
 def step_words(step: dict[str, Any]) -> str:
     """One schedule step in words."""
     if step["op"] == "prune_visual":
-        return (f"prune visual tokens at layer {step['layer']}, keeping {pct(step['keep'])} "
-                f"(ranked by the last position's attention at layer {step['layer'] - 1})")
+        where = "before the first decoder layer" if step["layer"] == 0 else f"at layer {step['layer']}"
+        return f"prune visual tokens {where}, keeping {pct(step['keep'])} ({RANKED_BY[step.get('by', 'last_row')]})"
     if step["op"] == "visual_exit":
         return f"all visual tokens exit at layer {step['layer']}"
     who = "all tokens" if step["tokens"] == "all" else "visual tokens"
@@ -219,7 +224,8 @@ def steps_short(steps: list[dict[str, Any]]) -> str:
     parts = []
     for s in steps:
         if s["op"] == "prune_visual":
-            parts.append(f"prune@{s['layer']} keep {pct(s['keep'], 1 if 100 * s['keep'] % 1 else 0)}")
+            parts.append(f"prune@{s['layer']} keep {pct(s['keep'], 1 if 100 * s['keep'] % 1 else 0)}"
+                         + ("" if s.get("by", "last_row") == "last_row" else f" {s['by']}"))
         elif s["op"] == "visual_exit":
             parts.append(f"exit@{s['layer']}")
         else:

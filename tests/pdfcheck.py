@@ -17,7 +17,8 @@ def pdf_text(path) -> str:
 def schedule_phrases(schedule: dict[str, Any]) -> list[str]:
     """What the report's words and steps table must say about each step of ``schedule``."""
     said = {
-        "prune_visual": lambda s: f"prune visual tokens at layer {s['layer']}, keeping {100 * s['keep']:.0f}%",
+        "prune_visual": lambda s: ("prune visual tokens " + ("before the first decoder layer" if s["layer"] == 0
+                                                             else f"at layer {s['layer']}") + f", keeping {100 * s['keep']:.0f}%"),
         "visual_exit": lambda s: f"all visual tokens exit at layer {s['layer']}",
         "skip_layers": lambda s: f"skip layer{'s' * (len(s['layers']) > 1)} {', '.join(map(str, s['layers']))}",
     }

@@ -176,3 +176,20 @@ def test_the_readme_quotes_the_committed_demo_run(monkeypatch):
     assert readme.quoted((root / "README.md").read_text()) == readme.section(Path("docs/demo"))
     for name in readme.FIGURES:
         assert (root / "docs" / "demo" / name).stat().st_size > 10_000
+
+
+def test_the_readme_quotes_the_committed_model_runs(monkeypatch):
+    """The bundled-models section is the one `make docs` writes from docs/models, for every bundled model."""
+    import json
+    from pathlib import Path
+
+    from attnflow.models import BUNDLED
+    from attnflow.reports import readme
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    text = (root / "README.md").read_text()
+    assert readme.quoted(text, readme.MODELS_START, readme.MODELS_END) == readme.models_section(Path("docs/models"))
+    rows = json.loads((root / "docs" / "models" / "models.json").read_text())
+    assert [r["name"] for r in rows] == list(BUNDLED)
+    assert all(r["accuracy"] >= 0.95 and f"**`{r['name']}`**" in text for r in rows)
