@@ -186,6 +186,8 @@ def run(
     repeats: int = typer.Option(5, min=1, help="Timing repeats when verifying (medians are reported)."),
     holdout: float = typer.Option(0.5, min=0.0, max=0.95, help="Share of the inputs held out: the schedule is "
                                   "derived on the rest and verified on these (0: verify in-sample)."),
+    baselines: bool = typer.Option(True, help="Verify the field's reducers beside the schedule (--no-baselines: "
+                                   "the schedule alone, for large models)."),
     load: Optional[dict] = None,
 ) -> None:
     """Record -> analyze -> schedule -> verify -> report, and print what was found."""
@@ -208,7 +210,7 @@ def run(
         result = run_pipeline(model, inputs, out, force=force, load=load, max_kl=max_kl, min_agreement=min_agreement,
                               max_accuracy_drop=max_accuracy_drop,
                               batch_size=batch_size, limit=limit, new_tokens=new_tokens, repeats=repeats,
-                              holdout=holdout, command="attnflow " + " ".join(sys.argv[1:]),
+                              holdout=holdout, baselines=baselines, command="attnflow " + " ".join(sys.argv[1:]),
                               on_stage=on_stage)
     console.print(summarize(result.out))
     console.print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))

@@ -85,6 +85,7 @@ def run(
     limit: int | None = None,
     new_tokens: int = 8,
     repeats: int = 5,
+    baselines: bool = True,
     holdout: float = 0.5,
     load: dict[str, Any] | None = None,
     command: str = "",
@@ -96,7 +97,7 @@ def run(
     With no budget given, ``default_budget`` picks one. The inputs are split (``reducers.validation.split``):
     the schedule is derived on one part (derive searches on half of it and accepts on the other
     half by confidence bounds; its in-sample and validation figures are in ``derived_from``), then verified once, with the baselines, ``new_tokens``
-    greedy tokens and ``repeats`` timing rounds, on the ``holdout`` share it was not derived from;
+    greedy tokens and ``repeats`` timing rounds (``baselines=False``: the schedule alone), on the ``holdout`` share it was not derived from;
     that held-out verdict is what the schedule's ``verified`` section records. ``holdout=0``
     derives and verifies on every input (in-sample only, and marked so). ``load`` goes to
     ``load_model`` (device, dtype, device_map, revision)."""
@@ -141,7 +142,7 @@ def run(
             schedule = derive(findings.to_dict(), m, search, processor, budget)
             stage("verify")
             verdict = verify_schedule(m, schedule, held_out or search, processor, budget, batch_size=batch_size,
-                                      new_tokens=new_tokens, repeats=repeats)
+                                      new_tokens=new_tokens, repeats=repeats, baselines=baselines)
             schedule.verified["held_out"] = bool(held_out)
             verdict.save(tmp / "verdict.json")
             schedule.save(tmp / "schedule.json")
@@ -204,6 +205,8 @@ def summarize(out: str | Path) -> str:
         for key, where in (("fidelity", "in-sample ({} prompts it was searched on)"),
                            ("validation", "validation ({} other prompts it was accepted on)")):
             fid = derived.get(key) or {}
+            if fid.get("in_sample"):
+                where = "validation (in-sample: {} prompt, too few to hold any out)"
             if fid:
                 acc = "" if fid.get("accuracy_delta") is None else f", accuracy {100 * fid['accuracy_delta']:+.1f} pts"
                 lines.append(f"{where.format(fid['n_examples'])}: agreement {_num(fid.get('agreement'), '.3f')}, "

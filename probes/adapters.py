@@ -61,6 +61,9 @@ class Adapter:
     processor: str | None = None
     # why attnflow.reducers cannot shorten this family's sequence (None: they can)
     unshortenable: str | None = None
+    # the vision tower's encoder layers when their attention has a [CLS] query at position 0 and
+    # every image's visual tokens are its patches in order (VisionZip's score); None: no [CLS]
+    vision_cls_layers: tuple[str, ...] = ()
 
 
 _VLM_LM = dict(
@@ -75,7 +78,8 @@ _IDEFICS = dict(layers=("model.text_model.layers",), final_norm=("model.text_mod
 _DECODER = dict(layers=("model.layers", "layers"), final_norm=("model.norm", "norm"), text_config=None)
 
 ADAPTERS: dict[str, Adapter] = {
-    "llava": Adapter("llava", **_VLM_LM),
+    "llava": Adapter("llava", **_VLM_LM, vision_cls_layers=("model.vision_tower.encoder.layers",
+                                                            "model.vision_tower.vision_model.encoder.layers")),
     "llava_next": Adapter("llava_next", **_VLM_LM),
     "llava_onevision": Adapter("llava_onevision", **_VLM_LM, sliding_window=True,  # Qwen2 LM
                                processor="LlavaOnevisionImageOnlyProcessor"),
@@ -141,6 +145,19 @@ def _resolve(root: nn.Module, candidates: tuple[str, ...]) -> tuple[str, nn.Modu
         except AttributeError:
             continue
     return None
+
+
+def vision_cls_attention(model: nn.Module) -> tuple[nn.Module, bool] | None:
+    """The vision tower's attention module whose [CLS] row ranks the patches (the layer the model
+    takes its image features from, as VisionZip does) and whether the [CLS] token is left out of the
+    visual tokens; None when the family's tower has no [CLS] or the features come from several layers."""
+    adapter = adapter_for(model)
+    found = _resolve(model, adapter.vision_cls_layers) if adapter.vision_cls_layers else None
+    layer = getattr(model.config, "vision_feature_layer", None)
+    if found is None or not isinstance(layer, int):
+        return None
+    attention = getattr(found[1][layer if layer < 0 else layer - 1], "self_attn")
+    return attention, getattr(model.config, "vision_feature_select_strategy", "default") == "default"
 
 
 def layers_path(model: nn.Module) -> str:

@@ -72,9 +72,9 @@ def apply(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path", 
 
     shortener = Shortener(layers, planner, bool_mask=backend != "eager")
     handles = [model.register_forward_pre_hook(begin, with_kwargs=True)]
-    if cut is not None:
-        handles.append(attach_input_cut(model, cut))
     try:
+        if cut is not None:
+            handles += attach_input_cut(model, cut)
         shortener.attach()
         handles += attach_rankers(layers, planner, adapter)  # after the shortener: rankers see cut inputs
         yield planner

@@ -4,11 +4,13 @@ At their published defaults (``published``): FastV (arXiv 2403.06764): at layer 
 visual tokens the last position attends to most, R=50% dropped. PyramidDrop (arXiv 2410.17247):
 keep 50%, 25%, 12.5% at 1/4, 1/2, 3/4 of the depth. DART (arXiv 2502.11494): K=2, reduction
 ratio 0.778 (keep 22.2%), duplication against pivots. DivPrune (arXiv 2503.02175): keep 9.8% by
-max-min diversity of the LLM's input states, before the first decoder layer.
+max-min diversity of the LLM's input states, before the first decoder layer. VisionZip (arXiv
+2412.04467): its 64-of-576 setting (keep 11.1%) by the vision tower's [CLS] attention, before the
+first decoder layer, dominant tokens only; only for towers with a [CLS].
 
 At the FLOPs another schedule costs (``matched``), each method as one prune stage with the keep
-share whose predicted FLOPs ratio is closest to it: FastV and DART at K=2; DivPrune, random and
-spatial pooling (the controls, arXiv 2511.02650 and 2510.07143) before the LLM.
+share whose predicted FLOPs ratio is closest to it: FastV and DART at K=2; DivPrune, VisionZip, random
+and spatial pooling (the controls, arXiv 2511.02650 and 2510.07143) before the LLM.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from attnflow.probes import adapters
 from attnflow.reducers.cost import Shape, predict
+from attnflow.reducers.inputcut import available_scores
 from attnflow.reducers.schedule import DEFAULT_PROTECT, Schedule
 
 PDROP_STAGES = ((0.25, 0.5), (0.5, 0.25), (0.75, 0.125))  # (boundary as a share of depth, keep)
@@ -29,6 +32,7 @@ METHODS: dict[str, tuple[int, str, float | None]] = {
     "divprune": (0, "divprune", 0.098),
     "random": (0, "random", None),
     "pool": (0, "pool", None),
+    "visionzip": (0, "cls", 64 / 576),  # VisionZip's 64-token setting (dominant tokens only)
 }
 
 
@@ -55,9 +59,16 @@ def pdrop(model: nn.Module) -> Schedule:
     return Schedule.for_model(model, steps, protect=DEFAULT_PROTECT)
 
 
+def _methods(model: nn.Module) -> dict[str, tuple[int, str, float | None]]:
+    """The methods that can serve ``model`` (VisionZip needs a [CLS] in its vision tower)."""
+    usable = available_scores(model)
+    return {name: m for name, m in METHODS.items() if m[1] in usable}
+
+
 def published(model: nn.Module) -> dict[str, Schedule]:
-    """Every method with a published default, at that default."""
-    out = {name: one_stage(model, keep, layer, by) for name, (layer, by, keep) in METHODS.items() if keep is not None}
+    """Every method with a published default that can serve ``model``, at that default."""
+    out = {name: one_stage(model, keep, layer, by) for name, (layer, by, keep) in _methods(model).items()
+           if keep is not None}
     return {"fastv": out["fastv"], "pdrop": pdrop(model), **{k: v for k, v in out.items() if k != "fastv"}}
 
 
@@ -75,4 +86,4 @@ def at_flops(model: nn.Module, target: float, shape: Shape, layouts: list[tuple[
 def matched(model: nn.Module, target: float, shape: Shape, layouts: list[tuple[int, int]]) -> dict[str, Schedule]:
     """Every method at the FLOPs ratio ``target``, named ``<method>_equal_flops``."""
     return {f"{name}_equal_flops": at_flops(model, target, shape, layouts, layer, by)
-            for name, (layer, by, _) in METHODS.items()}
+            for name, (layer, by, _) in _methods(model).items()}

@@ -58,7 +58,8 @@ from attnflow.reducers.fidelity import (
     per_prompt_fidelity,
 )
 from attnflow.reducers.schedule import Schedule, ScheduleError, model_info
-from attnflow.reducers.scores import INPUT_SCORES, SCORES
+from attnflow.reducers.inputcut import available_scores
+from attnflow.reducers.scores import INPUT_SCORES
 from attnflow.reducers.validation import (
     CONFIDENCE,
     bootstrap_mean_upper,
@@ -426,8 +427,8 @@ def _greedy(search: _Search, start: Candidate, first_prune: int, num_layers: int
     best = _cheapest(search, [c for c in first if c is not None], "prune_visual (first stage, last-row attention)")
     if best is not None:  # the other scores, at that layer and before the LLM where they need no attention
         layer, keep, _ = best.prunes[0]
-        others = [_smallest_keep(search, cand, at, keep, by) for by in SCORES if by != "last_row"
-                  for at in sorted({layer, 0 if by in INPUT_SCORES else 1})]
+        others = [_smallest_keep(search, cand, at, keep, by) for by in available_scores(search.model)
+                  if by != "last_row" for at in sorted({0} if by == "cls" else {layer, 0 if by in INPUT_SCORES else 1})]
         cand = _cheapest(search, [best, *(c for c in others if c is not None)], "prune_visual (first stage, every score)")
     if cand.prunes:
         layer, keep, by = cand.prunes[0]
@@ -478,8 +479,11 @@ def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
         raise ScheduleError(f"the findings ({source}) were made for model {data['model'].get('fingerprint')}, "
                             f"not this one ({info['fingerprint']})")
     examples = as_examples(inputs)
+    in_sample = False
     if validation is None:
         examples, held = split(examples, cfg.validation_share)
+        if not held:  # a single prompt cannot be split: validated in-sample, and said so
+            held, in_sample = examples, True
     else:
         held = as_examples(validation)
     needed = budget.prompts_needed(cfg.confidence)
@@ -497,6 +501,8 @@ def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
     prune_layer, prune_why = first_prune_layer(curve, num_layers, cfg.fade)
     candidates = [int(c) for c in (data.get("redundancy") or {}).get("candidates") or [] if 0 < int(c) < num_layers]
     search.reasons += [exit_why, prune_why, sink_why, f"redundancy candidates (most redundant first): {candidates}"]
+    if in_sample:
+        search.reasons.append("one input only: nothing to hold out, so the validation figures are in-sample")
     cand = _greedy(search, Candidate(exit_layer), prune_layer, num_layers, cfg.coverage, candidates)
     checker = _Probe(model, processor, held, cfg.batch_size)
     for backoff in range(cfg.max_backoffs + 1):  # accepted on prompts the search never saw
@@ -518,7 +524,7 @@ def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
                                           "coverage": cfg.coverage, "fade": cfg.fade,
                                           "visual_sinks": sinks, "skip_candidates": candidates},
                              "fidelity": {**figures["search"], "n_examples": len(probe.examples)},
-                             "validation": {**figures["validation"], "n_examples": len(held),
+                             "validation": {**figures["validation"], "n_examples": len(held), "in_sample": in_sample,
                                             "confidence": cfg.confidence, "bounds": BOUNDS_METHOD},
                              "trials": search.trials}
     schedule.predicted = prediction(schedule, Shape.of(model), probe.layouts + checker.layouts)

@@ -1,7 +1,8 @@
 """Prune steps at layer 0: visual tokens dropped before the first decoder layer.
 
-DivPrune (arXiv 2503.02175), spatial pooling and random selection choose among the visual tokens
-at the LLM's input, so the KV cache never holds the others. A forward pre-hook on the language
+DivPrune (arXiv 2503.02175), VisionZip's [CLS] attention (arXiv 2412.04467), spatial pooling and
+random selection choose among the visual tokens at the LLM's input, so the KV cache never holds the
+others. A forward pre-hook on the language
 model (the module holding the decoder layers) replaces its inputs: the input embeddings gathered
 to the kept positions (per sample; a sample that keeps fewer carries filler that nobody attends,
 as padding), the position ids gathered (original positions, also Qwen2-VL's M-RoPE rows), and a
@@ -57,6 +58,7 @@ class InputCut:
         self.planner, self.bool_mask = planner, bool_mask
         self.outer: dict[str, Tensor | None] = {}
         self.valid = torch.empty(0)  # [B, N'] kept (True) or filler, per reduced slot
+        self.cls: list[Tensor] = []  # per vision-tower call: [images, tokens] [CLS] attention
         self.last_position = torch.empty(0)  # [B] the prompt's last original position
 
     def seen(self, input_ids: Tensor, attention_mask: Tensor | None) -> None:
@@ -86,7 +88,15 @@ class InputCut:
         n_keep = kept_count(self.keep, candidates.sum(1))
         limit = int(n_keep.max()) if b else 0
         rows, cols = (torch.as_tensor(a, device=dev) for a in (spans.patch_row, spans.patch_col))
-        if self.by == "random":
+        if self.by == "cls":
+            flat = torch.cat(self.cls).to(dev) if self.cls else torch.empty(0, device=dev)
+            self.cls = []
+            if flat.numel() != int(visual.sum()):
+                raise ScheduleError(f"the vision tower's [CLS] attention covers {flat.numel()} patches but the prompts "
+                                    f"hold {int(visual.sum())} visual tokens: by='cls' needs one token per patch")
+            scores = torch.full((b, n), float("-inf"), device=dev).masked_scatter(visual, flat.flatten().float())
+            scores = scores.masked_fill(~candidates, float("-inf"))
+        elif self.by == "random":
             scores = score_fns.random_scores(index, candidates, self.seed)
         elif self.by == "pool":
             scores = score_fns.pool_scores(rows, cols, candidates, limit)
@@ -123,6 +133,32 @@ class InputCut:
         return out
 
 
-def attach_input_cut(model: nn.Module, cut: InputCut) -> RemovableHandle:
-    """Run ``cut`` on every call of ``model``'s language model."""
-    return language_model(model).register_forward_pre_hook(cut.hook, with_kwargs=True)
+def available_scores(model: nn.Module) -> tuple[str, ...]:
+    """The scores of reducers.scores this model can rank by (``cls`` needs a [CLS] in its vision tower)."""
+    return tuple(by for by in score_fns.SCORES if by != "cls" or adapters.vision_cls_attention(model) is not None)
+
+
+def attach_input_cut(model: nn.Module, cut: InputCut) -> list[RemovableHandle]:
+    """Run ``cut`` on every call of ``model``'s language model (and, for ``by='cls'``, keep the vision
+    tower's [CLS] attention); a family whose tower has no [CLS] is refused."""
+    found = adapters.vision_cls_attention(model) if cut.by == "cls" else None
+    if cut.by == "cls" and found is None:
+        raise ScheduleError(f"by='cls' ranks patches by the vision tower's [CLS] attention (VisionZip, VisPruner); "
+                            f"{adapters.adapter_for(model).family}'s tower has none here: use divprune, pool or random")
+    handles = [language_model(model).register_forward_pre_hook(cut.hook, with_kwargs=True)]
+    if found is None:
+        return handles
+    attn, drop_cls = found
+    q_proj, k_proj = adapters.adapter_for(model).projections
+    captured: dict[str, Tensor] = {}
+    for name in (q_proj, k_proj):
+        handles.append(getattr(attn, name).register_forward_hook(
+            lambda module, args, output, name=name: captured.__setitem__(name, output)))
+
+    def rank(module: nn.Module, args: tuple, output: Any) -> None:
+        scale = getattr(module, "scale", None) or module.head_dim ** -0.5
+        cut.cls.append(score_fns.cls_attention(captured.pop(q_proj), captured.pop(k_proj), module.num_heads, scale,
+                                               drop_cls))
+
+    handles.append(attn.register_forward_hook(rank))
+    return handles

@@ -15,8 +15,9 @@ Semantics. Layers are 0-indexed decoder layers. ``prune_visual`` removes visual 
 a share of the *original* count, so PyramidDrop's 0.5/0.25/0.125 are written as they are),
 ranked ``by`` one of reducers.scores.SCORES from layer ``layer - 1``: ``last_row`` (default: the
 head-mean attention the last prompt position pays them, FastV), ``random`` (with ``seed``),
-``pool``, ``divprune`` or ``dart``. A prune step at layer 0 by ``random``, ``pool`` or ``divprune``
-(scores that need no attention) drops its tokens before the first decoder layer
+``pool``, ``divprune``, ``dart`` or ``cls``. A prune step at layer 0 by ``random``, ``pool``,
+``divprune`` or ``cls`` (scores that need no LLM attention; ``cls`` only there) drops its tokens
+before the first decoder layer
 (reducers.inputcut), as DivPrune does.
 ``visual_exit`` removes every unprotected visual token from ``layer`` on. ``skip_layers`` lets
 tokens bypass whole layers (``tokens: "all"``) or lets only the unprotected visual tokens bypass
@@ -178,6 +179,9 @@ def _step(raw: Any, where: str, num_layers: int) -> dict[str, Any]:
         step["keep"] = float(keep)
         if step["by"] not in SCORES:
             raise ScheduleError(f"{where} (prune_visual) by must be one of {list(SCORES)}, got {step['by']!r}")
+        if step["by"] == "cls" and step["layer"] != 0:
+            raise ScheduleError(f"{where} (prune_visual): by='cls' (the vision tower's [CLS] attention) acts before "
+                                "the first decoder layer only: layer 0")
         if step["by"] == "random":
             step["seed"] = _int(0 if step["seed"] is None else step["seed"], f"{where} (prune_visual) seed", 0, 2**63 - 1)
         elif step.pop("seed") is not None:

@@ -15,6 +15,10 @@ keeping the top ``n`` scores is the set the rule picks for ``n``:
   entering layer K-1 (at K = 0, before the LLM as DivPrune does: the LLM's input embeddings) under
   cosine distance: first the token farthest from its nearest neighbour, then repeatedly the token
   farthest from those chosen;
+- ``cls`` (VisionZip's dominant tokens, arXiv 2412.04467; VisPruner, arXiv 2412.01818): the
+  attention the vision tower's [CLS] query pays each patch, summed over heads, at the layer the
+  model takes its image features from; before the LLM only, for towers with a [CLS] (VisionZip's
+  contextual tokens, merged from the rest, are not built: the shortening mechanism only selects);
 - ``dart`` (DART, arXiv 2502.11494; defaults K = 2, 4 visual + 4 text pivots): layer K-1's
   keys (before RoPE); pivots are the visual and the text tokens of largest key L1 norm, and each
   pivot in turn keeps the remaining visual token least cosine-similar to it (the most duplicated
@@ -26,8 +30,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-SCORES: tuple[str, ...] = ("last_row", "random", "pool", "divprune", "dart")
-INPUT_SCORES: tuple[str, ...] = ("random", "pool", "divprune")  # need no attention: may act before layer 0
+SCORES: tuple[str, ...] = ("last_row", "random", "pool", "divprune", "dart", "cls")
+INPUT_SCORES: tuple[str, ...] = ("random", "pool", "divprune", "cls")  # need no LLM attention: may act before layer 0
 DART_PIVOTS = (4, 4)  # visual, text: DART's defaults
 
 
@@ -89,6 +93,16 @@ def pool_scores(row: Tensor, col: Tensor, candidates: Tensor, limit: int) -> Ten
 def divprune_scores(states: Tensor, candidates: Tensor, limit: int) -> Tensor:
     """DivPrune: greedy max-min cosine diversity of the states [B, R, D]."""
     return order_scores(farthest_point(cosine_distance(states), candidates, limit), candidates)
+
+
+def cls_attention(q: Tensor, k: Tensor, heads: int, scale: float, drop_cls: bool) -> Tensor:
+    """Head-summed attention [N, P] of each image's [CLS] query (position 0) over its tokens, from the
+    tower layer's q/k projection outputs [N, P+1, heads·dh]; without the [CLS] column when ``drop_cls``."""
+    n, t, _ = k.shape
+    q_cls = q[:, 0].reshape(n, heads, -1).float()
+    keys = k.reshape(n, t, heads, -1).float()
+    attn = (torch.einsum("nhd,nthd->nht", q_cls, keys) * scale).softmax(-1).sum(1)
+    return attn[:, 1:] if drop_cls else attn
 
 
 def dart_scores(keys: Tensor, candidates: Tensor, text: Tensor, n_keep: Tensor,

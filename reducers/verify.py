@@ -67,9 +67,10 @@ def verify(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path",
                 runs[name] = generate_greedy(model, batches, tok, new_tokens)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         configs = {"unreduced": None, **schedules}
-        times, times_b1 = ({name: medians(t) for name, t in speed(model, configs, b, new_tokens=new_tokens,
-                                                                 repeats=repeats, pad=pad).items()}
-                           for b in (timing_batch, one))
+        batches = (timing_batch,) if timing_batch["input_ids"].shape[0] == 1 else (timing_batch, one)
+        timed = [{name: medians(t) for name, t in speed(model, configs, b, new_tokens=new_tokens, repeats=repeats,
+                                                        pad=pad).items()} for b in batches]
+        times, times_b1 = timed[0], timed[-1]  # a timing batch of one prompt is timed once
     full_accuracy, full_by_type = answer_accuracy(full, examples)
     rows = []
     for name, s in schedules.items():

@@ -129,7 +129,8 @@ def exit_sentence(findings: dict[str, Any]) -> str:
 
 RANKED_BY = {"last_row": "ranked by the last position's attention, FastV-style",
              "random": "chosen at random, seeded", "pool": "a spatially uniform subset (pooling)",
-             "divprune": "the most diverse, DivPrune-style", "dart": "the least duplicated, DART-style"}
+             "divprune": "the most diverse, DivPrune-style", "dart": "the least duplicated, DART-style",
+             "cls": "most attended by the vision tower's [CLS], VisionZip-style"}
 
 
 def step_words(step: dict[str, Any]) -> str:
@@ -196,7 +197,8 @@ def in_sample_sentence(schedule: dict[str, Any] | None) -> str:
             ("kl_upper", "KL at most", lambda v: f"{num(v)} nats"),
             ("agreement_lower", "agreement at least", lambda v: pct(v, 1)),
             ("accuracy_drop_upper", "answers broken at most", lambda v: pct(v, 1))) if val.get(key) is not None]
-        text += (f" Validation, on {val['n_examples']} other prompts: {_fidelity_words(val)}; "
+        where = "the same prompts (too few to hold any out)" if val.get("in_sample") else f"{val['n_examples']} other prompts"
+        text += (f" Validation, on {where}: {_fidelity_words(val)}; "
                  f"{pct(val['confidence'])} bounds {', '.join(bounds)} "
                  f"({'within' if val['within_budget'] else 'OUTSIDE'} the budget).")
     return text
@@ -211,7 +213,8 @@ CONFIG_NAMES = {"schedule": "derived schedule", "fastv": "FastV (K=2, R=50%)", "
                 "dart": "DART (K=2, keep 22%)", "divprune": "DivPrune (keep 9.8%)",
                 "fastv_equal_flops": "FastV K=2 at equal FLOPs", "dart_equal_flops": "DART K=2 at equal FLOPs",
                 "divprune_equal_flops": "DivPrune at equal FLOPs", "random_equal_flops": "random at equal FLOPs",
-                "pool_equal_flops": "pooling at equal FLOPs"}
+                "pool_equal_flops": "pooling at equal FLOPs", "visionzip": "VisionZip (keep 11%)",
+                "visionzip_equal_flops": "VisionZip at equal FLOPs"}
 
 
 def config_name(name: str) -> str:

@@ -43,7 +43,7 @@ def test_the_geometries_are_the_checkpoints_shapes():
 @pytest.mark.parametrize("name, visual", [("llava-1.5-7b", {576}), ("qwen2.5-vl-7b", {144, 192})])
 def test_a_real_geometry_runs_end_to_end_in_bfloat16(name, visual, tmp_path):
     """record -> analyze (knockout, lens) -> schedule (1 prompt) -> verify on 1 held-out prompt -> report."""
-    result = run(f"geometry-{name}", out=tmp_path / "run", limit=2, repeats=1, new_tokens=2,
+    result = run(f"geometry-{name}", out=tmp_path / "run", limit=2, repeats=1, new_tokens=2, baselines=False,
                  load={"dtype": "bfloat16", "device": "cpu"})
     from attnflow.probes.io import load_trace
     trace = load_trace(result.files["trace.nc"])

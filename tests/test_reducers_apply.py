@@ -32,10 +32,11 @@ STEPS = {
     "divprune": [{"op": "prune_visual", "layer": 1, "keep": 0.3, "by": "divprune"}],
     "dart": [{"op": "prune_visual", "layer": 2, "keep": 0.4, "by": "dart"}],
     "input_divprune": [{"op": "prune_visual", "layer": 0, "keep": 0.5, "by": "divprune"}],  # before the LLM
+    "input_cls": [{"op": "prune_visual", "layer": 0, "keep": 0.4, "by": "cls"}],  # VisionZip's dominant tokens
     "input_then_prune": [{"op": "prune_visual", "layer": 0, "keep": 0.6, "by": "pool"},
                          {"op": "prune_visual", "layer": 2, "keep": 0.3}],
 }
-FIELD = ["random", "pool", "divprune", "dart", "input_divprune", "input_then_prune"]  # beside FastV's last row
+FIELD = ["random", "pool", "divprune", "dart", "input_divprune", "input_cls", "input_then_prune"]  # beside FastV's last row
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +231,27 @@ def test_random_is_reproducible_by_seed_and_field_scores_keep_what_they_claim(mo
     states = torch.eye(3).repeat_interleave(2, 0)[None]
     top = divprune_scores(states, torch.ones(1, 6, dtype=torch.bool), 3).topk(3).indices[0]
     assert sorted((top // 2).tolist()) == [0, 1, 2]
+
+
+def test_cls_keeps_the_patches_the_towers_cls_attends_most(models):
+    """by='cls' keeps, per sample, the visual tokens with the largest head-summed [CLS] attention of
+    the vision tower's feature layer, as CLIP's own eager output_attentions give it."""
+    from attnflow.reducers.plan import kept_count
+
+    model, processor = models["eager"]
+    batch = encode(processor, prompts())
+    _, planner = reduced(model, STEPS["input_cls"], batch)
+    with torch.no_grad():
+        attentions = model.model.vision_tower(batch["pixel_values"], output_attentions=True).attentions
+    cls = attentions[model.config.vision_feature_layer][:, :, 0, 1:].sum(1)  # [images, patches]
+    visual = batch["input_ids"] == model.config.image_token_id
+    scores = torch.full(visual.shape, float("-inf")).masked_scatter(visual, cls.flatten())
+    kept = planner.original(planner.positions)
+    for b in range(visual.shape[0]):
+        n = kept_count(0.4, visual[b].sum()).item()
+        want = set(scores[b].topk(n).indices.tolist())
+        got = {p for p in kept[b][planner.real[b]].tolist() if visual[b, p]}
+        assert got == want
 
 
 def test_hooks_are_removed_on_exit_and_on_error(models):

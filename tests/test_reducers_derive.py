@@ -113,9 +113,9 @@ def test_verdict_is_self_consistent():
     assert empty.agreement == 1.0 and empty.kl == 0.0 and empty.generation_agreement == 1.0
     assert empty.flops_ratio == 1.0 and empty.accuracy == verdict.unreduced["accuracy"] == 1.0
     assert empty.accuracy_delta == 0.0
-    assert [r.name for r in verdict.rows] == ["schedule", "fastv", "pdrop", "dart", "divprune", "fastv_equal_flops",
-                                              "dart_equal_flops", "divprune_equal_flops", "random_equal_flops",
-                                              "pool_equal_flops"]
+    assert [r.name for r in verdict.rows] == ["schedule", "fastv", "pdrop", "dart", "divprune", "visionzip",
+                                              "fastv_equal_flops", "dart_equal_flops", "divprune_equal_flops",
+                                              "random_equal_flops", "pool_equal_flops", "visionzip_equal_flops"]
     ids = [processor(text=e.prompt, images=e.images, return_tensors="pt")["input_ids"][0] for e in examples]
     layouts = [(len(i), int((i == model.config.image_token_id).sum())) for i in ids]
     assert verdict.row("fastv").flops_ratio == pytest.approx(fastv_flops_by_hand(model.config.text_config, layouts))

@@ -101,3 +101,13 @@ def test_protected_visual_sinks_are_never_removed(steps):
         kept = rows[b][real[b] & visual[b, rows[b]]]
         expected = [i for i in sinks if i < int(visual[b].sum())]
         assert sorted(index[b, kept].tolist()) == expected
+
+
+def test_cls_ranking_refuses_a_tower_without_cls_and_leaves_no_hook():
+    model, processor = tiny.build("idefics3")
+    schedule = Schedule.for_model(model, [{"op": "prune_visual", "layer": 0, "keep": 0.5, "by": "cls"}])
+    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+    with pytest.raises(ScheduleError, match=r"\[CLS\] attention .* idefics3's tower has none"):
+        with apply(model, schedule):
+            pass
+    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) == hooks
