@@ -25,7 +25,7 @@ from attnflow import compat
 from attnflow.probes import adapters
 from attnflow.probes.spans import token_spans
 from attnflow.reducers import scores as score_fns
-from attnflow.reducers.plan import Planner, kept_count, rectangular
+from attnflow.reducers.plan import Planner, dropped, kept_count, rectangular, removable_visual
 from attnflow.reducers.schedule import ScheduleError
 from attnflow.reducers.shorten import gather_seq
 
@@ -83,8 +83,7 @@ class InputCut:
         spans = token_spans(ids, am, image_token_id=planner.image_token_id, bos_ids=planner.bos_ids)
         visual = torch.as_tensor(spans.modality == "visual", device=dev)
         index = torch.where(visual, visual.long().cumsum(1) - 1, -1)
-        sink = visual & torch.isin(index, torch.tensor(planner.sinks, dtype=torch.long, device=dev))
-        candidates = visual & ~sink
+        candidates = removable_visual(visual, index, planner.sinks)
         n_keep = kept_count(self.keep, candidates.sum(1))
         limit = int(n_keep.max()) if b else 0
         rows, cols = (torch.as_tensor(a, device=dev) for a in (spans.patch_row, spans.patch_col))
@@ -96,15 +95,10 @@ class InputCut:
                                     f"hold {int(visual.sum())} visual tokens: by='cls' needs one token per patch")
             scores = torch.full((b, n), float("-inf"), device=dev).masked_scatter(visual, flat.flatten().float())
             scores = scores.masked_fill(~candidates, float("-inf"))
-        elif self.by == "random":
-            scores = score_fns.random_scores(index, candidates, self.seed)
-        elif self.by == "pool":
-            scores = score_fns.pool_scores(rows, cols, candidates, limit)
         else:
-            scores = score_fns.divprune_scores(embeds, candidates, limit)
-        order = scores.argsort(dim=1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=dev).expand(b, n))
-        want = real & ~(candidates & (rank >= n_keep[:, None]))
+            scores = score_fns.selection_scores(self.by, candidates, limit, seed=self.seed, visual_index=index,
+                                                patch_row=rows, patch_col=cols, states=embeds)
+        want = real & ~dropped(scores, candidates, n_keep)
         take, filler = rectangular(want, ~real)
         self.valid = ~filler
         positions = kwargs.get(compat.POSITION_IDS)

@@ -24,6 +24,19 @@ def kept_count(keep: float, n: Tensor) -> Tensor:
     return torch.floor(keep * n.to(torch.float64) + 0.5).to(torch.long)
 
 
+def dropped(scores: Tensor, candidate: Tensor, n_keep: Tensor) -> Tensor:
+    """[B, R]: the candidates outside each sample's top ``n_keep`` [B] by ``scores`` (ties: earlier slot kept)."""
+    order = scores.masked_fill(~candidate, float("-inf")).argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
+                                            .expand_as(order))
+    return candidate & (rank >= n_keep[:, None])
+
+
+def removable_visual(visual: Tensor, index: Tensor, sinks: list[int]) -> Tensor:
+    """[B, R]: visual tokens whose visual-token ``index`` is not a protected sink."""
+    return visual & ~torch.isin(index, torch.tensor(sinks, dtype=torch.long, device=visual.device))
+
+
 def rectangular(want: Tensor, pad: Tensor, min_width: int = 0) -> tuple[Tensor, Tensor]:
     """Per sample, the slots where ``want`` holds, plus filler up to the batch's largest count
     (at least ``min_width``; pads first, then the earliest other slots), in slot order.
@@ -117,8 +130,7 @@ class Planner:
             setattr(self, name, value)
         index = self.visual_index
         self.text = torch.as_tensor(modality == "text", device=dev)
-        sink = visual & torch.isin(index, torch.tensor(self.sinks, dtype=torch.long, device=dev))
-        self.removable = visual & ~sink
+        self.removable = removable_visual(visual, index, self.sinks)
         self.removed_at = torch.full((b, n), self.num_layers, dtype=torch.long, device=dev)
         if self.exit is not None:
             self.removed_at[self.removable] = self.exit
@@ -255,10 +267,6 @@ class Planner:
         k = layer + 1
         rows, _ = self.layer_tokens[layer]
         self.scores[k] = scores
-        candidate = self.candidates(layer)
-        order = scores.masked_fill(~candidate, float("-inf")).argsort(dim=1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
-                                                .expand_as(order))
-        drop = candidate & (rank >= self.n_keep[k][:, None])
+        drop = dropped(scores, self.candidates(layer), self.n_keep[k])
         current = self.removed_at.gather(1, rows)
         self.removed_at = self.removed_at.scatter(1, rows, torch.where(drop, torch.full_like(current, k), current))

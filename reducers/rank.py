@@ -107,12 +107,10 @@ def _score(by: str, seed: int, planner: Planner, layer: int, candidates: Tensor,
     rows, _ = planner.layer_tokens[layer]
     n_keep = planner.n_keep[layer + 1]
     limit = int(n_keep.max()) if n_keep.numel() else 0
-    if by == "random":
-        return score_fns.random_scores(planner.visual_index.gather(1, rows), candidates, seed)
-    if by == "pool":
-        return score_fns.pool_scores(planner.patch_row.gather(1, rows), planner.patch_col.gather(1, rows),
-                                     candidates, limit)
-    if by == "divprune":
-        return score_fns.divprune_scores(captured.pop("states"), candidates, limit)
+    if by != "dart":
+        return score_fns.selection_scores(by, candidates, limit, seed=seed,
+                                          visual_index=planner.visual_index.gather(1, rows),
+                                          patch_row=planner.patch_row.gather(1, rows),
+                                          patch_col=planner.patch_col.gather(1, rows), states=captured.pop("states", None))
     prompt_text = planner.text.gather(1, rows) & (rows <= planner.query_position)  # not generated tokens
     return score_fns.dart_scores(captured.pop("k"), candidates, prompt_text, n_keep)

@@ -95,6 +95,17 @@ def divprune_scores(states: Tensor, candidates: Tensor, limit: int) -> Tensor:
     return order_scores(farthest_point(cosine_distance(states), candidates, limit), candidates)
 
 
+def selection_scores(by: str, candidates: Tensor, limit: int, *, seed: int, visual_index: Tensor,
+                     patch_row: Tensor, patch_col: Tensor, states: Tensor | None) -> Tensor:
+    """Scores of ``random``, ``pool`` or ``divprune`` (the scores that need no attention) over the
+    same [B, R] slots as ``candidates``; ``states`` [B, R, D] for divprune."""
+    if by == "random":
+        return random_scores(visual_index, candidates, seed)
+    if by == "pool":
+        return pool_scores(patch_row, patch_col, candidates, limit)
+    return divprune_scores(states, candidates, limit)
+
+
 def cls_attention(q: Tensor, k: Tensor, heads: int, scale: float, drop_cls: bool) -> Tensor:
     """Head-summed attention [N, P] of each image's [CLS] query (position 0) over its tokens, from the
     tower layer's q/k projection outputs [N, P+1, heads·dh]; without the [CLS] column when ``drop_cls``."""
