@@ -57,7 +57,7 @@ def _inputs_of(trace: xr.Dataset, inputs: Any) -> Any:
 
 
 def _provenance(trace: xr.Dataset, source: str) -> dict[str, Any]:
-    keys = ("model_path", "inputs_path", "inputs_sha256", "level", "attn_implementation", "dtype",
+    keys = ("model_path", "inputs_path", "inputs_sha256", "level", "attn_implementation", "dtype", "world_size",
             "attnflow_version", "attnflow_trace")
     values = {k: trace.attrs.get(k) for k in keys}
     return {"path": source, "samples": int(trace.sizes["sample"]),
@@ -66,17 +66,21 @@ def _provenance(trace: xr.Dataset, source: str) -> dict[str, Any]:
 
 def analyze(trace: xr.Dataset | str | Path, model: nn.Module | None = None,
             inputs: str | Path | Iterable[Example | dict] | None = None, *, processor: Any = None,
-            batch_size: int = 8, attribution: bool = True, **thresholds: Any) -> Findings:
+            batch_size: int = 8, attribution: bool = True, chunks: int | None = None,
+            **thresholds: Any) -> Findings:
     """Analyse ``trace`` (a Dataset or a .nc path) into Findings.
 
     ``model`` must be the model the trace was recorded from (else TraceMismatchError);
     ``inputs`` (default: the trace's own inputs file, if it still exists) and ``processor``
     enable the knockout and, for summary traces, rollout/flow. ``thresholds`` override
-    ``Thresholds`` fields by name; ``attribution=False`` skips rollout and max-flow.
+    ``Thresholds`` fields by name; ``attribution=False`` skips rollout and max-flow. A path is
+    read whole, or with ``chunks`` lazily that many samples at a time (dask: for traces larger
+    than memory). Under a launcher (attnflow.parallel) the model-driven parts split their
+    batches across ranks and every rank returns the same Findings.
     """
     source = str(trace) if isinstance(trace, (str, Path)) else ""
     if source:
-        trace = load_trace(source)
+        trace = load_trace(source, chunks=chunks)
     check_trace(trace)
     th = Thresholds.from_kwargs(**thresholds)
     clock = _Clock()

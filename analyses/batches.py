@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from attnflow import parallel
 from attnflow.analyses.validate import TraceMismatchError
 from attnflow.probes.inputs import Example, as_examples, encode, file_sha256
 
@@ -51,10 +52,12 @@ def trace_examples(trace: xr.Dataset, inputs: str | Path | Iterable[Example | di
 
 def aligned_batches(trace: xr.Dataset, processor: Any, examples: list[Example],
                     batch_size: int) -> Iterator[Batch]:
-    """Encoded batches of ``examples`` whose tokens are checked against the trace's."""
+    """Encoded batches of ``examples`` whose tokens are checked against the trace's; under a
+    launcher only this rank's block of them (attnflow.parallel)."""
     modality = trace["modality"].transpose("sample", "pos").values
     token_id = trace["token_id"].transpose("sample", "pos").values
-    for start in range(0, len(examples), batch_size):
+    starts = range(0, len(examples), batch_size)
+    for start in (starts[i] for i in parallel.world().share(len(starts))):
         samples = np.arange(start, min(start + batch_size, len(examples)))
         inputs = encode(processor, [examples[s] for s in samples], with_answer=False)
         ids = inputs["input_ids"]

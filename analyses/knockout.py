@@ -21,7 +21,7 @@ import torch
 import xarray as xr
 from torch import nn
 
-from attnflow import compat
+from attnflow import compat, parallel
 from attnflow.analyses.batches import aligned_batches
 from attnflow.analyses.exits import first_stable
 from attnflow.analyses.thresholds import Thresholds
@@ -109,7 +109,8 @@ def _exit(per_sample: np.ndarray, scored: np.ndarray, tol: float) -> int | None:
 
 def knockout(model: nn.Module, processor: Any, trace: xr.Dataset, examples: list[Example],
              th: Thresholds, batch_size: int = 8) -> dict[str, Any]:
-    """Knockout curves (index l: cut from layer l on) and the exit layer they give.
+    """Knockout curves (index l: cut from layer l on) and the exit layer they give; under a
+    launcher each rank runs its block of the batches and all get the whole result.
 
     The answer-probability metric follows Zhang et al.: the relative change of the answer's
     first token, over the samples the unmodified model answers correctly (all samples, with
@@ -138,6 +139,7 @@ def knockout(model: nn.Module, processor: Any, trace: xr.Dataset, examples: list
                 p_cut = cut.exp()[rows, np.maximum(target, 0)].numpy()
                 rel[l, batch.samples] = np.abs(p_cut - p_base) / np.maximum(p_base, 1e-12)
                 correct[l, batch.samples] = cut.argmax(-1).numpy() == target
+    kl, rel, correct, base_correct = (parallel.fill(a) for a in (kl, rel, correct, base_correct))
     everyone = np.ones(S, dtype=bool)
     scored = {"kl": everyone, "answer_prob": base_correct}
     per_sample = {"kl": kl, "answer_prob": rel}

@@ -18,6 +18,7 @@ import torch
 import xarray as xr
 from torch import nn
 
+from attnflow import parallel
 from attnflow.analyses.exits import first_stable
 from attnflow.analyses.knockout import answer_token_ids
 from attnflow.analyses.thresholds import Thresholds
@@ -39,18 +40,21 @@ def lens_logprobs(model: nn.Module, resid: np.ndarray) -> torch.Tensor:
 def logit_lens(model: nn.Module, trace: xr.Dataset, processor: Any, th: Thresholds,
                chunk: int = 16) -> dict[str, Any]:
     """Lens curves (per layer l: the output of layer l) and the exit depth; samples go
-    through the unembedding ``chunk`` at a time (an [S, L+1, vocab] array can be GBs)."""
-    resid = trace["resid_last"].transpose("sample", "depth", "hidden").values
+    through the unembedding ``chunk`` at a time (an [S, L+1, vocab] array can be GBs), read
+    from the trace one chunk at a time too (it may be dask-backed), and under a launcher each
+    rank takes its block of the chunks."""
+    resid = trace["resid_last"].transpose("sample", "depth", "hidden")
     answers = answer_token_ids(processor, trace["answer"].values) if processor is not None else None
     prob, top1, hit = [], [], []
-    for start in range(0, resid.shape[0], chunk):
-        logp = lens_logprobs(model, resid[start:start + chunk])
+    starts = range(0, resid.shape[0], chunk)
+    for start in (starts[i] for i in parallel.world().share(len(starts))):
+        logp = lens_logprobs(model, resid[start:start + chunk].values)
         greedy = logp[:, -1].argmax(-1)
         target = greedy if answers is None else torch.as_tensor(np.maximum(answers[start:start + chunk], 0))
         prob.append(logp[torch.arange(logp.shape[0]), :, target].exp().numpy())  # [s, L + 1]
         top1.append((logp.argmax(-1) == greedy[:, None]).numpy())
         hit.append((logp.argmax(-1) == target[:, None]).numpy())
-    prob, top1, hit = (np.concatenate(a).astype(float) for a in (prob, top1, hit))
+    prob, top1, hit = (np.concatenate(parallel.concat(a)).astype(float) for a in (prob, top1, hit))
     curves = {"prob": prob.mean(0)[1:], "top1": top1.mean(0)[1:]}
     if answers is not None:
         curves["answer_rank1"] = hit.mean(0)[1:]

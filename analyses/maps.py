@@ -19,6 +19,7 @@ import torch
 import xarray as xr
 from torch import nn
 
+from attnflow import parallel
 from attnflow.analyses.batches import aligned_batches
 from attnflow.probes import adapters
 from attnflow.probes.inputs import Example
@@ -39,11 +40,11 @@ def trace_maps(trace: xr.Dataset) -> list[np.ndarray] | None:
         return None
     if not attention_layers(trace).all():
         return None
-    attn = trace["attn"].transpose("sample", "layer_full", "head", "q", "k").values
+    attn = trace["attn"].transpose("sample", "layer_full", "head", "q", "k")
     out = []
-    for s in range(attn.shape[0]):
+    for s in range(trace.sizes["sample"]):  # one sample's maps at a time: a lazy trace never loads them all
         n = _prompt_length(trace, s)
-        out.append(attn[s, :, :, :n, :n].mean(1).astype(np.float64))
+        out.append(attn.isel(sample=s, q=slice(0, n), k=slice(0, n)).values.mean(1).astype(np.float64))
     return out
 
 
@@ -68,7 +69,8 @@ def eager_attention(model: nn.Module) -> Iterator[None]:
 
 def model_maps(model: nn.Module, processor: Any, trace: xr.Dataset, examples: list[Example],
                batch_size: int = 1) -> list[np.ndarray]:
-    """Per sample, head-mean maps [L, n, n] over its prompt positions from one eager pass."""
+    """Per sample, head-mean maps [L, n, n] over its prompt positions from one eager pass (under
+    a launcher each rank maps its block of the batches, and all get every sample's maps)."""
     attention = adapters.adapter_for(model).attention.split(".")
     modules = [reduce(getattr, attention, layer) for layer in adapters.decoder_layers(model)]
     device = next(model.parameters()).device
@@ -77,7 +79,7 @@ def model_maps(model: nn.Module, processor: Any, trace: xr.Dataset, examples: li
     def keep_mean(module: nn.Module, args: tuple, output: tuple) -> None:
         captured.append(output[1].float().mean(1).cpu())
 
-    out: list[np.ndarray] = [np.empty(0)] * len(examples)
+    out: list[np.ndarray] = []
     handles = [m.register_forward_hook(keep_mean) for m in modules]
     try:
         with eager_attention(model), torch.no_grad():
@@ -85,10 +87,8 @@ def model_maps(model: nn.Module, processor: Any, trace: xr.Dataset, examples: li
                 captured.clear()
                 model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.inputs.items()})
                 maps = torch.stack(captured, 1).numpy()  # [B, L, T, T]
-                for b, s in enumerate(batch.samples):
-                    where = batch.positions[b]
-                    out[s] = maps[b][:, where][:, :, where].astype(np.float64)
+                out += [maps[b][:, where][:, :, where].astype(np.float64) for b, where in enumerate(batch.positions)]
     finally:
         for h in handles:
             h.remove()
-    return out
+    return parallel.concat(out)

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import typer
 from rich.console import Console
 
-from attnflow import DEFAULT_MODEL
+from attnflow import DEFAULT_MODEL, parallel
 from attnflow.fileio import ensure_writable
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -45,7 +45,8 @@ def friendly(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except (UserError, InternalsError) as exc:
-            console.print(f"[bold red]error:[/] {exc}")
+            world = parallel.world()
+            console.print(f"[bold red]error{f' (rank {world.rank})' if world.size > 1 else ''}:[/] {exc}")
             raise typer.Exit(2) from None
     return wrapper
 
@@ -113,21 +114,26 @@ def record(
     trace = record_trace(m, inputs or default_inputs(model), processor=processor, level=level,
                          layers=parse_layers(layers), batch_size=batch_size, model_path=model)
     save_trace(trace, out)
-    console.print(f"wrote {out}: {trace.sizes['sample']} samples × {trace.sizes['layer']} layers × "
-                  f"{trace.sizes['head']} heads ({trace.attrs['attn_implementation']})")
+    samples = sum(parallel.gather(trace.sizes["sample"]))
+    if parallel.world().main:
+        shards = trace.attrs["world_size"]
+        console.print(f"wrote {out}: {samples} samples × {trace.sizes['layer']} layers × {trace.sizes['head']} heads "
+                      f"({trace.attrs['attn_implementation']})" + (f", {shards} shards" if shards > 1 else ""))
 
 
 @app.command()
 @friendly
 @loads_model
 def analyze(
-    trace: Path = typer.Argument(..., help="Trace (.nc) written by `attnflow record`."),
+    trace: Path = typer.Argument(..., help="Trace (.nc, or a folder of shards) written by `attnflow record`."),
     model: Optional[str] = typer.Option(None, help="The model the trace was recorded from (local folder, toy-vlm, "
                                                    "toy-<family>): enables knockout, logit lens and rollout/flow."),
     inputs: Optional[Path] = typer.Option(None, help="The trace's inputs (JSONL); default: the file it was recorded from."),
     out: Path = typer.Option(Path("findings.json"), help="Where to write the findings (JSON)."),
     threshold: list[str] = typer.Option([], "--threshold", "-t", help="Override a threshold, NAME=VALUE (repeatable)."),
     batch_size: int = typer.Option(8, min=1),
+    chunks: Optional[int] = typer.Option(None, min=1, help="Read the trace this many samples at a time (dask) "
+                                         "instead of whole: for traces larger than memory."),
     load: Optional[dict] = None,
 ) -> None:
     """Find sinks, redundant layers, the visual exit layer and cross-modal flow in TRACE."""
@@ -141,7 +147,9 @@ def analyze(
     except (TypeError, ValueError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--threshold") from None
     m, processor = load_model(model, **load) if model else (None, None)
-    findings = run_analyses(trace, m, inputs, processor=processor, batch_size=batch_size, **overrides)
+    findings = run_analyses(trace, m, inputs, processor=processor, batch_size=batch_size, chunks=chunks, **overrides)
+    if not parallel.world().main:
+        return
     findings.save(out)
     ex = findings.exit
     exit_text = (f"layer {ex['layer']} by {ex['criterion']}" if ex["applies"] else "does not apply (no visual tokens)")
@@ -191,6 +199,9 @@ def run(
     load: Optional[dict] = None,
 ) -> None:
     """Record -> analyze -> schedule -> verify -> report, and print what was found."""
+    if parallel.world().size > 1:
+        raise typer.BadParameter("`run` is one process: under torchrun use record, analyze, schedule and verify "
+                                 "(README, Scaling out)")
     ensure_writable(out)
     import sys
 
@@ -252,6 +263,8 @@ def schedule(
     result = derive(findings, m, inputs, processor, budget)
     verify_schedule(m, result, inputs, processor, budget, batch_size=batch_size, baselines=False, repeats=1,
                     new_tokens=4)
+    if not parallel.world().main:
+        return
     result.save(out)
     ver, pred = result.verified, result.predicted
     console.print(f"wrote {out}: {len(result.steps)} step(s), predicted FLOPs ratio {pred['flops_ratio']:.3f}, "
@@ -280,6 +293,8 @@ def verify(
     m, processor = load_model(model, **load)
     verdict = run_verify(m, schedule, inputs or default_inputs(model), processor, new_tokens=new_tokens,
                          batch_size=batch_size, repeats=repeats)
+    if not parallel.world().main:
+        return
     verdict.save(out)
     console.print(f"wrote {out} ({verdict.n_examples} prompts, {verdict.device}, {verdict.backend})")
     for r in verdict.rows:

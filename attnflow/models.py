@@ -29,6 +29,7 @@ from transformers import (
     AutoTokenizer,
 )
 
+from attnflow import parallel
 from attnflow.errors import UserError
 from attnflow.probes.adapters import adapter_of_type
 
@@ -137,6 +138,8 @@ def load_model(spec: str | Path, *, attn_implementation: str | None = None,
         kwargs["dtype"] = dtype
     if device_map is not None:  # layers a map sends to "disk" are offloaded to a temporary folder
         kwargs.update(device_map=device_map, offload_folder=tempfile.mkdtemp(prefix="attnflow-offload-"))
+        if device_map == "auto" and (memory := parallel.rank_max_memory()):  # data parallel: this rank's GPUs
+            kwargs["max_memory"] = memory
     if adapter.multimodal:
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
         processor = _vlm_processor(path, adapter)
@@ -149,7 +152,7 @@ def load_model(spec: str | Path, *, attn_implementation: str | None = None,
     model.config._name_or_path = str(spec)
     if device_map is None:
         try:
-            model = model.to(device or default_device())
+            model = model.to(parallel.rank_device(device or default_device()))
         except (RuntimeError, AssertionError) as exc:  # e.g. "cuda" on a machine without one
             raise ModelSpecError(f"cannot put the model on device {device!r}: {exc}") from None
     return model.eval(), processor

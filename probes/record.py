@@ -15,9 +15,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import attnflow
-from attnflow import compat
+from attnflow import compat, parallel
 from attnflow.probes import adapters, onepass
-from attnflow.probes.inputs import Example, as_examples, encode, file_sha256
+from attnflow.probes.inputs import Example, InputError, as_examples, check_images, encode, file_sha256, placeholder
 from attnflow.probes import schema
 from attnflow.probes.schema import GROUPS, SCHEMA_VERSION
 from attnflow.probes.spans import Spans, token_spans
@@ -148,6 +148,7 @@ def record(
         raise ValueError(f"level must be 'summary' or 'full', not {level!r}")
     adapter = adapters.adapter_for(model)
     examples = as_examples(inputs)
+    check_images(examples, placeholder(processor))  # before any batch runs, with the examples' own numbers
     dims = adapters.dims(model)
     L = dims["num_layers"]
     full_layers = sorted(set(range(L) if layers is None else layers)) if level == "full" else []
@@ -157,9 +158,15 @@ def record(
     nm = nnsight.NNsight(model)
     tok = getattr(processor, "tokenizer", processor)
     device = next(model.parameters()).device
-    chunks: list[dict[str, np.ndarray]] = []
+    world = parallel.world()
     starts = range(0, len(examples), batch_size)
-    for s in tqdm(starts, desc="record", unit="batch", disable=not progress):
+    if len(starts) < world.size:
+        raise InputError(f"{len(starts)} batch(es) of {batch_size} for {world.size} processes: use a smaller batch size or fewer "
+                         "processes")
+    mine = [starts[i] for i in world.share(len(starts))]
+    samples = range(mine[0], min(mine[-1] + batch_size, len(examples)))
+    chunks: list[dict[str, np.ndarray]] = []
+    for s in tqdm(mine, desc="record", unit="batch", disable=not progress or not world.main):
         group = examples[s:s + batch_size]
         batch = encode(processor, group, with_answer=with_answer)
         ids, am = batch["input_ids"], batch.get("attention_mask")
@@ -181,11 +188,15 @@ def record(
                                  rank_max_tokens=rank_max_tokens)
         tokens = [tok.convert_ids_to_tokens(row) for row in ids.tolist()]
         chunks.append(_batch_dataset(per_layer, spans, ids.numpy(), real.numpy(), tokens, full_layers))
-    return _dataset(chunks, examples, model, processor, dims, level, full_layers, model_path, inputs)
+    length = max(parallel.gather(max(int(c["length"].max()) for c in chunks)))  # shards share one pos axis
+    trace = _dataset(chunks, [examples[i] for i in samples], model, dims, level, full_layers, model_path, inputs,
+                     length)
+    return trace.assign_coords(sample=np.asarray(samples),
+                               rank=("sample", np.full(len(samples), world.rank, dtype=np.int64))
+                               ).assign_attrs(world_size=world.size)
 
 
-def _dataset(chunks, examples, model, processor, dims, level, full_layers, model_path, inputs) -> xr.Dataset:
-    T = max(int(c["length"].max()) for c in chunks)
+def _dataset(chunks, examples, model, dims, level, full_layers, model_path, inputs, T) -> xr.Dataset:
     per_sample = {"answer": [ex.answer or "" for ex in examples], "qtype": [ex.qtype or "" for ex in examples],
                   "prompt": [ex.prompt for ex in examples]}
     data_vars, coords = {}, {}

@@ -13,7 +13,8 @@ Attrs: SCHEMA_VERSION under ``attnflow_trace``; ``model_path``, ``model_type``,
 MLP width, for the cost model), ``attn_implementation``, ``dtype``, ``device`` (of the first
 parameter), ``device_map`` (JSON; accelerate's map, {} on one device), ``fingerprint`` (sha256
 of the config JSON), ``attnflow_version``, ``level``, ``causal`` (0/1), ``inputs_path``,
-``inputs_sha256``, ``layers_full`` (JSON list).
+``inputs_sha256``, ``layers_full`` (JSON list), ``world_size`` (how many processes recorded it,
+each a contiguous block of samples: the ``rank`` coordinate).
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ FIELDS: dict[str, Field] = {
                            "uniform, n_seen, last_row, flow, arank, attn); absent: all layers have it",
                            fill=True, required=False, coord=True),
     "length": Field(("sample",), "int64", "real tokens in the sample", coord=True),
+    "rank": Field(("sample",), "int64", "the process (torch.distributed rank) that recorded the sample; 0 in a "
+                  "one-process recording", fill=0, required=False, coord=True),
     "answer": Field(("sample",), "str", "the expected answer ('' when the input has none)", coord=True),
     "qtype": Field(("sample",), "str", "the question type ('' when the input has none)", coord=True),
     "prompt": Field(("sample",), "str", "the prompt text as given", coord=True),

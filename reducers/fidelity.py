@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from attnflow import parallel
 from attnflow.probes.answers import accuracy_by_type, answer_matches
 from attnflow.probes.inputs import Example, encode
 
@@ -35,18 +36,19 @@ class Generated:
 
 def generate_greedy(model: nn.Module, batches: list[dict], tok: Any, new_tokens: int) -> Generated:
     """Greedy ``generate`` of ``new_tokens`` tokens for every batch (under whatever schedule
-    is applied), with the first token's logits and the decoded texts."""
-    logits, tokens, texts = [], [], []
+    is applied), with the first token's logits and the decoded texts. Under a launcher each rank
+    generates its block of the batches and every rank gets all of them (attnflow.parallel)."""
+    parts = []
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    for batch in batches:
+    for i in parallel.world().share(len(batches)):
+        batch = batches[i]
         out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
                              return_dict_in_generate=True, pad_token_id=pad)
         new = out.sequences[:, batch["input_ids"].shape[1]:]
         new = torch.nn.functional.pad(new, (0, new_tokens - new.shape[1]), value=pad)
-        logits.append(out.logits[0].float().cpu())
-        tokens.append(new.cpu())
-        texts += tok.batch_decode(new, skip_special_tokens=True)
-    return Generated(torch.cat(logits), torch.cat(tokens), texts)
+        parts.append((out.logits[0].float().cpu(), new.cpu(), tok.batch_decode(new, skip_special_tokens=True)))
+    logits, tokens, texts = zip(*parallel.concat(parts))
+    return Generated(torch.cat(logits), torch.cat(tokens), [t for batch in texts for t in batch])
 
 
 def per_prompt_fidelity(full: torch.Tensor, reduced: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

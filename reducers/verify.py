@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from attnflow import parallel
 from attnflow.probes import adapters
 from attnflow.probes.inputs import as_examples
 from attnflow.reducers.apply import apply
@@ -40,12 +41,14 @@ def verify(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path",
            new_tokens: int = 8, batch_size: int = 8, repeats: int = 5, baselines: bool = True) -> Verdict:
     """Fidelity and cost of ``schedule`` (and, with ``baselines``, of FastV and PyramidDrop)
     on ``inputs`` (Examples or a JSONL path), against the unreduced model; wall-clock time is
-    measured on the first batch."""
+    measured on the first batch. Under a launcher the ranks split the generations and rank 0
+    alone times; every rank returns the same Verdict."""
     sched = load_schedule(schedule)
     sched.check_model(model)
     if new_tokens < 1 or batch_size < 1 or repeats < 1:
         raise ValueError("new_tokens, batch_size and repeats must be positive")
     examples = as_examples(inputs)
+    world = parallel.world()
     device = next(model.parameters()).device
     tok = getattr(processor, "tokenizer", processor)
     batches = encode_batches(processor, examples, batch_size, device)
@@ -69,7 +72,8 @@ def verify(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path",
         configs = {"unreduced": None, **schedules}
         batches = (timing_batch,) if timing_batch["input_ids"].shape[0] == 1 else (timing_batch, one)
         timed = [{name: medians(t) for name, t in speed(model, configs, b, new_tokens=new_tokens, repeats=repeats,
-                                                        pad=pad).items()} for b in batches]
+                                                        pad=pad).items()} for b in batches] if world.main else None
+        timed = parallel.broadcast(timed)  # timed by rank 0 alone, the other ranks idle meanwhile
         times, times_b1 = timed[0], timed[-1]  # a timing batch of one prompt is timed once
     full_accuracy, full_by_type = answer_accuracy(full, examples)
     rows = []
