@@ -10,7 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ("probes", "analyses", "reducers", "reports")  # upstream first
-LEAVES = {"attnflow.compat", "attnflow.errors", "attnflow.fileio", "attnflow.timing", "attnflow.processors"}
+LEAVES = {"attnflow.compat", "attnflow.errors", "attnflow.fileio", "attnflow.timing", "attnflow.processors",
+          "attnflow.parallel"}
 FACE = {"attnflow.cli", "attnflow.pipeline", "attnflow.models"}
 
 
