@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import dask
 import numpy as np
 import xarray as xr
 
-from attnflow.analyses.arrays import listed, nanmean
+from attnflow.analyses.arrays import listed, mean_over
 from attnflow.analyses.groups import has_visual, is_causal
 from attnflow.analyses.thresholds import Thresholds
 from attnflow.probes.schema import attention_layers
@@ -31,16 +32,13 @@ def first_stable(ok: np.ndarray) -> int:
 
 def text_to_visual(trace: xr.Dataset) -> np.ndarray:
     """Per layer, the mean share of attention text queries pay to visual keys."""
-    flow = trace["flow"].sel(src="text", dst="visual").transpose("sample", "layer", "head").values
-    return nanmean(flow, (0, 2))
+    return mean_over(trace["flow"].sel(src="text", dst="visual"), ["sample", "head"]).values
 
 
 def last_to_visual(trace: xr.Dataset) -> np.ndarray:
     """Per layer, the mean share of attention the last prompt position pays to visual keys."""
-    visual = (trace["modality"] == "visual").transpose("sample", "pos").values
-    rows = trace["last_row"].transpose("sample", "layer", "head", "pos").values
-    share = np.where(visual[:, None, None, :], np.nan_to_num(rows), 0.0).sum(-1)
-    return share.mean((0, 2))
+    share = trace["last_row"].fillna(0.0).where(trace["modality"] == "visual", 0.0).sum("pos")
+    return mean_over(share, ["sample", "head"]).values
 
 
 def cumulative(curve: np.ndarray) -> np.ndarray:
@@ -52,16 +50,14 @@ def cumulative(curve: np.ndarray) -> np.ndarray:
 def uniform_to_visual(trace: xr.Dataset) -> float:
     """The share text queries would pay to visual keys under uniform attention (the mean
     fraction of the keys each text query sees that are visual)."""
-    modality = trace["modality"].transpose("sample", "pos").values
-    causal = is_causal(trace)
-    shares = []
-    for row in modality:
-        real = row != "pad"
-        visual = np.cumsum(row == "visual") if causal else np.full(len(row), (row == "visual").sum())
-        seen = np.cumsum(real) if causal else np.full(len(row), real.sum())
-        text = np.flatnonzero(row == "text")
-        shares.extend(visual[text] / seen[text])
-    return float(np.mean(shares)) if shares else float("nan")
+    modality = trace["modality"]
+    visual, real, text = modality == "visual", modality != "pad", modality == "text"
+    if is_causal(trace):
+        count, seen = visual.cumsum("pos"), real.cumsum("pos")
+    else:
+        count, seen = visual.sum("pos"), real.sum("pos")
+    total, n_text = dask.compute((count.where(text) / seen.where(text)).sum(), text.sum())
+    return float(total / n_text) if n_text else float("nan")
 
 
 def observational_exit(curve: np.ndarray, uniform: float, th: Thresholds,

@@ -25,7 +25,7 @@ import xarray as xr
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import maximum_flow
 
-from attnflow.analyses.arrays import nanmean
+from attnflow.analyses.arrays import mean_over
 from attnflow.probes.schema import GROUPS, NO_PATCH, attention_layers
 
 CAPACITY_SCALE = 1_000_000
@@ -34,9 +34,8 @@ CAPACITY_SCALE = 1_000_000
 def flow_matrix(trace: xr.Dataset) -> dict[str, Any]:
     """The layer x src x dst attention matrix (sample- and head-mean), with its labels; the
     rows of ``layers_without_attention`` (a hybrid model's linear attention) are zeros."""
-    flow = trace["flow"].transpose("sample", "layer", "head", "src", "dst").values
-    per_head = nanmean(flow, 0)
-    return {"matrix": np.nan_to_num(nanmean(per_head, 1)).round(6).tolist(),
+    matrix = mean_over(mean_over(trace["flow"], "sample"), "head").transpose("layer", "src", "dst").values
+    return {"matrix": np.nan_to_num(matrix).round(6).tolist(),
             "labels": {"layer": [int(l) for l in trace["layer"].values],
                        "src": [str(s) for s in trace["src"].values],
                        "dst": [str(d) for d in trace["dst"].values]},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import dask
 import numpy as np
 import xarray as xr
 
@@ -41,11 +42,17 @@ def has_visual(trace: xr.Dataset) -> bool:
     return bool((trace["modality"] == "visual").any())
 
 
+def position_labels(trace: xr.Dataset, pos: np.ndarray, samples: np.ndarray) -> list[tuple[str, str]]:
+    """(token, modality) most common at each ``pos[i]`` over the samples where ``samples[:, i]``
+    holds (``samples``: boolean [sample, len(pos)]); reads only those positions' columns."""
+    at = xr.DataArray(np.asarray(pos, dtype=np.int64), dims="pick")
+    columns = dask.compute(*(trace[c].isel(pos=at).transpose("sample", "pick") for c in ("token", "modality")))
+    tokens, modalities = (c.values for c in columns)
+    return [Counter(zip(map(str, tokens[where, i]), map(str, modalities[where, i]))).most_common(1)[0][0]
+            for i, where in enumerate(np.asarray(samples, dtype=bool).T)]
+
+
 def position_label(trace: xr.Dataset, pos: int, samples: np.ndarray | None = None) -> tuple[str, str]:
     """(token, modality) most common at ``pos`` over ``samples`` (a boolean mask; all if None)."""
-    tokens = trace["token"].isel(pos=pos).values
-    modalities = trace["modality"].isel(pos=pos).values
-    if samples is not None:
-        tokens, modalities = tokens[samples], modalities[samples]
-    pairs = Counter(zip(map(str, tokens), map(str, modalities)))
-    return pairs.most_common(1)[0][0]
+    where = np.ones(trace.sizes["sample"], dtype=bool) if samples is None else np.asarray(samples, dtype=bool)
+    return position_labels(trace, np.array([pos]), where[:, None])[0]

@@ -16,41 +16,44 @@ from __future__ import annotations
 
 from typing import Any
 
+import dask
 import numpy as np
 import xarray as xr
 
-from attnflow.analyses.arrays import listed, nanmean
+from attnflow.analyses.arrays import listed, mean_over, sample_slices
 from attnflow.analyses.groups import GROUPS, group_mask
 from attnflow.analyses.thresholds import Thresholds
 
 
 def block_influence(trace: xr.Dataset) -> dict[str, np.ndarray]:
-    """Per group, BI per layer (NaN where the group has no token)."""
-    cos = trace["update_cos"].transpose("sample", "layer", "pos").values
-    out = {}
-    for group in GROUPS:
-        mask = group_mask(trace, group).transpose("sample", "pos").values[:, None, :]
-        out[group] = 1.0 - nanmean(np.where(mask, cos, np.nan), (0, 2))
-    return out
+    """Per group, BI per layer (NaN where the group has no token); one pass over ``update_cos``."""
+    cos = trace["update_cos"]
+    (means,) = dask.compute({g: mean_over(cos.where(group_mask(trace, g)), ["sample", "pos"]) for g in GROUPS})
+    return {g: 1.0 - m.values for g, m in means.items()}
 
 
 def angular_distances(trace: xr.Dataset) -> list[np.ndarray]:
-    """``d[n-1][l]`` = mean over samples of arccos(cos(x^l, x^{l+n})) / pi, for n = 1..L."""
-    resid = trace["resid_last"].transpose("sample", "depth", "hidden").values.astype(np.float64)
-    unit = resid / np.maximum(np.linalg.norm(resid, axis=-1, keepdims=True), 1e-30)
-    depths = unit.shape[1]
-    out = []
-    for n in range(1, depths):
-        cos = np.clip((unit[:, :-n] * unit[:, n:]).sum(-1), -1.0, 1.0)
-        out.append(nanmean(np.arccos(cos) / np.pi, 0))
-    return out
+    """``d[n-1][l]`` = mean over samples of arccos(cos(x^l, x^{l+n})) / pi, for n = 1..L; summed
+    one chunk of samples at a time (each holds [chunk, depth, hidden] in float64)."""
+    resid_last = trace["resid_last"].transpose("sample", "depth", "hidden")
+    depths = resid_last.sizes["depth"]
+    sums = [np.zeros(depths - n) for n in range(1, depths)]
+    counts = [np.zeros(depths - n) for n in range(1, depths)]
+    for part in sample_slices(resid_last):
+        resid = resid_last.isel(sample=part).values.astype(np.float64)
+        unit = resid / np.maximum(np.linalg.norm(resid, axis=-1, keepdims=True), 1e-30)
+        for n in range(1, depths):
+            angle = np.arccos(np.clip((unit[:, :-n] * unit[:, n:]).sum(-1), -1.0, 1.0)) / np.pi
+            sums[n - 1] += np.nansum(angle, 0)
+            counts[n - 1] += (~np.isnan(angle)).sum(0)
+    return [np.divide(s, c, out=np.full_like(s, np.nan), where=c > 0) for s, c in zip(sums, counts)]
 
 
 def attention_rank(trace: xr.Dataset) -> np.ndarray:
     """Per layer, the mean ARank over samples and heads (NaN where not recorded)."""
     if "arank" not in trace:
         return np.full(trace.sizes["layer"], np.nan)
-    return nanmean(trace["arank"].transpose("sample", "layer", "head").values, (0, 2))
+    return mean_over(trace["arank"], ["sample", "head"]).values
 
 
 def candidates(bi: np.ndarray, layers: np.ndarray, num_layers: int, th: Thresholds) -> list[int]:
