@@ -8,6 +8,9 @@ k and v n·d·d_kv each (d_q = H·d_h, d_kv = H_kv·d_h; with d_q = d_kv = d thi
 processes); KV bytes = 2·Σ_l n_l·H_kv·d_h·bytes per prompt. Decode cost per new token at
 context c: 2d·d_q + 2d·d_kv + 2c·d_q + 3dm per layer. The counts n_l follow the schedule's
 semantics exactly (``layer_counts``); the apply tests check them against what really ran.
+A ``visual_exit_dynamic`` step's counts depend on each prompt's realised exit layer, known only
+after its prefill (``Planner.exit_layers``): ``predict`` takes those layers (``exits``) and is
+then the realised cost of the run, by the same formula.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from torch import nn
 
 from attnflow.probes import adapters
 from attnflow.reducers.plan import kept_count
-from attnflow.reducers.schedule import Schedule
+from attnflow.reducers.schedule import Schedule, ScheduleError
 
 PREDICTED = ("flops_ratio", "visual_tokens_equivalent", "kv_bytes_ratio", "decode_flops_ratio")
 
@@ -63,12 +66,23 @@ class LayerCount:
     bypassed: bool = False
 
 
-def layer_counts(schedule: Schedule, n_tokens: int, n_visual: int) -> list[LayerCount]:
+def layer_counts(schedule: Schedule, n_tokens: int, n_visual: int, exit_layer: int | None = None) -> list[LayerCount]:
     """Per layer, how many of a prompt's ``n_tokens`` real tokens (``n_visual`` visual) the
-    schedule lets the layer process."""
+    schedule lets the layer process; ``exit_layer``: the prompt's realised exit layer under a
+    ``visual_exit_dynamic`` step (required for one, refused otherwise)."""
     sinks = sum(1 for i in schedule.protect["visual_sinks"] if i < n_visual)
     removable = n_visual - sinks
-    exit_layer = next((s["layer"] for s in schedule.steps_of("visual_exit")), None)
+    dynamic = schedule.steps_of("visual_exit_dynamic")
+    if dynamic:
+        start, stop = dynamic[0]["from"], dynamic[0]["to"] or schedule.num_layers
+        if exit_layer is None or not start <= exit_layer <= stop:
+            raise ScheduleError(f"a visual_exit_dynamic step's cost depends on each prompt: give its realised exit "
+                                f"layer in [{start}, {stop}] (Planner.exit_layers after its prefill, "
+                                f"reducers.dynamic), got {exit_layer!r}")
+    elif exit_layer is not None:
+        raise ScheduleError("exit_layer is the realised layer of a visual_exit_dynamic step; this schedule has none")
+    else:
+        exit_layer = next((s["layer"] for s in schedule.steps_of("visual_exit")), None)
     prunes = sorted((s["layer"], s["keep"]) for s in schedule.steps_of("prune_visual"))
     skips = {layer: s["tokens"] for s in schedule.steps_of("skip_layers") for layer in s["layers"]}
     out = []
@@ -89,14 +103,19 @@ def layer_counts(schedule: Schedule, n_tokens: int, n_visual: int) -> list[Layer
     return out
 
 
-def predict(schedule: Schedule, shape: Shape, prompts: list[tuple[int, int]]) -> dict[str, float]:
+def predict(schedule: Schedule, shape: Shape, prompts: list[tuple[int, int]],
+            exits: list[int] | None = None) -> dict[str, float]:
     """Predicted cost of ``schedule`` over ``prompts`` [(n_tokens, n_visual)], relative to the
     unreduced model: FLOPs ratio, T_eq, KV-cache bytes (mean per prompt) and their ratio, and
-    the per-token decode FLOPs ratio of the first generated token."""
+    the per-token decode FLOPs ratio of the first generated token. A schedule with a
+    ``visual_exit_dynamic`` step needs ``exits``, each prompt's realised exit layer: the
+    result is then the realised cost of that run."""
+    if exits is not None and len(exits) != len(prompts):
+        raise ValueError(f"{len(exits)} exit layers for {len(prompts)} prompts")
     L = shape.num_layers
     flops = full = kv = kv_full = dec = dec_full = t_eq = 0.0
-    for n, v in prompts:
-        counts = layer_counts(schedule, n, v)
+    for i, (n, v) in enumerate(prompts):
+        counts = layer_counts(schedule, n, v, None if exits is None else exits[i])
         flops += sum(shape.layer_flops(c.tokens) for c in counts)
         full += L * shape.layer_flops(n)
         kv += sum(c.tokens for c in counts)

@@ -3,7 +3,9 @@
 ``Planner`` turns a Schedule into one ``Cut`` per decoder-layer call for the shortening
 mechanism (reducers.shorten): ``visual_exit`` and ``skip_layers`` are fixed per prompt,
 ``prune_visual`` at layer K is settled when layer K-1 has run and its scores are known
-(``ranked``; reducers.rank computes them). Everything is per sample, so a padded batch is cut sample by sample: pads
+(``ranked``; reducers.rank computes them), and ``visual_exit_dynamic`` is settled layer by layer
+from the last-row attention of each layer it reads (``exited``). Everything is per sample, so a
+padded batch is cut sample by sample (samples may exit at different layers): pads
 are dropped with the first cut, and when samples keep different counts the shorter ones carry
 filler (their pads first, then tokens they dropped) that the mask hides from every query.
 """
@@ -15,7 +17,7 @@ from torch import Tensor, nn
 
 from attnflow.probes import adapters
 from attnflow.probes.spans import token_spans
-from attnflow.reducers.schedule import Schedule, ScheduleError
+from attnflow.reducers.schedule import Schedule, ScheduleError, exit_checks
 from attnflow.reducers.shorten import Cut
 
 
@@ -56,7 +58,10 @@ class Planner:
     ``l`` processed (original positions; ``real`` is False for pads and filler), ``positions``
     and ``real`` describe the rows of the model's output, and ``scores[K]`` holds the
     last-row attention used to rank visual tokens for the prune step at layer K (over the
-    positions ``layer_tokens[K - 1]``).
+    positions ``layer_tokens[K - 1]``). ``exit_layers`` [B] is, per sample, the layer from which
+    its unprotected visual tokens are gone by an exit step (``num_layers``: never; a dynamic exit's
+    realised layer, which reducers.cost turns into FLOPs), and ``shares[l]`` [B] the last-row
+    share of its remaining unprotected visual tokens after layer ``l`` that a dynamic exit read.
     """
 
     def __init__(self, schedule: Schedule, model: nn.Module, *, prompt_length: int | None = None) -> None:
@@ -65,7 +70,11 @@ class Planner:
         self.bos_ids = adapters.bos_ids(model)
         self.requested_length = self.prompt_length = prompt_length
         self.sinks = schedule.protect["visual_sinks"]
-        self.exit = next((s["layer"] for s in schedule.steps_of("visual_exit")), None)
+        dynamic = next(iter(schedule.steps_of("visual_exit_dynamic")), None)
+        # a dynamic exit's checks and threshold; its bound ``to`` acts as a static exit
+        self.checks = range(0) if dynamic is None else exit_checks(dynamic, self.num_layers)
+        self.threshold = None if dynamic is None else dynamic["threshold"]
+        self.exit = dynamic["to"] if dynamic else next((s["layer"] for s in schedule.steps_of("visual_exit")), None)
         inside = [s for s in schedule.steps_of("prune_visual") if s["layer"] > 0]  # layer 0: reducers.inputcut
         self.prunes = {s["layer"]: s["keep"] for s in inside}
         self.rank_by = {s["layer"]: (s["by"], s.get("seed", 0)) for s in inside}
@@ -76,6 +85,10 @@ class Planner:
         self.decoding = False
         self.layer_tokens: dict[int, tuple[Tensor, Tensor]] = {}
         self.scores: dict[int, Tensor] = {}
+        self.shares: dict[int, Tensor] = {}
+        self.exit_layers = torch.empty(0, dtype=torch.long)
+        self.leaving: set[int] = set()  # per prompt: leave_layers plus the layers a dynamic exit settled
+        self.checking = False  # per prompt: some sample has not exited yet, so the dynamic exit still reads
         # per prompt (set by a prefill): labels, when each position leaves, the current rows
         self.removed_at: Tensor | None = None
         self.pad = self.removable = self.pos = self.filler = torch.empty(0)
@@ -134,6 +147,8 @@ class Planner:
         self.removed_at = torch.full((b, n), self.num_layers, dtype=torch.long, device=dev)
         if self.exit is not None:
             self.removed_at[self.removable] = self.exit
+        self.exit_layers = torch.full((b,), self.num_layers if self.exit is None else self.exit, device=dev)
+        self.leaving, self.checking, self.shares = set(self.leave_layers), bool(self.checks), {}
         n_removable = self.removable.sum(1)
         self.n_keep = {k: kept_count(keep, n_removable) for k, keep in self.prunes.items()}
         self.pos = torch.arange(n, device=dev).expand(b, n)
@@ -180,7 +195,7 @@ class Planner:
         pos_in = self.pos
         pad_in = self.pad.gather(1, pos_in)
         skip = self.skips.get(layer)
-        changes = skip is not None or layer in self.leave_layers
+        changes = skip is not None or layer in self.leaving
         if not self.touched and not changes:
             self.cached[layer] = None
             self.layer_tokens[layer] = (pos_in, ~pad_in)
@@ -245,6 +260,11 @@ class Planner:
         """Whether a prune step needs layer ``layer``'s last-row attention in this forward."""
         return not self.decoding and layer + 1 in self.prunes
 
+    def checks_after(self, layer: int) -> bool:
+        """Whether the dynamic exit reads layer ``layer``'s last-row attention in this forward
+        (not once every sample of the batch has exited)."""
+        return self.checking and not self.decoding and layer in self.checks
+
     def query_slots(self, layer: int) -> Tensor:
         """Per sample, the slot of the ranking query among the tokens layer ``layer`` processes."""
         rows, _ = self.layer_tokens[layer]
@@ -270,3 +290,20 @@ class Planner:
         drop = dropped(scores, self.candidates(layer), self.n_keep[k])
         current = self.removed_at.gather(1, rows)
         self.removed_at = self.removed_at.scatter(1, rows, torch.where(drop, torch.full_like(current, k), current))
+
+    def exited(self, layer: int, scores: Tensor) -> None:
+        """Settle the dynamic exit after ``layer`` from its last-row attention ``scores`` [B, R]
+        over the tokens layer ``layer`` processed: a sample not yet gone whose remaining unprotected
+        visual tokens get a share below the threshold has them leave from ``layer + 1`` on. One
+        device sync: whether any sample left (layer ``layer + 1`` then cuts) and whether all have."""
+        rows, real = self.layer_tokens[layer]
+        share = scores.masked_fill(~(real & self.removable.gather(1, rows)), 0.0).sum(1)
+        self.shares[layer] = share
+        leave = (share < self.threshold) & (self.exit_layers > layer + 1)
+        self.exit_layers = torch.where(leave, layer + 1, self.exit_layers)
+        self.removed_at = torch.where(leave[:, None] & self.removable, self.removed_at.clamp_max(layer + 1),
+                                      self.removed_at)
+        left, done = torch.stack([leave.any(), (self.exit_layers <= layer + 1).all()]).tolist()
+        if left:
+            self.leaving.add(layer + 1)
+        self.checking = not done

@@ -1,5 +1,6 @@
 """Rank the visual tokens a prune step may remove: by the attention the last prompt position pays
-them (FastV / PyramidDrop), or by the other scores of reducers.scores, all from layer K-1.
+them (FastV / PyramidDrop), or by the other scores of reducers.scores, all from layer K-1; and
+read the same attention row on the layers a dynamic exit decides after.
 
 The head-mean attention row of one query is recomputed from that layer's own q/k: forward
 hooks keep the query/key projection outputs the layer computes anyway, and after the attention
@@ -53,53 +54,67 @@ def last_row_attention(attn: nn.Module, adapter: adapters.Adapter, q: Tensor, k:
 
 
 def attach_rankers(layers: nn.ModuleList, planner: Planner, adapter: adapters.Adapter) -> list[RemovableHandle]:
-    """Hooks on layer K-1 of every prune step at layer K: they keep what its score needs (q/k
-    projection outputs, the layer's input states) and, once the attention module has run, hand
-    the scores to ``planner.ranked``. Attach them after the shortener, so that a layer's input is
-    seen as cut."""
+    """Hooks on layer K-1 of every prune step at layer K, and on every layer a dynamic exit reads:
+    they keep what the scores need (q/k projection outputs, the layer's input states) and, once
+    the attention module has run, hand them to ``planner.ranked`` and ``planner.exited`` (the
+    last-row attention, computed once when both use it). Attach them after the shortener, so
+    that a layer's input is seen as cut."""
     handles: list[RemovableHandle] = []
     q_proj, k_proj = adapter.projections
-    for layer in sorted(k - 1 for k in planner.prunes):
-        by, seed = planner.rank_by[layer + 1]
+    for layer in sorted({k - 1 for k in planner.prunes} | set(planner.checks)):
+        by, seed = planner.rank_by.get(layer + 1, (None, 0))
+        row_needed = by == "last_row" or layer in planner.checks
         attn = reduce(getattr, adapter.attention.split("."), layers[layer])
         captured: dict[str, Tensor] = {}
 
-        def keep_output(name: str, layer: int = layer, captured: dict = captured):
+        def wanted(layer: int = layer) -> bool:
+            return planner.ranks_after(layer) or planner.checks_after(layer)
+
+        def keep_output(name: str, captured: dict = captured, wanted=wanted):
             def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-                if planner.ranks_after(layer):
+                if wanted():
                     captured[name] = output
             return hook
 
-        def keep_input(module: nn.Module, args: tuple, kwargs: dict[str, Any], layer: int = layer,
-                       captured: dict = captured) -> None:
-            if planner.ranks_after(layer):
+        def keep_input(module: nn.Module, args: tuple, kwargs: dict[str, Any], captured: dict = captured,
+                       wanted=wanted) -> None:
+            if wanted():
                 captured["states"] = args[0] if args else kwargs[compat.HIDDEN_STATES]
 
         def rank(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any, layer: int = layer,
-                 captured: dict = captured, by: str = by, seed: int = seed) -> None:
-            if not planner.ranks_after(layer):
+                 captured: dict = captured, by: str | None = by, seed: int = seed) -> None:
+            prune, check = planner.ranks_after(layer), planner.checks_after(layer)
+            if not (prune or check):
                 return
-            candidates = planner.candidates(layer)
-            if by == "last_row":
-                rows, real = planner.layer_tokens[layer]
-                key_ok = real.clone()
-                window = getattr(module, "sliding_window", None) if adapter.sliding_window else None
-                if window:
-                    key_ok &= rows > planner.query_position - window
-                scores = last_row_attention(module, adapter, captured.pop("q"), captured.pop("k"),
-                                            kwargs[compat.POSITION_EMBEDDINGS], planner.query_slots(layer), key_ok)
-            else:
-                scores = _score(by, seed, planner, layer, candidates, captured)
-            planner.ranked(layer, scores)
+            row = _last_row(module, adapter, planner, layer, captured, kwargs) if check or by == "last_row" else None
+            if prune:
+                planner.ranked(layer, row if by == "last_row" else
+                               _score(by, seed, planner, layer, planner.candidates(layer), captured))
+            if check:
+                planner.exited(layer, row)
+            captured.clear()
 
-        if by == "last_row":
+        if row_needed:
             handles.append(getattr(attn, q_proj).register_forward_hook(keep_output("q")))
-        if by in ("last_row", "dart"):
+        if row_needed or by == "dart":
             handles.append(getattr(attn, k_proj).register_forward_hook(keep_output("k")))
         if by == "divprune":
             handles.append(layers[layer].register_forward_pre_hook(keep_input, with_kwargs=True))
         handles.append(attn.register_forward_hook(rank, with_kwargs=True))
     return handles
+
+
+def _last_row(attn: nn.Module, adapter: adapters.Adapter, planner: Planner, layer: int,
+              captured: dict[str, Tensor], kwargs: dict[str, Any]) -> Tensor:
+    """The last-row attention [B, R] of one call of ``attn`` over the tokens layer ``layer`` processed:
+    the keys the query sees (real, not after it, within a sliding window)."""
+    rows, real = planner.layer_tokens[layer]
+    key_ok = real & (rows <= planner.query_position)  # a recomputed prefix's generated tokens come after it
+    window = getattr(attn, "sliding_window", None) if adapter.sliding_window else None
+    if window:
+        key_ok &= rows > planner.query_position - window
+    return last_row_attention(attn, adapter, captured["q"], captured["k"], kwargs[compat.POSITION_EMBEDDINGS],
+                              planner.query_slots(layer), key_ok)
 
 
 def _score(by: str, seed: int, planner: Planner, layer: int, candidates: Tensor, captured: dict[str, Tensor]) -> Tensor:
@@ -111,6 +126,6 @@ def _score(by: str, seed: int, planner: Planner, layer: int, candidates: Tensor,
         return score_fns.selection_scores(by, candidates, limit, seed=seed,
                                           visual_index=planner.visual_index.gather(1, rows),
                                           patch_row=planner.patch_row.gather(1, rows),
-                                          patch_col=planner.patch_col.gather(1, rows), states=captured.pop("states", None))
+                                          patch_col=planner.patch_col.gather(1, rows), states=captured.get("states"))
     prompt_text = planner.text.gather(1, rows) & (rows <= planner.query_position)  # not generated tokens
-    return score_fns.dart_scores(captured.pop("k"), candidates, prompt_text, n_keep)
+    return score_fns.dart_scores(captured["k"], candidates, prompt_text, n_keep)

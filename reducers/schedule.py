@@ -19,7 +19,19 @@ head-mean attention the last prompt position pays them, FastV), ``random`` (with
 ``divprune`` or ``cls`` (scores that need no LLM attention; ``cls`` only there) drops its tokens
 before the first decoder layer
 (reducers.inputcut), as DivPrune does.
-``visual_exit`` removes every unprotected visual token from ``layer`` on. ``skip_layers`` lets
+``visual_exit`` removes every unprotected visual token from ``layer`` on.
+``visual_exit_dynamic`` (``{"op": "visual_exit_dynamic", "from": 2, "to": 6, "threshold": 0.05}``)
+is the same exit decided per prompt during the prefill: after each layer l with
+``from - 1 <= l <= to - 2``, the share of the head-mean attention the last prompt position pays
+the sample's remaining unprotected visual tokens (the ``last_row`` score, FastV arXiv 2403.06764)
+is summed, and the sample's unprotected visual tokens leave from layer l+1 at the first such
+layer where that share is below ``threshold``; at layer ``to`` they leave anyway (omitted: never
+forced, ``to`` = the number of layers). The criterion is observational: it reads the attention the
+model pays anyway, not what removing the tokens would change (the knockout's causal question), so
+it costs one attention row per layer and no extra forward. Threshold 0 removes nothing; a threshold
+above 1 exits every sample at ``from``. A schedule holds at most one exit, static or dynamic; its
+prune steps lie at or before ``from`` (after a dynamic exit nothing may be left to prune), and no
+layer whose attention it reads (``from - 1`` to ``to - 2``) is skipped. ``skip_layers`` lets
 tokens bypass whole layers (``tokens: "all"``) or lets only the unprotected visual tokens bypass
 them (``"visual"``: their residual stream passes the layer unchanged, the other tokens do not
 see them there). Only visual tokens are ever removed (BOS, system and text tokens always stay,
@@ -35,6 +47,7 @@ Apart from those, no op acts on layer 0.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,12 +60,13 @@ from attnflow.probes import adapters
 from attnflow.reducers.scores import INPUT_SCORES, SCORES
 
 SCHEDULE_VERSION = 2
-OPS: tuple[str, ...] = ("prune_visual", "visual_exit", "skip_layers")
+OPS: tuple[str, ...] = ("prune_visual", "visual_exit", "visual_exit_dynamic", "skip_layers")
 SKIP_TOKENS: tuple[str, ...] = ("all", "visual")
 DEFAULT_PROTECT: dict[str, Any] = {"visual_sinks": []}
 _STEP_KEYS: dict[str, dict[str, Any]] = {  # op -> {key: default, or ... when required}
     "prune_visual": {"layer": ..., "keep": ..., "by": "last_row", "seed": None},
     "visual_exit": {"layer": ...},
+    "visual_exit_dynamic": {"from": ..., "to": None, "threshold": ...},
     "skip_layers": {"layers": ..., "tokens": "all"},
 }
 
@@ -154,6 +168,20 @@ def _int(value: Any, where: str, lo: int, hi: int) -> int:
     return value
 
 
+def _number(value: Any, where: str, lo: float, hi: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi \
+            or not math.isfinite(value):
+        span = f"in [{lo:g}, {hi:g}]" if hi < math.inf else f">= {lo:g} and finite"
+        raise ScheduleError(f"{where} must be a number {span}, got {value!r}")
+    return float(value)
+
+
+def exit_checks(step: dict[str, Any], num_layers: int) -> range:
+    """The layers whose last-row attention a ``visual_exit_dynamic`` step reads: ``from - 1``
+    to ``to - 2`` (the share after layer l decides an exit at l + 1; at ``to`` all leave anyway)."""
+    return range(step["from"] - 1, (step["to"] or num_layers) - 1)
+
+
 def _step(raw: Any, where: str, num_layers: int) -> dict[str, Any]:
     if not isinstance(raw, dict) or "op" not in raw:
         raise ScheduleError(f"{where} must be an object with an 'op' key, got {raw!r}")
@@ -173,10 +201,7 @@ def _step(raw: Any, where: str, num_layers: int) -> dict[str, Any]:
         low = 0 if op == "prune_visual" and raw.get("by") in INPUT_SCORES else 1
         _int(step["layer"], f"{where} ({op}) layer", low, last)
     if op == "prune_visual":
-        keep = step["keep"]
-        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 <= keep <= 1.0:
-            raise ScheduleError(f"{where} (prune_visual) keep must be a number in [0, 1], got {keep!r}")
-        step["keep"] = float(keep)
+        step["keep"] = _number(step["keep"], f"{where} (prune_visual) keep", 0.0, 1.0)
         if step["by"] not in SCORES:
             raise ScheduleError(f"{where} (prune_visual) by must be one of {list(SCORES)}, got {step['by']!r}")
         if step["by"] == "cls" and step["layer"] != 0:
@@ -186,6 +211,11 @@ def _step(raw: Any, where: str, num_layers: int) -> dict[str, Any]:
             step["seed"] = _int(0 if step["seed"] is None else step["seed"], f"{where} (prune_visual) seed", 0, 2**63 - 1)
         elif step.pop("seed") is not None:
             raise ScheduleError(f"{where} (prune_visual): seed applies to by='random' only")
+    if op == "visual_exit_dynamic":
+        start = _int(step["from"], f"{where} (visual_exit_dynamic) from", 1, last)
+        if step["to"] is not None:
+            _int(step["to"], f"{where} (visual_exit_dynamic) to", start + 1, last)
+        step["threshold"] = _number(step["threshold"], f"{where} (visual_exit_dynamic) threshold", 0.0)
     if op == "skip_layers":
         layers = step["layers"]
         if not isinstance(layers, list) or not layers:
@@ -197,11 +227,13 @@ def _step(raw: Any, where: str, num_layers: int) -> dict[str, Any]:
     return step
 
 
-def _check_consistent(steps: list[dict[str, Any]], source: str) -> None:
-    """Cross-step rules: one exit, pruning before it, ranked layers present, shrinking keeps."""
+def _check_consistent(steps: list[dict[str, Any]], source: str, num_layers: int) -> None:
+    """Cross-step rules: one exit, pruning before it, ranked and read layers present, shrinking keeps."""
     exits = [s["layer"] for s in steps if s["op"] == "visual_exit"]
-    if len(exits) > 1:
-        raise ScheduleError(f"{source}: more than one visual_exit step (layers {exits})")
+    dynamic = [s for s in steps if s["op"] == "visual_exit_dynamic"]
+    if len(exits) + len(dynamic) > 1:
+        raise ScheduleError(f"{source}: more than one exit step (visual_exit or visual_exit_dynamic); a dynamic "
+                            "exit's static bound is its 'to'")
     skipped: dict[int, str] = {}
     for s in steps:
         if s["op"] == "skip_layers":
@@ -223,6 +255,14 @@ def _check_consistent(steps: list[dict[str, Any]], source: str) -> None:
         if s["layer"] - 1 in skipped:
             raise ScheduleError(f"{source}: prune_visual at layer {s['layer']} ranks tokens by the "
                                 f"attention of layer {s['layer'] - 1}, which visual tokens skip")
+        if dynamic and s["layer"] > dynamic[0]["from"]:
+            raise ScheduleError(f"{source}: prune_visual at layer {s['layer']} comes after the visual_exit_dynamic "
+                                f"from layer {dynamic[0]['from']}, when a sample's visual tokens may have left")
+    for s in dynamic:
+        read = [layer for layer in exit_checks(s, num_layers) if layer in skipped]
+        if read:
+            raise ScheduleError(f"{source}: visual_exit_dynamic reads the attention of layer(s) {read}, which "
+                                "skip_layers lets tokens bypass")
 
 
 def _validate(data: Any, source: str) -> dict[str, Any]:
@@ -248,7 +288,7 @@ def _validate(data: Any, source: str) -> dict[str, Any]:
     if not isinstance(steps, list):
         raise ScheduleError(f"{source}: 'steps' must be a list, got {steps!r}")
     steps = [_step(s, f"{source}: steps[{i}]", num_layers) for i, s in enumerate(steps)]
-    _check_consistent(steps, source)
+    _check_consistent(steps, source, num_layers)
     for key in ("predicted", "verified"):
         if not isinstance(data.get(key) or {}, dict):
             raise ScheduleError(f"{source}: {key!r} must be an object")

@@ -1,12 +1,14 @@
 """Verify a schedule against the unreduced model, beside the field's reducers: fidelity and cost.
 
 For the schedule and the baselines (reducers.baselines: FastV, PyramidDrop, DART and DivPrune at
-their published defaults; FastV, DART, DivPrune, random and pooling at the schedule's FLOPs)
+their published defaults; FastV, DART, DivPrune, random, pooling and the per-prompt dynamic exit
+(reducers.dynamic, its threshold set so its realised mean FLOPs match) at the schedule's FLOPs)
 the same inputs run greedy ``generate``
 under ``reducers.apply``; each is compared with the unreduced model on: next-token top-1
 agreement and KL(full ‖ reduced) at the last prompt position, greedy generated-token
 agreement over ``new_tokens`` tokens, and task accuracy when the examples carry answers (the
-generated text scored by probes.answers). Cost: the predicted FLOPs ratio, T_eq and
+generated text scored by probes.answers). Cost: the predicted FLOPs ratio (realised, per prompt,
+for a dynamic exit: it saves them at batch size 1), T_eq and
 KV-cache bytes (reducers.cost), and wall-clock prefill and per-token decode time measured in
 this process, configurations interleaved in every repeat, medians. The rows form a Pareto
 table of fidelity (accuracy when there are answers, else agreement) against FLOPs.
@@ -26,10 +28,15 @@ from attnflow.probes.inputs import as_examples
 from attnflow.reducers.apply import apply
 from attnflow.reducers.baselines import matched, published
 from attnflow.reducers.cost import Shape, predict
+from attnflow.reducers.dynamic import at_flops, realised
 from attnflow.reducers.fidelity import answer_accuracy, encode_batches, generate_greedy, next_token_fidelity
 from attnflow.reducers.schedule import Schedule, load_schedule
 from attnflow.reducers.speed import medians, speed
 from attnflow.reducers.verdict import Row, Verdict, mark_pareto
+
+
+# the per-prompt exit compared at the schedule's FLOPs: reads from layer 1 on, threshold set by at_flops
+DYNAMIC_EXIT = {"op": "visual_exit_dynamic", "from": 1, "threshold": 0.0}
 
 
 def _ratio(reference: float, reduced: float) -> float | None:
@@ -59,9 +66,12 @@ def verify(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path",
                for b in batches for ids, am in zip(b["input_ids"], b["attention_mask"])]
     shape = Shape.of(model)
     schedules: dict[str, Schedule] = {"schedule": sched}
+    costs = {"schedule": _cost(model, sched, shape, layouts, batches)}
     if baselines:
-        target = predict(sched, shape, layouts)["flops_ratio"]
+        target = costs["schedule"]["flops_ratio"]
         schedules.update({**published(model), **matched(model, target, shape, layouts)})
+        dynamic = at_flops(model, Schedule.for_model(model, [DYNAMIC_EXIT]), batches, target)
+        schedules["dynamic_exit_equal_flops"], costs["dynamic_exit_equal_flops"] = dynamic.schedule, dynamic.cost
     with torch.no_grad():
         full = generate_greedy(model, batches, tok, new_tokens)
         runs = {}
@@ -70,9 +80,9 @@ def verify(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path",
                 runs[name] = generate_greedy(model, batches, tok, new_tokens)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         configs = {"unreduced": None, **schedules}
-        batches = (timing_batch,) if timing_batch["input_ids"].shape[0] == 1 else (timing_batch, one)
+        timing = (timing_batch,) if timing_batch["input_ids"].shape[0] == 1 else (timing_batch, one)
         timed = [{name: medians(t) for name, t in speed(model, configs, b, new_tokens=new_tokens, repeats=repeats,
-                                                        pad=pad).items()} for b in batches] if world.main else None
+                                                        pad=pad).items()} for b in timing] if world.main else None
         timed = parallel.broadcast(timed)  # timed by rank 0 alone, the other ranks idle meanwhile
         times, times_b1 = timed[0], timed[-1]  # a timing batch of one prompt is timed once
     full_accuracy, full_by_type = answer_accuracy(full, examples)
@@ -81,7 +91,7 @@ def verify(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path",
         run = runs[name]
         fidelity = next_token_fidelity(full.first_logits, run.first_logits)
         accuracy, by_type = answer_accuracy(run, examples)
-        cost = predict(s, shape, layouts)
+        cost = costs[name] if name in costs else predict(s, shape, layouts)
         t, t0, u, u0 = times[name], times["unreduced"], times_b1[name], times_b1["unreduced"]
         rows.append(Row(
             name=name, steps=s.steps,
@@ -105,8 +115,16 @@ def verify(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path",
                               "decode_ms_per_token": times["unreduced"]["decode_ms_per_token"],
                               "prefill_ms_b1": times_b1["unreduced"]["prefill_ms"],
                               "decode_ms_per_token_b1": times_b1["unreduced"]["decode_ms_per_token"],
-                              "visual_tokens": predict(sched, shape, layouts)["visual_tokens"]},
+                              "visual_tokens": costs["schedule"]["visual_tokens"]},
                    rows=rows)
+
+
+def _cost(model: nn.Module, schedule: Schedule, shape: Shape, layouts: list[tuple[int, int]],
+          batches: list[dict]) -> dict[str, Any]:
+    """The predicted cost of a static schedule; a dynamic exit's realised one on ``batches``."""
+    if schedule.steps_of("visual_exit_dynamic"):
+        return realised(model, schedule, batches).cost
+    return predict(schedule, shape, layouts)
 
 
 def verify_schedule(model: nn.Module, schedule: Schedule, inputs: Any, processor: Any,

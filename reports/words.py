@@ -140,6 +140,10 @@ def step_words(step: dict[str, Any]) -> str:
         return f"prune visual tokens {where}, keeping {pct(step['keep'])} ({RANKED_BY[step.get('by', 'last_row')]})"
     if step["op"] == "visual_exit":
         return f"all visual tokens exit at layer {step['layer']}"
+    if step["op"] == "visual_exit_dynamic":
+        bound = "" if step.get("to") is None else f", at layer {step['to']} at the latest"
+        return (f"each prompt's visual tokens exit after the first layer from {step['from'] - 1} on where the last "
+                f"position pays them under {pct(step['threshold'], 1)} of its attention{bound}")
     who = "all tokens" if step["tokens"] == "all" else "visual tokens"
     many = len(step["layers"]) > 1
     return f"{who} skip layer{'s' if many else ''} {', '.join(map(str, step['layers']))}"
@@ -214,7 +218,8 @@ CONFIG_NAMES = {"schedule": "derived schedule", "fastv": "FastV (K=2, R=50%)", "
                 "fastv_equal_flops": "FastV K=2 at equal FLOPs", "dart_equal_flops": "DART K=2 at equal FLOPs",
                 "divprune_equal_flops": "DivPrune at equal FLOPs", "random_equal_flops": "random at equal FLOPs",
                 "pool_equal_flops": "pooling at equal FLOPs", "visionzip": "VisionZip (keep 11%)",
-                "visionzip_equal_flops": "VisionZip at equal FLOPs"}
+                "visionzip_equal_flops": "VisionZip at equal FLOPs",
+                "dynamic_exit_equal_flops": "per-prompt exit at equal FLOPs"}
 
 
 def config_name(name: str) -> str:
@@ -231,6 +236,9 @@ def steps_short(steps: list[dict[str, Any]]) -> str:
                          + ("" if s.get("by", "last_row") == "last_row" else f" {s['by']}"))
         elif s["op"] == "visual_exit":
             parts.append(f"exit@{s['layer']}")
+        elif s["op"] == "visual_exit_dynamic":
+            parts.append(f"dynamic exit@{s['from']}{'' if s.get('to') is None else '–' + str(s['to'])} "
+                         f"below {pct(s['threshold'], 1)}")
         else:
             parts.append(f"skip {', '.join(map(str, s['layers']))} ({s['tokens']})")
     return " · ".join(parts) or "nothing removed"
