@@ -2,10 +2,11 @@
 
 ``python -m attnflow.benchmarks.bigtrace [--samples 10000] [--chunk 256]`` writes a synthetic,
 schema-valid trace (16 layers, 16 heads, 256 positions, hidden 512: about 0.8 MB a sample in
-memory) as netCDF files of ``--piece`` samples each, chunked by sample on disk, so that writing
+memory) as a folder of shards of ``--piece`` samples each (as several recording processes write it), chunked by sample on disk, so that writing
 never holds the whole trace either. A fresh process then opens the files lazily (dask, ``--chunk``
-samples a chunk) and runs ``find_sinks``, ``find_redundancy``, ``find_exit`` (no model) and
-``flow_matrix`` with the default thresholds. One JSON line on stdout: the trace's size in memory,
+samples a chunk) and runs ``attnflow.analyses.analyze`` on it without a model (sinks, redundancy,
+exit, flow: what ``attnflow analyze TRACE --chunks N`` runs). One JSON line on stdout and in
+``benchmarks/results/bigtrace.json``: the trace's size in memory,
 the child's peak resident set (VmHWM) and its resident set before the analyses (interpreter and
 libraries), the wall times, and what the analyses found. The data plant what they should find:
 an attention sink and a massive activation (dim 7) at BOS, a visual token that is a sink by
@@ -26,12 +27,11 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from attnflow.analyses.exits import find_exit
-from attnflow.analyses.flow import flow_matrix
-from attnflow.analyses.redundancy import find_redundancy
-from attnflow.analyses.sinks import find_sinks
-from attnflow.analyses.thresholds import Thresholds
+from attnflow.analyses import analyze
+from attnflow.benchmarks.machine import describe
 from attnflow.benchmarks.memory import _status_kib, in_fresh_process
+from attnflow.fileio import write_json
+from attnflow.probes.io import load_trace, shard_name
 from attnflow.probes.schema import FIELDS, GROUPS, NO_PATCH, SCHEMA_VERSION, as_field
 
 
@@ -132,43 +132,35 @@ def synthetic_piece(start: int, n: int, sizes: Sizes = Sizes(), seed: int = 0) -
 
 
 def write_trace(folder: Path, samples: int, piece: int, sizes: Sizes = Sizes()) -> list[Path]:
-    """The synthetic trace as files of ``piece`` samples, each variable chunked by DISK_CHUNK samples."""
+    """The synthetic trace as a folder of shards of ``piece`` samples (the layout several recording
+    processes write), each variable chunked by DISK_CHUNK samples."""
+    starts = range(0, samples, piece)
     files = []
-    for start in range(0, samples, piece):
+    for i, start in enumerate(starts):
         part = synthetic_piece(start, min(piece, samples - start), sizes)
         encoding = {name: {"chunksizes": tuple(min(DISK_CHUNK, size) if dim == "sample" else size
                                                for dim, size in var.sizes.items())}
                     for name, var in part.data_vars.items()}
-        files.append(folder / f"piece-{start:08d}.nc")
+        files.append(folder / shard_name(i, len(starts)))
         part.to_netcdf(files[-1], engine="h5netcdf", encoding=encoding)
     return files
 
 
-def open_trace(files: list[Path], chunk: int) -> xr.Dataset:
-    """The files as one lazy trace: dask arrays of ``chunk`` samples (at most one file each)."""
-    return xr.open_mfdataset(files, engine="h5netcdf", combine="nested", concat_dim="sample",
-                             chunks={"sample": chunk}, data_vars="minimal", coords="minimal", compat="override")
-
-
 def analyse(folder: Path, chunk: int) -> dict[str, Any]:
-    """Open the trace in ``folder`` lazily and run the trace-only analyses (call in a fresh process)."""
-    th = Thresholds()
-    trace = open_trace(sorted(folder.glob("piece-*.nc")), chunk)
+    """``attnflow analyze FOLDER --chunks CHUNK`` without a model, in this process (call it in a
+    fresh one): the trace is read lazily, ``chunk`` samples at a time."""
     before = _status_kib("VmRSS") * 1024
-    seconds, out = {}, {}
-    for name, fn in (("sinks", find_sinks), ("redundancy", find_redundancy), ("exit", find_exit),
-                     ("flow", lambda t, _: flow_matrix(t))):
-        start = time.perf_counter()
-        out[name] = fn(trace, th)
-        seconds[name] = round(time.perf_counter() - start, 2)
-    sinks = out["sinks"]
+    start = time.perf_counter()
+    findings = analyze(folder, chunks=chunk)
+    seconds = round(time.perf_counter() - start, 2)
+    sinks, trace = findings.sinks, load_trace(folder, chunks=chunk)
     # VmHWM, not ru_maxrss: a forked child's ru_maxrss starts from its parent's resident set, the writer's
     return {"trace_bytes": int(trace.nbytes), "peak_rss_bytes": _status_kib("VmHWM") * 1024,
-            "rss_before_analyses_bytes": before, "seconds": seconds,
+            "rss_before_analyses_bytes": before, "seconds": seconds, "costs": findings.costs,
             "found": {"sinks": [(t["layer"], t["pos"]) for t in sinks["tokens"]], "dims": sinks["dims"],
                       "massive": sorted({m["pos"] for m in sinks["massive"]}),
                       "visual": [(v["layer"], v["pos"], v["by"]) for v in sinks["visual"]],
-                      "candidates": out["redundancy"]["candidates"], "exit_layer": out["exit"]["layer"]}}
+                      "candidates": findings.redundancy["candidates"], "exit_layer": findings.exit["layer"]}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -189,8 +181,10 @@ def main(argv: list[str] | None = None) -> None:
         child = in_fresh_process("attnflow.benchmarks.bigtrace", ["--analyse", tmp, "--chunk", str(args.chunk)],
                                  timeout=3600)
         wall = time.perf_counter() - start
-    print(json.dumps({"samples": args.samples, "chunk": args.chunk, **child, "child_wall_seconds": round(wall, 1),
-                      "write_seconds": round(written, 1)}))
+    result = {"samples": args.samples, "chunk": args.chunk, **child, "child_wall_seconds": round(wall, 1),
+              "write_seconds": round(written, 1), "machine": describe()}
+    write_json(Path("benchmarks") / "results" / "bigtrace.json", result)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

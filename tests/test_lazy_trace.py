@@ -17,7 +17,8 @@ from attnflow.analyses.maps import trace_maps
 from attnflow.analyses.redundancy import find_redundancy
 from attnflow.analyses.sinks import find_sinks, head_scores
 from attnflow.analyses.thresholds import Thresholds
-from attnflow.benchmarks.bigtrace import Sizes, analyse, open_trace, synthetic_piece, write_trace
+from attnflow.benchmarks.bigtrace import Sizes, analyse, synthetic_piece, write_trace
+from attnflow.probes.io import load_trace
 from attnflow.probes.record import record
 from attnflow.toys import planted
 
@@ -99,15 +100,15 @@ def test_full_maps_of_a_lazy_trace_are_read_one_sample_at_a_time_and_equal():
 
 
 def test_lazy_synthetic_trace_in_several_files_gives_the_in_memory_findings(tmp_path):
-    files = write_trace(tmp_path, 96, 48, Sizes(layers=6, heads=4, positions=48, hidden=64, side=4))
-    eager = analyses(open_trace(files, 32).load())
+    write_trace(tmp_path, 96, 48, Sizes(layers=6, heads=4, positions=48, hidden=64, side=4))
+    eager = analyses(load_trace(tmp_path))
     sinks = eager["sinks"]
     assert [(t["layer"], t["pos"]) for t in sinks["tokens"]] == [(2, 0), (3, 0), (4, 0), (5, 0), (5, 1)]
     assert sinks["dims"] == [7] and {(m["pos"], m["dim"]) for m in sinks["massive"]} == {(0, 7), (5, 7)}
     assert [(v["layer"], v["pos"], v["by"]) for v in sinks["visual"]] == (
         [(layer, 5, ["phi"]) for layer in range(1, 5)] + [(5, 1, ["attention"]), (5, 5, ["phi"])])
     assert sorted(eager["redundancy"]["candidates"]) == [2, 4] and eager["exit"]["layer"] == 3
-    assert_same(analyses(open_trace(files, 32)), eager)
+    assert_same(analyses(load_trace(tmp_path, chunks=32)), eager)
     summary = analyse(tmp_path, 32)  # what the benchmark's child reports
     assert summary["found"]["candidates"] == eager["redundancy"]["candidates"] and summary["peak_rss_bytes"] > 0
 
