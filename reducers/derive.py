@@ -447,16 +447,22 @@ def _greedy(search: _Search, start: Candidate, first_prune: int, num_layers: int
     return cand
 
 
+MIN_DROP = 0.02  # a prune stage that would drop less than this share of the visual tokens is dropped itself
+
+
 def _relax(cand: Candidate, num_layers: int) -> Candidate | None:
-    """The next more conservative candidate: drop the last skip, raise the last stage's keep
-    (dropping the stage at 1 or above the previous one), move the exit later."""
+    """The next more conservative candidate: drop the last skip; else let the last prune stage drop
+    a third fewer tokens than it does (of what the previous stage, or the input, keeps), removing
+    the stage once it would drop under MIN_DROP (small steps near the budget's edge, where a
+    large validation set certifies only what is just inside it); else move the exit later."""
     if cand.skips:
         return replace(cand, skips=cand.skips[:-1])
     if cand.prunes:
         layer, keep, by = cand.prunes[-1]
         ceiling = cand.prunes[-2][1] if len(cand.prunes) > 1 else 1.0
+        raised = ceiling - (ceiling - keep) / 1.5
         rest = cand.prunes[:-1]
-        return replace(cand, prunes=rest + (((layer, keep * 1.5, by),) if keep * 1.5 < ceiling else ()))
+        return replace(cand, prunes=rest + (((layer, raised, by),) if ceiling - raised >= MIN_DROP else ()))
     if cand.exit is not None:
         return replace(cand, exit=cand.exit + 1 if cand.exit + 1 < num_layers else None)
     return None

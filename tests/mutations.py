@@ -25,6 +25,11 @@ MUTATIONS = [
      ["tests/test_record.py", "-x", "-k", "summary_matches"]),
     ("probes/adapters.py", "causal=False, text_config=None, leading_cls=True", "causal=False, text_config=None",
      ["tests/test_record.py", "tests/test_trace_io.py", "-x", "-k", "bert"]),
+    ("attnflow/parallel.py", "range(self.rank * n // self.size,", "range(self.rank * n // self.size - 1,",
+     ["tests/test_parallel.py", "-k", "shares"]),
+    ("analyses/knockout.py", "kl, rel, correct, base_correct = (parallel.fill(a)", "_ = (parallel.fill(a)",
+     ["tests/test_parallel.py", "-x", "-k", "analyse_derive"]),
+    ("reducers/plan.py", "self.leaving.add(layer + 1)", "pass", ["tests/test_reducers_dynamic.py", "-x"]),
 ]
 
 

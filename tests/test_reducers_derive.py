@@ -115,7 +115,10 @@ def test_verdict_is_self_consistent():
     assert empty.accuracy_delta == 0.0
     assert [r.name for r in verdict.rows] == ["schedule", "fastv", "pdrop", "dart", "divprune", "visionzip",
                                               "fastv_equal_flops", "dart_equal_flops", "divprune_equal_flops",
-                                              "random_equal_flops", "pool_equal_flops", "visionzip_equal_flops"]
+                                              "random_equal_flops", "pool_equal_flops", "visionzip_equal_flops",
+                                              "dynamic_exit_equal_flops"]
+    dynamic = verdict.row("dynamic_exit_equal_flops")  # nothing to match at FLOPs 1: no prompt exits
+    assert dynamic.flops_ratio == 1.0 and dynamic.steps[0]["op"] == "visual_exit_dynamic" and dynamic.kl == 0.0
     ids = [processor(text=e.prompt, images=e.images, return_tensors="pt")["input_ids"][0] for e in examples]
     layouts = [(len(i), int((i == model.config.image_token_id).sum())) for i in ids]
     assert verdict.row("fastv").flops_ratio == pytest.approx(fastv_flops_by_hand(model.config.text_config, layouts))
@@ -129,9 +132,10 @@ def test_verdict_is_self_consistent():
 
 
 def test_back_off_order():
-    """Drop the last skip, then raise the last prune stage's keep until it would pass the
-    previous stage (or 1) and drop it, then move the exit later until there is none."""
-    from attnflow.reducers.derive import Candidate, _relax
+    """Drop the last skip, then let the last prune stage drop a third fewer tokens (of what the
+    previous stage keeps) until it would drop under MIN_DROP and remove it, then the same for the
+    stage before, then move the exit later until there is none."""
+    from attnflow.reducers.derive import MIN_DROP, Candidate, _relax
 
     cand = Candidate(exit=4, prunes=((1, 0.5, "last_row"), (2, 0.3, "last_row")), skips=((3, "all"),))
     seen = []
@@ -139,10 +143,16 @@ def test_back_off_order():
         seen.append(cand.steps())
         cand = _relax(cand, num_layers=6)
     keeps = [[(s["layer"], s["keep"]) for s in steps if s["op"] == "prune_visual"] for steps in seen]
-    assert keeps[:5] == [[(1, 0.5), (2, 0.3)], [(1, 0.5), (2, 0.3)], [(1, 0.5), (2, 0.45)], [(1, 0.5)], [(1, 0.75)]]
     assert [s["op"] for s in seen[0]] == ["prune_visual", "prune_visual", "visual_exit", "skip_layers"]
-    assert "skip_layers" not in [s["op"] for s in seen[1]]
-    exits = [next((s["layer"] for s in steps if s["op"] == "visual_exit"), None) for steps in seen[5:]]
+    assert "skip_layers" not in [s["op"] for s in seen[1]] and keeps[1] == keeps[0]
+    second = [k[1][1] for k in keeps if len(k) == 2][1:]  # stage 2 backing off towards stage 1's 0.5
+    gaps = [0.5 - k for k in second]
+    assert gaps[0] == pytest.approx(0.2) and all(b == pytest.approx(a / 1.5, abs=1e-4) for a, b in zip(gaps, gaps[1:]))
+    assert gaps[-1] >= MIN_DROP > gaps[-1] / 1.5  # then the stage goes
+    first = [k[0][1] for k in keeps if len(k) == 1]
+    assert first[0] == 0.5 and 1 - first[-1] >= MIN_DROP > (1 - first[-1]) / 1.5
+    exits = [next((s["layer"] for s in steps if s["op"] == "visual_exit"), None) for steps in seen if not
+             any(s["op"] == "prune_visual" for s in steps)]
     assert exits == [4, 5, None]
     for steps in seen:
         Schedule(model={"model_type": "llava", "fingerprint": "sha256:x", "num_layers": 6}, steps=steps)
