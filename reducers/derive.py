@@ -374,10 +374,14 @@ def keep_share(search: _Search, layer: int, coverage: float) -> tuple[float, str
                    f"of the last position's visual attention at layer {layer - 1}")
 
 
+MIN_DROP = 0.02  # a prune stage that would drop less than this share of the visual tokens is dropped itself
+
+
 def _smallest_keep(search: _Search, cand: Candidate, layer: int, keep: float, by: str = "last_row") -> Candidate | None:
     """``cand`` plus a prune stage at ``layer`` with the smallest keep within budget: from
-    ``keep``, shrinking x2/3 while within budget, or growing x1.5 until it is (up to the
-    previous stage's keep, or 1); None when none fits."""
+    ``keep``, shrinking x2/3 while within budget, or else dropping a third fewer tokens at a time
+    until it is (as ``_relax``: up to the previous stage's keep, or 1, less MIN_DROP); None when
+    none fits."""
     ceiling = cand.prunes[-1][1] if cand.prunes else 1.0
 
     def at(k: float) -> Candidate:
@@ -387,7 +391,7 @@ def _smallest_keep(search: _Search, cand: Candidate, layer: int, keep: float, by
         while keep > 0.01 and search.ok(at(keep * 2 / 3)):
             keep *= 2 / 3
         return at(keep)
-    while (keep := keep * 1.5) < ceiling:
+    while ceiling - (keep := ceiling - (ceiling - keep) / 1.5) >= MIN_DROP:
         if search.ok(at(keep)):
             return at(keep)
     return None
@@ -425,11 +429,13 @@ def _greedy(search: _Search, start: Candidate, first_prune: int, num_layers: int
         search.reasons.append(why)
         first.append(_smallest_keep(search, cand, layer, keep))
     best = _cheapest(search, [c for c in first if c is not None], "prune_visual (first stage, last-row attention)")
-    if best is not None:  # the other scores, at that layer and before the LLM where they need no attention
-        layer, keep, _ = best.prunes[0]
-        others = [_smallest_keep(search, cand, at, keep, by) for by in available_scores(search.model)
-                  if by != "last_row" for at in sorted({0} if by == "cls" else {layer, 0 if by in INPUT_SCORES else 1})]
-        cand = _cheapest(search, [best, *(c for c in others if c is not None)], "prune_visual (first stage, every score)")
+    # the other scores, at that layer (the evidence layer when last-row attention found none, from half
+    # the tokens) and before the LLM where they need no attention: attention may be a poor score there
+    layer, keep = best.prunes[0][:2] if best is not None else (max(1, min(first_prune, limit - 1)), 0.5)
+    others = [_smallest_keep(search, cand, at, keep, by) for by in available_scores(search.model)
+              if by != "last_row" for at in sorted({0} if by == "cls" else {layer, 0 if by in INPUT_SCORES else 1})]
+    cand = _cheapest(search, [*([best] if best else []), *(c for c in others if c is not None)],
+                     "prune_visual (first stage, every score)") or cand
     if cand.prunes:
         layer, keep, by = cand.prunes[0]
         second = [_smallest_keep(search, cand, later, keep * 2 / 3, by) for later in range(layer + 1, limit)]
@@ -445,9 +451,6 @@ def _greedy(search: _Search, start: Candidate, first_prune: int, num_layers: int
                                       "within budget")
                 break
     return cand
-
-
-MIN_DROP = 0.02  # a prune stage that would drop less than this share of the visual tokens is dropped itself
 
 
 def _relax(cand: Candidate, num_layers: int) -> Candidate | None:
