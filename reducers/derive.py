@@ -476,7 +476,7 @@ def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
            validation: Any = None) -> Schedule:
     """A schedule for ``model`` from ``findings`` (a Findings, its dict or a JSON path), searched on
     part of ``inputs`` and accepted only when the one-sided confidence bounds of its losses on the
-    other part (``settings.validation_share`` of them, interleaved; or the ``validation`` prompts
+    other part (``settings.validation_share`` of them, drawn per question type; or the ``validation`` prompts
     when given) lie within ``budget``: a search fits its prompts, so its own measurement flatters
     it. ``derived_from`` says why each step was chosen and what was measured on each part;
     ``predicted`` holds its cost-model figures."""

@@ -1,4 +1,4 @@
-"""Accepting a schedule on prompts it was not searched on: interleaved splits and one-sided
+"""Accepting a schedule on prompts it was not searched on: stratified random splits and one-sided
 95% confidence bounds on its fidelity loss.
 
 A schedule searched on some prompts looks better on them than on others (the search picks what
@@ -31,15 +31,25 @@ BOOTSTRAP_RESAMPLES = 2000
 T = TypeVar("T")
 
 
-def split(items: Sequence[T], share: float) -> tuple[list[T], list[T]]:
-    """(rest, held): every item whose index falls in the ``share`` of a fixed interleaving goes to
-    ``held``, so both parts span the whole input file (its question types included); ``share=0``
-    holds nothing out."""
+def split(items: Sequence[T], share: float, seed: int = 0) -> tuple[list[T], list[T]]:
+    """(rest, held): ``int(len(items) * share)`` items held out, drawn at random (``seed``) within
+    each question type (an item's ``qtype``, when it has one) in proportion to the type's size, so
+    both parts hold every type whatever the file's order; both keep the input order. A draw, not
+    an interleaving: a file that cycles through its question types would hand an interleaving's
+    parts different types (the scene sets cycle through eight). ``share=0`` holds nothing out."""
     if not 0 <= share < 1:
         raise ValueError(f"the held-out share must be in [0, 1), not {share}")
-    if share == 0 or len(items) < 2:
+    k = int(len(items) * share)
+    if k == 0:
         return list(items), []
-    held = {i for i in range(len(items)) if int((i + 1) * share) > int(i * share)}
+    rng = np.random.default_rng(seed)
+    groups: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(str(getattr(item, "qtype", None) or ""), []).append(i)
+    place = np.empty(len(items))  # each item's random place within its type, as a quantile
+    for members in groups.values():
+        place[members] = (rng.permutation(len(members)) + rng.random(len(members))) / len(members)
+    held = set(np.argsort(place, kind="stable")[:k].tolist())
     return [e for i, e in enumerate(items) if i not in held], [e for i, e in enumerate(items) if i in held]
 
 

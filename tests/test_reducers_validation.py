@@ -3,12 +3,14 @@ and a derivation whose search prompts accept what its validation prompts reject.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
 
 from attnflow.models import default_inputs, load_model
-from attnflow.probes.inputs import load_examples
+from attnflow.probes.inputs import Example, load_examples
 from attnflow.reducers import ScheduleError
 from attnflow.reducers.derive import Budget, Losses, derive
 from attnflow.reducers.validation import bootstrap_mean_upper, min_prompts, split, wilson_lower, wilson_upper
@@ -16,14 +18,25 @@ from tests.claims import findings_claiming
 
 
 @pytest.mark.parametrize("n, share", [(300, 0.5), (7, 0.5), (10, 0.3), (5, 0.0)])
-def test_the_split_is_disjoint_whole_and_spread(n, share):
+def test_the_split_is_disjoint_whole_and_seeded(n, share):
     rest, held = split(list(range(n)), share)
     assert sorted(rest + held) == list(range(n)) and not set(rest) & set(held)
-    assert len(held) == int(n * share)
-    if held:  # spread over the whole file: both parts reach its end
-        assert max(held) >= n - 1 / share - 1 and max(rest) >= n - 2
+    assert len(held) == int(n * share) and rest == sorted(rest) and held == sorted(held)
+    assert split(list(range(n)), share) == (rest, held)
     with pytest.raises(ValueError, match="held-out share"):
         split([1, 2], 1.0)
+
+
+def test_the_split_gives_every_part_every_question_type():
+    """A file that cycles through 8 types (as the scene sets do): an interleaving would give the
+    halves disjoint types; the draw gives each part its share of every type."""
+    items = [Example(f"q{i}", answer="a", qtype=f"type{i % 8}") for i in range(400)]
+    rest, held = split(items, 0.5)
+    search, validation = split(rest, 0.5)
+    for part, size in ((held, 25), (search, 12), (validation, 12)):
+        counts = Counter(e.qtype for e in part)
+        assert len(counts) == 8 and all(abs(c - size) <= 1 for c in counts.values()), counts
+    assert split(items, 0.5, seed=1) != (rest, held)
 
 
 def test_wilson_bounds_by_hand():
