@@ -12,6 +12,7 @@ the identity, so nothing changes.
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -61,9 +62,16 @@ def world() -> World:
 
 
 def _joined() -> None:
-    """Join the launcher's process group on first use: gloo, with nccl beside it for CUDA tensors."""
+    """Join the launcher's process group on first use: gloo, with nccl beside it for CUDA tensors;
+    left at exit (a gloo group still alive when the interpreter ends can abort the process)."""
     if not dist.is_initialized():
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(_leave)
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank_device(device: str) -> str:
