@@ -29,7 +29,7 @@ import xarray as xr
 
 from attnflow.analyses import analyze
 from attnflow.benchmarks.machine import describe
-from attnflow.benchmarks.memory import _status_kib, in_fresh_process
+from attnflow.benchmarks.memory import status_kib, in_fresh_process
 from attnflow.fileio import write_json
 from attnflow.probes.io import load_trace, shard_name
 from attnflow.probes.schema import FIELDS, GROUPS, NO_PATCH, SCHEMA_VERSION, as_field
@@ -149,13 +149,13 @@ def write_trace(folder: Path, samples: int, piece: int, sizes: Sizes = Sizes()) 
 def analyse(folder: Path, chunk: int) -> dict[str, Any]:
     """``attnflow analyze FOLDER --chunks CHUNK`` without a model, in this process (call it in a
     fresh one): the trace is read lazily, ``chunk`` samples at a time."""
-    before = _status_kib("VmRSS") * 1024
+    before = status_kib("VmRSS") * 1024
     start = time.perf_counter()
     findings = analyze(folder, chunks=chunk)
     seconds = round(time.perf_counter() - start, 2)
     sinks, trace = findings.sinks, load_trace(folder, chunks=chunk)
     # VmHWM, not ru_maxrss: a forked child's ru_maxrss starts from its parent's resident set, the writer's
-    return {"trace_bytes": int(trace.nbytes), "peak_rss_bytes": _status_kib("VmHWM") * 1024,
+    return {"trace_bytes": int(trace.nbytes), "peak_rss_bytes": status_kib("VmHWM") * 1024,
             "rss_before_analyses_bytes": before, "seconds": seconds, "costs": findings.costs,
             "found": {"sinks": [(t["layer"], t["pos"]) for t in sinks["tokens"]], "dims": sinks["dims"],
                       "massive": sorted({m["pos"] for m in sinks["massive"]}),

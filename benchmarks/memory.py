@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
+    """A /proc/self/status memory field (VmRSS, VmHWM...) of this process, in KiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
@@ -58,10 +59,10 @@ def rss_peak_growth(fn: Callable[[], Any]) -> int:
     fn()
     gc.collect()
     _trim()
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     _CLEAR_REFS.write_text("5")
     fn()
-    return (_status_kib("VmHWM") - before) * 1024
+    return (status_kib("VmHWM") - before) * 1024
 
 
 def cuda_peak_growth(fn: Callable[[], Any]) -> int:

@@ -189,14 +189,12 @@ def record(
         tokens = [tok.convert_ids_to_tokens(row) for row in ids.tolist()]
         chunks.append(_batch_dataset(per_layer, spans, ids.numpy(), real.numpy(), tokens, full_layers))
     length = max(parallel.gather(max(int(c["length"].max()) for c in chunks)))  # shards share one pos axis
-    trace = _dataset(chunks, [examples[i] for i in samples], model, dims, level, full_layers, model_path, inputs,
-                     length)
-    return trace.assign_coords(sample=np.asarray(samples),
-                               rank=("sample", np.full(len(samples), world.rank, dtype=np.int64))
-                               ).assign_attrs(world_size=world.size)
+    return _dataset(chunks, [examples[i] for i in samples], model, dims, level, full_layers, model_path, inputs,
+                    length, samples, world)
 
 
-def _dataset(chunks, examples, model, dims, level, full_layers, model_path, inputs, T) -> xr.Dataset:
+def _dataset(chunks, examples, model, dims, level, full_layers, model_path, inputs, T, samples: range,
+             world: parallel.World) -> xr.Dataset:
     per_sample = {"answer": [ex.answer or "" for ex in examples], "qtype": [ex.qtype or "" for ex in examples],
                   "prompt": [ex.prompt for ex in examples]}
     data_vars, coords = {}, {}
@@ -208,7 +206,8 @@ def _dataset(chunks, examples, model, dims, level, full_layers, model_path, inpu
         else:
             continue  # an optional field this level does not record
         (coords if f.coord else data_vars)[name] = schema.as_field(name, values)
-    coords.update({"sample": np.arange(len(examples)), "layer": np.arange(dims["num_layers"]),
+    coords["rank"] = ("sample", np.full(len(samples), world.rank, dtype=np.int64))
+    coords.update({"sample": np.asarray(samples), "layer": np.arange(dims["num_layers"]),
                    "head": np.arange(dims["num_heads"]), "pos": np.arange(T), "src": list(GROUPS),
                    "dst": list(GROUPS), "depth": np.arange(dims["num_layers"] + 1)})
     coords["has_attention"] = schema.as_field("has_attention", np.array(adapters.attention_layers(model)))
@@ -230,5 +229,6 @@ def _dataset(chunks, examples, model, dims, level, full_layers, model_path, inpu
         "layers_full": json.dumps(full_layers),
         "inputs_path": str(inputs) if isinstance(inputs, (str, Path)) else "",
         "inputs_sha256": file_sha256(inputs) if isinstance(inputs, (str, Path)) else "",
+        "world_size": world.size,
     }
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
