@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from attnflow import timing
+from attnflow.probes import fused
 from attnflow.probes.inputs import Example
 from attnflow.probes.record import record
 from attnflow.benchmarks import memory, shapes
@@ -30,6 +31,7 @@ METHODS: dict[str, str] = {
     "plain_sdpa": "plain forward (SDPA)",
     "processor": "processor only (encode the prompt)",
     "summary_sdpa": "attnflow summary, SDPA (attention recomputed from q, k)",
+    "summary_sdpa_chunked": "attnflow summary, SDPA, chunked torch path (fused=False; the path before the kernels)",
     "summary_eager": "attnflow summary, eager model (attention weights read)",
     "hf_output_attentions": "HF output_attentions=True (eager)",
     "transformerlens": "TransformerLens run_with_cache (TransformerBridge; patterns + resid_post)",
@@ -83,6 +85,8 @@ def methods(model: nn.Module, processor: Any, example: Example, names: list[str]
         "plain_sdpa": _under(model, "sdpa", lambda: model(**batch)),
         "processor": lambda: shapes.encode(processor, example, device),
         "summary_sdpa": _under(model, "sdpa", lambda: record(model, [example], processor=processor, progress=False)),
+        "summary_sdpa_chunked": _under(model, "sdpa", lambda: record(model, [example], processor=processor,
+                                                                     fused=False, progress=False)),
         "summary_eager": _under(model, "eager", lambda: record(model, [example], processor=processor, progress=False)),
         "hf_output_attentions": _under(model, "eager", lambda: model(**batch, output_attentions=True)),
     }
@@ -126,10 +130,12 @@ def _peaks_cuda(fns: dict[str, Callable[[], Any]]) -> dict[str, int | None]:
     return peaks
 
 
-def available() -> list[str]:
-    """Every method whose library is installed (TransformerLens is an optional extra)."""
+def available(device: str = "cpu") -> list[str]:
+    """Every method whose library is installed (TransformerLens is an optional extra); the chunked
+    torch path as a row of its own only where the fused kernels would replace it."""
     from importlib.util import find_spec
-    return [m for m in METHODS if m != "transformerlens" or find_spec("transformer_lens") is not None]
+    return [m for m in METHODS if (m != "transformerlens" or find_spec("transformer_lens") is not None)
+            and (m != "summary_sdpa_chunked" or fused.available(torch.device(device)))]
 
 
 def run(tokens: int, *, repeats: int = 5, warmup: int = 1, shape: shapes.Shape = shapes.CPU_SHAPE,
@@ -137,7 +143,7 @@ def run(tokens: int, *, repeats: int = 5, warmup: int = 1, shape: shapes.Shape =
         threads: int = 1) -> dict[str, Any]:
     """Time (and peak memory of) every available method at ``tokens`` tokens; one JSON-ready dict."""
     model, processor, example = shapes.build(shape, tokens, device=device, dtype=dtype)
-    names, left_out = available(), {}
+    names, left_out = available(device), {}
     if device != "cpu":  # HF keeps every layer's n x n weights: leave it out where they cannot fit
         need = shape.layers * shape.heads * tokens ** 2 * torch.finfo(dtype).bits // 8
         if need > torch.cuda.mem_get_info()[0] * 0.8:

@@ -44,8 +44,9 @@ def run_model(model: nn.Module, batch: dict[str, torch.Tensor], *, pad_token_id:
     """Measured prefill and decode speedups of each configuration next to its predicted ratios."""
     configs = _configs(schedule, model)
     timed = speed(model, configs, batch, new_tokens=new_tokens, repeats=repeats, pad=pad_token_id)
-    ids, am = batch["input_ids"][0], batch["attention_mask"][0].bool()
-    layout = [(int(am.sum()), int(((ids == adapters.image_token_id(model)) & am).sum()))]
+    image = adapters.image_token_id(model)
+    layout = [(int(am.sum()), int(((ids == image) & am).sum()))
+              for ids, am in zip(batch["input_ids"], batch["attention_mask"].bool())]
     shape = Shape.of(model)
     rows: dict[str, Any] = {}
     for name, s in configs.items():
@@ -72,12 +73,16 @@ def run_model(model: nn.Module, batch: dict[str, torch.Tensor], *, pad_token_id:
 
 
 def run_llava_shaped(*, tokens: int = 600, shape: shapes.Shape = shapes.CPU_SHAPE, device: str = "cpu",
-                     dtype: torch.dtype = torch.float32, repeats: int = 5, new_tokens: int = 8) -> dict[str, Any]:
-    """The reducer benchmark on a LLaVA-shaped random model (576 visual tokens at 600 tokens)."""
+                     dtype: torch.dtype = torch.float32, repeats: int = 5, new_tokens: int = 8,
+                     batch_size: int = 1) -> dict[str, Any]:
+    """The reducer benchmark on a LLaVA-shaped random model (576 visual tokens at 600 tokens), the
+    prompt repeated ``batch_size`` times in one batch."""
     model, processor, example = shapes.build(shape, tokens, device=device, dtype=dtype)
-    out = run_model(model, shapes.encode(processor, example, device), pad_token_id=processor.tokenizer.pad_token_id,
-                    repeats=repeats, new_tokens=new_tokens, device=device)
-    return {"model": shape.name, "device": gpu_name() if device != "cpu" else "cpu", **out}
+    batch = {k: v.repeat(batch_size, *[1] * (v.dim() - 1)) for k, v in shapes.encode(processor, example, device).items()}
+    out = run_model(model, batch, pad_token_id=processor.tokenizer.pad_token_id, repeats=repeats,
+                    new_tokens=new_tokens, device=device)
+    label = shape.name if batch_size == 1 else f"{shape.name}, batch {batch_size}"
+    return {"model": label, "batch_size": batch_size, "device": gpu_name() if device != "cpu" else "cpu", **out}
 
 
 def run_toy_vlm(*, repeats: int = 5, new_tokens: int = 8, schedule_path: Path | None = None) -> dict[str, Any]:

@@ -47,6 +47,7 @@ class Plan:
 FULL = Plan(shapes.CPU_SHAPE, ((600, 5, 1), (2400, 3, 1)), 600, 5, 1000, 50)
 SMOKE = Plan(shapes.SMOKE_SHAPE, ((40, 1, 0),), 40, 1, 4, 2, memory=False)
 GPU_TOKENS = (600, 2400, 4096, 8192)
+GPU_BATCHES = (1, 16)  # reducer rows: one prompt (launch-bound on a GPU) and a batch that fills it
 
 
 def _toy_vlm() -> dict[str, Any] | None:
@@ -73,7 +74,7 @@ def _gpu(plan: Plan) -> tuple[list[dict], list[dict], str]:
     rows = [probe.run(t, repeats=r, warmup=w, shape=shape, device="cuda", dtype=torch.bfloat16,
                       measure_memory=plan.memory) for t, r, w in runs]
     red = [reducers.run_llava_shaped(tokens=plan.reducer_tokens, shape=shape, device="cuda", dtype=torch.bfloat16,
-                                     repeats=plan.reducer_repeats)]
+                                     repeats=plan.reducer_repeats, batch_size=b) for b in GPU_BATCHES]
     return rows, red, f"Rows marked {gpu_name()}: {shape.name}-shaped random decoder in bf16."
 
 

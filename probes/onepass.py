@@ -7,7 +7,8 @@ it computes the probabilities once, reduces them and multiplies them into v (mem
 The layer's attention output is then that product (float32, cast to the model's dtype), and the
 call's second output, where eager attention returns its weights, is the dict of statistics the
 recorder reads through nnsight. Other modules' calls (a vision tower's, a decode step's) go to
-SDPA unchanged.
+SDPA unchanged. On a GPU with Triton the statistics come from attnflow.probes.fused instead, which
+leaves the output to the model's own SDPA call (faster there than one fp32 pass over the probabilities).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Pass:
     full_layers: set[int] = field(default_factory=set)
     chunk: int = 64
     rank_max_tokens: int = 256
+    fused: bool = True  # the Triton kernels where they serve (attnflow.probes.fused)
 
 
 def _route(state: Pass, sdpa: Any, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -43,7 +45,9 @@ def _route(state: Pass, sdpa: Any, module: nn.Module, query: torch.Tensor, key: 
         return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     stats = attention_stats(state.layout, q=query, k=key, v=value, mask=attention_mask, scaling=scaling,
                             softcap=kwargs.get("softcap"), chunk=state.chunk, keep_full=layer in state.full_layers,
-                            rank_max_tokens=state.rank_max_tokens)
+                            rank_max_tokens=state.rank_max_tokens, fused=state.fused)
+    if "output" not in stats:  # the fused kernels computed statistics only: the model's SDPA gives the output
+        return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)[0], stats
     output = stats.pop("output").to(query.dtype).transpose(1, 2).contiguous()  # [B, T, H, d], as SDPA returns it
     return output, stats
 

@@ -42,7 +42,7 @@ def _n_answer(processor: Any, examples: list[Example], with_answer: bool) -> lis
 
 
 def _trace_batch(nm: nnsight.NNsight, model: nn.Module, batch: dict, layout: Layout, *,
-                 level: str, full_layers: set[int], chunk: int, rank_max_tokens: int) -> list[dict]:
+                 level: str, full_layers: set[int], chunk: int, rank_max_tokens: int, fused: bool) -> list[dict]:
     """One nnsight trace of one batch; returns per-layer dicts of reduced tensors."""
     adapter = adapters.adapter_for(model)
     eager = adapters.attn_implementation(model) == "eager"
@@ -50,7 +50,7 @@ def _trace_batch(nm: nnsight.NNsight, model: nn.Module, batch: dict, layout: Lay
     attention = adapters.attention_modules(model)
     heads = adapters.dims(model)["num_heads"]
     modules = {m: i for i, m in enumerate(attention) if m is not None}
-    state = onepass.Pass(layout, modules, full_layers, chunk, rank_max_tokens)
+    state = onepass.Pass(layout, modules, full_layers, chunk, rank_max_tokens, fused)
     results: list[dict] = []
     with torch.no_grad(), onepass.one_pass(state), nm.trace(**batch):
         for i, layer in enumerate(envoys):
@@ -71,7 +71,22 @@ def _trace_batch(nm: nnsight.NNsight, model: nn.Module, batch: dict, layout: Lay
             stats["resid_in_last"] = h_in[rows, layout.last].float()
             stats["resid_out_last"] = h_out[rows, layout.last].float()
             results.append(nnsight.save({k_: v.detach() for k_, v in stats.items()}))
-    return [{k_: v.cpu() for k_, v in r.items()} for r in results]
+    # one device-to-host copy per field, not per field and layer (each copy waits for the device)
+    common = set.intersection(*(set(r) for r in results))  # "attn" only where a full map was kept
+    host = _to_host({name: torch.stack([r[name] for r in results]) for name in common})
+    return [{**{name: values[i] for name, values in host.items()}, **{name: r[name].cpu() for name in set(r) - common}}
+            for i, r in enumerate(results)]
+
+
+def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors on the CPU; from a GPU into pinned memory without waiting per tensor (a
+    pageable copy is synchronous and moves a few GB/s), then one wait for them all."""
+    if not tensors or next(iter(tensors.values())).device.type != "cuda":
+        return {name: t.cpu() for name, t in tensors.items()}
+    host = {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+            for name, t in tensors.items()}
+    torch.cuda.current_stream().synchronize()
+    return host
 
 
 def _left_align(x: np.ndarray, real: np.ndarray, T: int, fill: Any) -> np.ndarray:
@@ -132,6 +147,7 @@ def record(
     with_answer: bool = False,
     chunk: int = 64,
     rank_max_tokens: int = 256,
+    fused: bool = True,
     progress: bool = True,
     model_path: str = "",
 ) -> xr.Dataset:
@@ -143,6 +159,8 @@ def record(
     (recomputes attention rows from q and k in chunks of ``chunk`` queries). Layers without
     softmax attention (a hybrid model's linear attention) get the hidden-state statistics only:
     their attention fields are NaN, and the ``has_attention`` coordinate says which they are.
+    On a GPU with Triton, ``fused`` computes the SDPA statistics with attnflow.probes.fused's
+    kernels (no probabilities written; ``False``: the chunked torch path everywhere).
     """
     if level not in ("summary", "full"):
         raise ValueError(f"level must be 'summary' or 'full', not {level!r}")
@@ -185,7 +203,7 @@ def record(
                         n_groups=len(GROUPS), causal=adapter.causal, all_valid=bool(real.all()))
         per_layer = _trace_batch(nm, model, {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()},
                                  layout, level=level, full_layers=set(full_layers), chunk=chunk,
-                                 rank_max_tokens=rank_max_tokens)
+                                 rank_max_tokens=rank_max_tokens, fused=fused)
         tokens = [tok.convert_ids_to_tokens(row) for row in ids.tolist()]
         chunks.append(_batch_dataset(per_layer, spans, ids.numpy(), real.numpy(), tokens, full_layers))
     length = max(parallel.gather(max(int(c["length"].max()) for c in chunks)))  # shards share one pos axis

@@ -16,6 +16,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from attnflow.probes import fused as fusedk
+
 
 @dataclass
 class Layout:
@@ -28,7 +30,7 @@ class Layout:
     causal: bool
     all_valid: bool = False  # no padding in the batch (known on the host: no device sync per layer)
     # per attention mask of this batch (layers share their mask objects): visibility and key ends
-    masks: dict[Any, tuple[torch.Tensor, list[int]]] = field(default_factory=dict, repr=False)
+    masks: dict[Any, Visible] = field(default_factory=dict, repr=False)
 
 
 def visibility(mask: torch.Tensor | None, layout: Layout, rows: slice, T: int) -> torch.Tensor:
@@ -51,10 +53,22 @@ def _chunks(T: int, size: int) -> Iterator[slice]:
         yield slice(start, min(T, start + size))
 
 
-def _visible(mask: torch.Tensor | None, layout: Layout, T: int, chunk: int) -> tuple[torch.Tensor, list[int]]:
-    """Bool [B, 1|H, T, T] visibility, and per query chunk one past the last key any of its queries
-    may see (causal chunks skip the future). Computed once per mask of a batch (the layers share
-    their mask objects), so a GPU syncs once, not once per chunk and layer."""
+MASK_ROWS = 1024  # query rows per step of the per-mask sums (few steps: a GPU launches few kernels)
+
+
+@dataclass
+class Visible:
+    """What a layer's mask means for the reductions, computed once per mask of a batch (the
+    layers share their mask objects), so a GPU syncs once, not once per chunk and layer."""
+
+    vis: torch.Tensor  # bool [B, 1|H, T, T]: may query q attend to key k
+    ends: list[int]  # per query chunk, one past the last key any of its queries may see
+    n_seen: torch.Tensor  # [B, T] real queries that see each key
+    uniform: torch.Tensor  # [B, T] the mean of 1/(keys seen) over the queries that see each key
+    plain: bool  # the mask is exactly causal (or bidirectional) attention over real tokens
+
+
+def _visible(mask: torch.Tensor | None, layout: Layout, T: int, chunk: int) -> Visible:
     key = (id(mask), T, chunk)
     if key not in layout.masks:
         vis = visibility(mask, layout, slice(0, T), T)
@@ -65,7 +79,14 @@ def _visible(mask: torch.Tensor | None, layout: Layout, T: int, chunk: int) -> t
             last = torch.where(seen.any(1), T - seen.flip(-1).to(torch.uint8).argmax(1), 0)  # [T]
             ends = torch.nn.functional.pad(last, (0, -T % chunk)).view(-1, chunk).amax(1).tolist()
             ends = [e if e else min(T, i * chunk + chunk) for i, e in enumerate(ends)]
-        layout.masks[key] = (vis, ends)
+        n_seen = torch.zeros(layout.valid.shape, device=vis.device)
+        uniform = torch.zeros(layout.valid.shape, device=vis.device)
+        for rows in _chunks(T, MASK_ROWS):
+            visf = vis[:, 0, rows].float()  # [B, c, T]
+            n_seen += visf.sum(1)
+            uniform += (visf / visf.sum(2, keepdim=True).clamp_min(1)).sum(1)
+        plain = mask is None or bool((vis == visibility(None, layout, slice(0, T), T)).all())
+        layout.masks[key] = Visible(vis, ends, n_seen, uniform / n_seen.clamp_min(1), plain)
     return layout.masks[key]
 
 
@@ -98,6 +119,7 @@ def attention_stats(
     chunk: int = 64,
     keep_full: bool = False,
     rank_max_tokens: int = 256,
+    fused: bool = True,
 ) -> dict[str, torch.Tensor]:
     """received, uniform, n_seen, last_row, flow, arank (and attn if keep_full; output if ``v``).
 
@@ -105,68 +127,91 @@ def attention_stats(
     ``scaling`` (computed per query chunk, memory O(B·H·chunk·T)), and ``v`` [B,Hkv,T,dv] for
     the attention output [B,H,T,dv] (float32) from the same probabilities. Each chunk only visits
     the keys its queries can see (half the work for causal models). ARank costs O(n³) per
-    head, so it is computed only up to ``rank_max_tokens`` tokens (NaN beyond).
+    head, so it is computed only up to ``rank_max_tokens`` tokens (NaN beyond). With ``fused``,
+    where attnflow.probes.fused serves (a GPU with Triton, a plain mask, no softcap, no full
+    maps), the statistics come from its kernels and no output is returned: the caller's own
+    attention computes it.
     """
     ref = weights if weights is not None else q
     B, H, T = ref.shape[0], ref.shape[1], ref.shape[2]
-    if weights is None:
-        kt = k.float().repeat_interleave(H // k.shape[1], dim=1).transpose(-1, -2).contiguous()
-        qs = q.float() * (q.shape[-1] ** -0.5 if scaling is None else scaling)
-    if v is not None:
-        v = v.float().repeat_interleave(H // v.shape[1], dim=1)
-        output = torch.zeros(B, H, T, v.shape[-1], device=ref.device)
-    all_valid = layout.all_valid
-    validf = layout.valid.float()
+    seen = _visible(mask, layout, T, chunk)
     onehot = torch.nn.functional.one_hot(layout.group.clamp(min=0), layout.n_groups).float()
-    onehot = onehot * validf[..., None]  # [B, T, G]
-    recv = torch.zeros(B, H, T, device=ref.device)
-    flow = torch.zeros(B, H, layout.n_groups, layout.n_groups, device=ref.device)
-    last_row = torch.zeros(B, H, T, device=ref.device)
-    n_seen = torch.zeros(B, T, device=ref.device)
-    uniform = torch.zeros(B, T, device=ref.device)
+    onehot = onehot * layout.valid.float()[..., None]  # [B, T, G]
     full = [] if keep_full or T <= rank_max_tokens else None
-    batch = torch.arange(B, device=ref.device)
-    vis_all, ends = _visible(mask, layout, T, chunk)
-    for rows, kend in zip(_chunks(T, chunk), ends):
-        vis = vis_all[..., rows, :kend]
-        visf = vis[:, 0].float()  # [B, c, kend]
-        n_seen[:, :kend] += visf.sum(1)
-        uniform[:, :kend] += (visf / visf.sum(2, keepdim=True).clamp_min(1)).sum(1)
-        if weights is not None:
-            a = weights[:, :, rows, :kend].float().masked_fill(~vis, 0.0)
-        else:
-            a = _attention(qs, kt, vis, softcap, rows, kend)
-        if v is not None:
-            output[:, :, rows] = a @ v[:, :, :kend]
-        if full is not None and not all_valid:  # pad queries' rows (not in any group below) zeroed
-            a = a * validf[:, None, rows, None]
-        # [B, H, G, kend]: what each group of real queries pays each key; one read of ``a``
-        by_group = onehot[:, None, rows].transpose(-1, -2) @ a
-        recv[..., :kend] += by_group.sum(2)
-        flow += by_group @ onehot[:, None, :kend]
-        at = layout.last - rows.start  # each sample's last prompt row, if it falls in this chunk
-        hit = (at >= 0) & (at < rows.stop - rows.start)
-        row = a[batch, :, at.clamp(0, rows.stop - rows.start - 1)]  # [B, H, kend]
-        last_row[:, :, :kend] = torch.where(hit[:, None, None], row, last_row[:, :, :kend])
-        if full is not None:
-            full.append(torch.nn.functional.pad(a, (0, T - kend)))
-    uniform = uniform / n_seen.clamp_min(1)
+    scale = None if weights is not None else q.shape[-1] ** -0.5 if scaling is None else scaling
+    output = None
+    if fused and full is None and weights is None and not softcap and seen.plain and fusedk.available(q.device):
+        by_group, last_row = _fused(layout, q, k, scale, seen)
+    else:
+        by_group, last_row, output = _chunked(layout, seen, onehot, weights, q, k, v, scale, softcap, full, chunk)
     n_src = onehot.sum(1)  # [B, G]
     out = {
-        "received": recv / n_seen[:, None].clamp_min(1),
-        "uniform": uniform,
-        "n_seen": n_seen,
+        "received": by_group.sum(2) / seen.n_seen[:, None].clamp_min(1),
+        "uniform": seen.uniform,
+        "n_seen": seen.n_seen,
         "last_row": last_row,
-        "flow": flow / n_src[:, None, :, None].clamp_min(1),
+        "flow": (by_group @ onehot[:, None]) / n_src[:, None, :, None].clamp_min(1),
     }
     out["flow"] = out["flow"].masked_fill(n_src[:, None, :, None] == 0, float("nan"))
     out["arank"] = _arank(torch.cat(full, 2), layout) if full is not None and T <= rank_max_tokens \
         else torch.full((B, H), float("nan"), device=ref.device)
     if keep_full:
         out["attn"] = torch.cat(full, 2)
-    if v is not None:
+    if output is not None:
         out["output"] = output
     return out
+
+
+def _fused(layout: Layout, q: torch.Tensor, k: torch.Tensor, scale: float,
+           seen: Visible) -> tuple[torch.Tensor, torch.Tensor]:
+    """(by_group [B,H,G,T], last_row [B,H,T]) from the Triton kernels: the column sums there, the
+    last prompt row here, normalised by the kernels' log-sum-exp."""
+    gid = torch.where(layout.valid, layout.group, -1)
+    by_group, lse = fusedk.group_columns(q, k, gid, layout.n_groups, scale, layout.causal)
+    batch = torch.arange(q.shape[0], device=q.device)
+    q_last = q[batch, :, layout.last].float()  # [B, H, d]
+    k_all = k.float().repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # [B, H, T, d]
+    scores = torch.einsum("bhd,bhtd->bht", q_last, k_all) * scale - lse[batch, :, layout.last][..., None]
+    row_vis = seen.vis[batch, 0, layout.last]  # [B, T]
+    return by_group, torch.where(row_vis[:, None], scores.exp(), 0.0)
+
+
+def _chunked(layout: Layout, seen: Visible, onehot: torch.Tensor, weights: torch.Tensor | None,
+             q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | None, scale: float | None,
+             softcap: float | None, full: list | None, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(by_group [B,H,G,T], last_row [B,H,T], output or None), one query chunk at a time; appends
+    each chunk's map to ``full`` when that is a list."""
+    ref = weights if weights is not None else q
+    B, H, T = ref.shape[0], ref.shape[1], ref.shape[2]
+    if weights is None:
+        kt = k.float().repeat_interleave(H // k.shape[1], dim=1).transpose(-1, -2).contiguous()
+        qs = q.float() * scale
+    output = None
+    if v is not None:
+        v = v.float().repeat_interleave(H // v.shape[1], dim=1)
+        output = torch.zeros(B, H, T, v.shape[-1], device=ref.device)
+    by_group = torch.zeros(B, H, layout.n_groups, T, device=ref.device)
+    last_row = torch.zeros(B, H, T, device=ref.device)
+    batch = torch.arange(B, device=ref.device)
+    for rows, kend in zip(_chunks(T, chunk), seen.ends):
+        vis = seen.vis[..., rows, :kend]
+        if weights is not None:
+            a = weights[:, :, rows, :kend].float().masked_fill(~vis, 0.0)
+        else:
+            a = _attention(qs, kt, vis, softcap, rows, kend)
+        if v is not None:
+            output[:, :, rows] = a @ v[:, :, :kend]
+        if full is not None and not layout.all_valid:  # pad queries' rows (not in any group below) zeroed
+            a = a * layout.valid.float()[:, None, rows, None]
+        # [B, H, G, kend]: what each group of real queries pays each key; one read of ``a``
+        by_group[..., :kend] += onehot[:, None, rows].transpose(-1, -2) @ a
+        at = layout.last - rows.start  # each sample's last prompt row, if it falls in this chunk
+        hit = (at >= 0) & (at < rows.stop - rows.start)
+        row = a[batch, :, at.clamp(0, rows.stop - rows.start - 1)]  # [B, H, kend]
+        last_row[:, :, :kend] = torch.where(hit[:, None, None], row, last_row[:, :, :kend])
+        if full is not None:
+            full.append(torch.nn.functional.pad(a, (0, T - kend)))
+    return by_group, last_row, output
 
 
 def no_attention_stats(layout: Layout, heads: int, *, keep_full: bool = False) -> dict[str, torch.Tensor]:
@@ -208,14 +253,15 @@ def hidden_stats(h_in: torch.Tensor, h_out: torch.Tensor) -> dict[str, torch.Ten
     """update_cos of each token's residual update; of the output: the top-3 |x| and their
     dims (a token can carry several massive dims), max|x|, its dim, median|x|, rms."""
     x = h_out.float()
-    ax = x.abs()
+    # selections (top-k, median) are exact in the model's dtype: on a GPU, no float32 copy to sort
+    ax = (h_out if h_out.device.type != "cpu" else x).abs()
     top = ax.topk(min(TOPK, ax.shape[-1]), dim=-1)
     return {
         "update_cos": torch.nn.functional.cosine_similarity(h_in.float(), x, dim=-1),
-        "max_abs": top.values[..., 0],
+        "max_abs": top.values[..., 0].float(),
         "argmax_dim": top.indices[..., 0].float(),
-        "topk_abs": top.values.transpose(-1, -2),  # [B, K, T]
+        "topk_abs": top.values.float().transpose(-1, -2),  # [B, K, T]
         "topk_dim": top.indices.float().transpose(-1, -2),
-        "median_abs": _lower_median(ax),
+        "median_abs": _lower_median(ax).float(),
         "rms": x.pow(2).mean(-1).sqrt(),
     }

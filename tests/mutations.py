@@ -21,7 +21,8 @@ MUTATIONS = [
      ["tests/test_reports.py", "-k", "vlm_report"]),
     ("reducers/apply.py", "compat.is_decode_step(kwargs))", "False)", ["tests/test_reducers_apply.py", "-x"]),
     ("attnflow/fileio.py", "_share(Path(tmp), 0o666)", "pass", ["tests/test_fileio.py"]),
-    ("probes/stats.py", '"received": recv / n_seen[:, None].clamp_min(1)', '"received": recv / n_seen[:, None].clamp_min(2)',
+    ("probes/stats.py", '"received": by_group.sum(2) / seen.n_seen[:, None].clamp_min(1)',
+     '"received": by_group.sum(2) / seen.n_seen[:, None].clamp_min(2)',
      ["tests/test_record.py", "-x", "-k", "summary_matches"]),
     ("probes/adapters.py", "causal=False, text_config=None, leading_cls=True", "causal=False, text_config=None",
      ["tests/test_record.py", "tests/test_trace_io.py", "-x", "-k", "bert"]),
@@ -30,6 +31,8 @@ MUTATIONS = [
     ("analyses/knockout.py", "kl, rel, correct, base_correct = (parallel.fill(a)", "_ = (parallel.fill(a)",
      ["tests/test_parallel.py", "-x", "-k", "analyse_derive"]),
     ("reducers/plan.py", "self.leaving.add(layer + 1)", "pass", ["tests/test_reducers_dynamic.py", "-x"]),
+    ("probes/fused.py", "p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)", "p = tl.where(ok, tl.exp(s - lse[:, None] + 1e-4), 0.0)",
+     ["tests/test_fused.py"]),
 ]
 
 
