@@ -68,3 +68,20 @@ def test_the_llava_geometry_runs_end_to_end_in_bfloat16_on_cuda(tmp_path):
     verdict = json.loads((tmp_path / "verdict.json").read_text())
     assert verdict["device"].startswith("cuda")
     assert all(np.isfinite(r["kl"]) for r in verdict["rows"])
+
+
+def test_the_fused_kernels_give_the_torch_path_statistics_on_cuda(monkeypatch):
+    """Triton's compiled kernels (not the interpreter): a padded float32 batch, with and without them."""
+    from attnflow.probes import fused
+
+    calls = []
+    real = fused.group_columns
+    monkeypatch.setattr(fused, "group_columns", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model, processor = load_model("toy-llava", device="cuda", dtype="float32")
+    prompts = tiny.sample_prompts("llava")
+    # rank_max_tokens=0: no ARank maps, so the kernels serve these short prompts too
+    got = record(model, prompts, processor=processor, rank_max_tokens=0, progress=False)
+    assert calls, "the kernels did not run"
+    want = record(model, prompts, processor=processor, rank_max_tokens=0, fused=False, progress=False)
+    for name in STATS + ("uniform", "n_seen"):
+        np.testing.assert_allclose(got[name].values, want[name].values, atol=1e-5, equal_nan=True, err_msg=name)
