@@ -11,6 +11,7 @@ input and output. All outputs are float32 tensors on the model's device.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Iterator
 
 import numpy as np
@@ -31,6 +32,25 @@ class Layout:
     all_valid: bool = False  # no padding in the batch (known on the host: no device sync per layer)
     # per attention mask of this batch (layers share their mask objects): visibility and key ends
     masks: dict[Any, Visible] = field(default_factory=dict, repr=False)
+
+    # made once per batch, not per layer: on a GPU each is a kernel launch the host would repeat
+    @cached_property
+    def onehot(self) -> torch.Tensor:
+        """[B, T, G] float: each real position's group, zero rows for pads."""
+        onehot = torch.nn.functional.one_hot(self.group.clamp(min=0), self.n_groups).float()
+        return onehot * self.valid.float()[..., None]
+
+    @cached_property
+    def per_source(self) -> torch.Tensor:
+        """[B, 1, G, 1]: 1 / (real positions of each source group), NaN for a group with none, so a
+        flow row of an absent group comes out NaN."""
+        n_src = self.onehot.sum(1)
+        return torch.where(n_src > 0, 1 / n_src.clamp_min(1), float("nan"))[:, None, :, None]
+
+    @cached_property
+    def batch(self) -> torch.Tensor:
+        """[B]: 0..B-1, for picking each sample's own row."""
+        return torch.arange(self.valid.shape[0], device=self.valid.device)
 
 
 def visibility(mask: torch.Tensor | None, layout: Layout, rows: slice, T: int) -> torch.Tensor:
@@ -66,6 +86,11 @@ class Visible:
     n_seen: torch.Tensor  # [B, T] real queries that see each key
     uniform: torch.Tensor  # [B, T] the mean of 1/(keys seen) over the queries that see each key
     plain: bool  # the mask is exactly causal (or bidirectional) attention over real tokens
+
+    @cached_property
+    def per_key(self) -> torch.Tensor:
+        """[B, 1, T]: 1 / (real queries that see each key), 1 for a key none sees."""
+        return (1 / self.n_seen.clamp_min(1))[:, None]
 
 
 def _visible(mask: torch.Tensor | None, layout: Layout, T: int, chunk: int) -> Visible:
@@ -135,8 +160,7 @@ def attention_stats(
     ref = weights if weights is not None else q
     B, H, T = ref.shape[0], ref.shape[1], ref.shape[2]
     seen = _visible(mask, layout, T, chunk)
-    onehot = torch.nn.functional.one_hot(layout.group.clamp(min=0), layout.n_groups).float()
-    onehot = onehot * layout.valid.float()[..., None]  # [B, T, G]
+    onehot = layout.onehot
     full = [] if keep_full or T <= rank_max_tokens else None
     scale = None if weights is not None else q.shape[-1] ** -0.5 if scaling is None else scaling
     output = None
@@ -144,15 +168,13 @@ def attention_stats(
         by_group, last_row = _fused(layout, q, k, scale, seen)
     else:
         by_group, last_row, output = _chunked(layout, seen, onehot, weights, q, k, v, scale, softcap, full, chunk)
-    n_src = onehot.sum(1)  # [B, G]
     out = {
-        "received": by_group.sum(2) / seen.n_seen[:, None].clamp_min(1),
+        "received": by_group.sum(2) * seen.per_key,
         "uniform": seen.uniform,
         "n_seen": seen.n_seen,
         "last_row": last_row,
-        "flow": (by_group @ onehot[:, None]) / n_src[:, None, :, None].clamp_min(1),
+        "flow": (by_group @ onehot[:, None]) * layout.per_source,
     }
-    out["flow"] = out["flow"].masked_fill(n_src[:, None, :, None] == 0, float("nan"))
     out["arank"] = _arank(torch.cat(full, 2), layout) if full is not None and T <= rank_max_tokens \
         else torch.full((B, H), float("nan"), device=ref.device)
     if keep_full:
@@ -166,9 +188,9 @@ def _fused(layout: Layout, q: torch.Tensor, k: torch.Tensor, scale: float,
            seen: Visible) -> tuple[torch.Tensor, torch.Tensor]:
     """(by_group [B,H,G,T], last_row [B,H,T]) from the Triton kernels: the column sums there, the
     last prompt row here, normalised by the kernels' log-sum-exp."""
-    gid = torch.where(layout.valid, layout.group, -1)
+    gid = torch.where(layout.valid, layout.group, -1)  # one launch; the kernels want int32 anyway
     by_group, lse = fusedk.group_columns(q, k, gid, layout.n_groups, scale, layout.causal)
-    batch = torch.arange(q.shape[0], device=q.device)
+    batch = layout.batch
     q_last = q[batch, :, layout.last].float()  # [B, H, d]
     k_all = k.float().repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # [B, H, T, d]
     scores = torch.einsum("bhd,bhtd->bht", q_last, k_all) * scale - lse[batch, :, layout.last][..., None]
@@ -192,7 +214,7 @@ def _chunked(layout: Layout, seen: Visible, onehot: torch.Tensor, weights: torch
         output = torch.zeros(B, H, T, v.shape[-1], device=ref.device)
     by_group = torch.zeros(B, H, layout.n_groups, T, device=ref.device)
     last_row = torch.zeros(B, H, T, device=ref.device)
-    batch = torch.arange(B, device=ref.device)
+    batch = layout.batch
     for rows, kend in zip(_chunks(T, chunk), seen.ends):
         vis = seen.vis[..., rows, :kend]
         if weights is not None:
