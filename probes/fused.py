@@ -32,12 +32,22 @@ ROWS = (64, 128, 4, 3)
 COLUMNS = (64, 64, 4, 2)
 
 
+MAX_HEAD_DIM = 256  # a q tile of 64 × 256 still fits a multiprocessor's registers
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def available(device: torch.device) -> bool:
     """Can the kernels run for tensors on ``device``: a CUDA device with Triton installed, or
     any device under Triton's interpreter."""
     if triton is None:
         return False
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def serves(q: torch.Tensor) -> bool:
+    """Can the kernels take these queries: ``available`` on their device, a head size of at most
+    MAX_HEAD_DIM, a float dtype they read."""
+    return available(q.device) and q.shape[-1] <= MAX_HEAD_DIM and q.dtype in DTYPES
 
 
 if triton is not None:

@@ -164,7 +164,7 @@ def attention_stats(
     full = [] if keep_full or T <= rank_max_tokens else None
     scale = None if weights is not None else q.shape[-1] ** -0.5 if scaling is None else scaling
     output = None
-    if fused and full is None and weights is None and not softcap and seen.plain and fusedk.available(q.device):
+    if fused and full is None and weights is None and not softcap and seen.plain and fusedk.serves(q):
         by_group, last_row = _fused(layout, q, k, scale, seen)
     else:
         by_group, last_row, output = _chunked(layout, seen, onehot, weights, q, k, v, scale, softcap, full, chunk)
