@@ -6,11 +6,13 @@ keep 50%, 25%, 12.5% at 1/4, 1/2, 3/4 of the depth. DART (arXiv 2502.11494): K=2
 ratio 0.778 (keep 22.2%), duplication against pivots. DivPrune (arXiv 2503.02175): keep 9.8% by
 max-min diversity of the LLM's input states, before the first decoder layer. VisionZip (arXiv
 2412.04467): its 64-of-576 setting (keep 11.1%) by the vision tower's [CLS] attention, before the
-first decoder layer, dominant tokens only; only for towers with a [CLS].
+first decoder layer, dominant tokens only; only for towers with a [CLS]. SparseVLM (arXiv
+2410.04417): its 192-token setting, keep 300, 200 and 110 of 576 visual tokens from layers 2, 6
+and 15 of 32 (scaled to the depth), ranked by its text raters' attention, without recycling.
 
 At the FLOPs another schedule costs (``matched``), each method as one prune stage with the keep
-share whose predicted FLOPs ratio is closest to it: FastV and DART at K=2; DivPrune, VisionZip, random
-and spatial pooling (the controls, arXiv 2511.02650 and 2510.07143) before the LLM.
+share whose predicted FLOPs ratio is closest to it: FastV, DART and SparseVLM at K=2; DivPrune,
+VisionZip, random and spatial pooling (the controls, arXiv 2511.02650 and 2510.07143) before the LLM.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from attnflow.reducers.inputcut import available_scores
 from attnflow.reducers.schedule import DEFAULT_PROTECT, Schedule
 
 PDROP_STAGES = ((0.25, 0.5), (0.5, 0.25), (0.75, 0.125))  # (boundary as a share of depth, keep)
+SPARSEVLM_STAGES = ((2 / 32, 300 / 576), (6 / 32, 200 / 576), (15 / 32, 110 / 576))
 # name -> (layer, score, published keep or None for the controls, which have no default)
 METHODS: dict[str, tuple[int, str, float | None]] = {
     "fastv": (2, "last_row", 0.5),
@@ -33,6 +36,7 @@ METHODS: dict[str, tuple[int, str, float | None]] = {
     "random": (0, "random", None),
     "pool": (0, "pool", None),
     "visionzip": (0, "cls", 64 / 576),  # VisionZip's 64-token setting (dominant tokens only)
+    "sparsevlm": (2, "text", None),  # its default is three stages (``sparsevlm``): one stage only at equal FLOPs
 }
 
 
@@ -48,15 +52,25 @@ def fastv(model: nn.Module, keep: float = 0.5, layer: int = 2) -> Schedule:
     return one_stage(model, keep, layer)
 
 
+def _stages(model: nn.Module, stages: tuple[tuple[float, float], ...], by: str) -> Schedule:
+    """Prune steps at shares of the depth (rounded, at least layer 1), the smallest keep where two meet."""
+    depth = len(adapters.decoder_layers(model))
+    keeps: dict[int, float] = {}
+    for share, keep in stages:
+        layer = min(depth - 1, max(1, math.floor(share * depth + 0.5)))
+        keeps[layer] = min(keep, keeps.get(layer, 1.0))
+    steps = [{"op": "prune_visual", "layer": k, "keep": v, "by": by} for k, v in sorted(keeps.items())]
+    return Schedule.for_model(model, steps, protect=DEFAULT_PROTECT)
+
+
 def pdrop(model: nn.Module) -> Schedule:
     """PyramidDrop's defaults ([8, 16, 24] of 32 layers, keep 0.5/0.25/0.125) scaled to the depth."""
-    depth = len(adapters.decoder_layers(model))
-    stages: dict[int, float] = {}
-    for share, keep in PDROP_STAGES:
-        layer = min(depth - 1, max(1, math.floor(share * depth + 0.5)))
-        stages[layer] = min(keep, stages.get(layer, 1.0))
-    steps = [{"op": "prune_visual", "layer": k, "keep": v} for k, v in sorted(stages.items())]
-    return Schedule.for_model(model, steps, protect=DEFAULT_PROTECT)
+    return _stages(model, PDROP_STAGES, "last_row")
+
+
+def sparsevlm(model: nn.Module) -> Schedule:
+    """SparseVLM's 192-token setting ([2, 6, 15] of 32 layers, keep 300/200/110 of 576) scaled to the depth."""
+    return _stages(model, SPARSEVLM_STAGES, "text")
 
 
 def _methods(model: nn.Module) -> dict[str, tuple[int, str, float | None]]:
@@ -69,7 +83,8 @@ def published(model: nn.Module) -> dict[str, Schedule]:
     """Every method with a published default that can serve ``model``, at that default."""
     out = {name: one_stage(model, keep, layer, by) for name, (layer, by, keep) in _methods(model).items()
            if keep is not None}
-    return {"fastv": out["fastv"], "pdrop": pdrop(model), **{k: v for k, v in out.items() if k != "fastv"}}
+    return {"fastv": out["fastv"], "pdrop": pdrop(model), **{k: v for k, v in out.items() if k != "fastv"},
+            "sparsevlm": sparsevlm(model)}
 
 
 def at_flops(model: nn.Module, target: float, shape: Shape, layouts: list[tuple[int, int]], layer: int,

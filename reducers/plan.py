@@ -95,6 +95,7 @@ class Planner:
         # per prompt position: index among the sample's visual tokens (-1 if none), patch cell, text
         self.visual_index = self.patch_row = self.patch_col = self.text = torch.empty(0)
         self.origin: Tensor | None = None  # [B, n] each position's index in the unshortened prompt (layer-0 cut)
+        self.raters = torch.empty(0, dtype=torch.bool)  # [B, n] SparseVLM's rater text tokens (reducers.rank)
         self.n_keep: dict[int, Tensor] = {}
         self.touched, self.steady, self.steady_entry = False, None, None
         self.cached: dict[int, tuple[Tensor, Tensor] | None] = {}

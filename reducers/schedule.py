@@ -15,7 +15,7 @@ Semantics. Layers are 0-indexed decoder layers. ``prune_visual`` removes visual 
 a share of the *original* count, so PyramidDrop's 0.5/0.25/0.125 are written as they are),
 ranked ``by`` one of reducers.scores.SCORES from layer ``layer - 1``: ``last_row`` (default: the
 head-mean attention the last prompt position pays them, FastV), ``random`` (with ``seed``),
-``pool``, ``divprune``, ``dart`` or ``cls``. A prune step at layer 0 by ``random``, ``pool``,
+``pool``, ``divprune``, ``dart``, ``cls`` or ``text`` (SparseVLM's raters). A prune step at layer 0 by ``random``, ``pool``,
 ``divprune`` or ``cls`` (scores that need no LLM attention; ``cls`` only there) drops its tokens
 before the first decoder layer
 (reducers.inputcut), as DivPrune does.

@@ -22,7 +22,13 @@ keeping the top ``n`` scores is the set the rule picks for ``n``:
 - ``dart`` (DART, arXiv 2502.11494; defaults K = 2, 4 visual + 4 text pivots): layer K-1's
   keys (before RoPE); pivots are the visual and the text tokens of largest key L1 norm, and each
   pivot in turn keeps the remaining visual token least cosine-similar to it (the most duplicated
-  ones are dropped).
+  ones are dropped);
+- ``text`` (SparseVLM, arXiv 2410.04417): the head-mean attention layer K-1's *rater* text
+  tokens pay each visual token, averaged over the raters. Raters are the prompt's text tokens
+  most relevant to the image, chosen once per prompt from the LLM's input embeddings: each visual
+  token's softmax over the text tokens of v·t, averaged over the visual tokens, and the text
+  tokens above that average's mean. SparseVLM's recycling (the top 30% of the dropped tokens
+  merged into ⌊n/10⌋+1 cluster tokens) is not built: the shortening mechanism only selects.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-SCORES: tuple[str, ...] = ("last_row", "random", "pool", "divprune", "dart", "cls")
+SCORES: tuple[str, ...] = ("last_row", "random", "pool", "divprune", "dart", "cls", "text")
 INPUT_SCORES: tuple[str, ...] = ("random", "pool", "divprune", "cls")  # need no LLM attention: may act before layer 0
 DART_PIVOTS = (4, 4)  # visual, text: DART's defaults
 
@@ -147,3 +153,24 @@ def dart_scores(keys: Tensor, candidates: Tensor, text: Tensor, n_keep: Tensor,
         rest = [s for s in range(r) if not bool(chosen[s])]
         orders.append(torch.tensor(picks + rest, device=keys.device))
     return order_scores(torch.stack(orders), candidates)
+
+
+def raters(states: Tensor, visual: Tensor, text: Tensor) -> Tensor:
+    """SparseVLM's raters [B, R] (bool) among the ``text`` slots, from the input states [B, R, D]:
+    each ``visual`` token's softmax over the sample's text tokens of v·t, averaged over its visual
+    tokens, is each text token's relevance; the raters are the text tokens above the mean relevance
+    (all of them when none is, e.g. a single text token)."""
+    x = states.float()
+    logits = (x @ x.transpose(1, 2)).masked_fill(~text[:, None, :], float("-inf"))  # [B, R(v), R(t)]
+    share = torch.nan_to_num(logits.softmax(-1)) * visual[..., None]
+    relevance = share.sum(1) / visual.sum(1, keepdim=True).clamp_min(1)  # [B, R]
+    mean = (relevance * text).sum(1, keepdim=True) / text.sum(1, keepdim=True).clamp_min(1)
+    above = text & (relevance > mean)
+    return torch.where(above.any(1, keepdim=True), above, text)
+
+
+def text_scores(rows: Tensor, rating: Tensor, candidates: Tensor) -> Tensor:
+    """SparseVLM: the head-mean attention rows [B, Q, R] of the rater queries, averaged over the
+    raters ``rating`` [B, Q]; -inf off the candidates."""
+    weight = rating.float() / rating.sum(1, keepdim=True).clamp_min(1)
+    return (weight[:, None, :] @ rows.float())[:, 0].masked_fill(~candidates, float("-inf"))

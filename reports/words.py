@@ -130,7 +130,8 @@ def exit_sentence(findings: dict[str, Any]) -> str:
 RANKED_BY = {"last_row": "ranked by the last position's attention, FastV-style",
              "random": "chosen at random, seeded", "pool": "a spatially uniform subset (pooling)",
              "divprune": "the most diverse, DivPrune-style", "dart": "the least duplicated, DART-style",
-             "cls": "most attended by the vision tower's [CLS], VisionZip-style"}
+             "cls": "most attended by the vision tower's [CLS], VisionZip-style",
+             "text": "most attended by the prompt's relevant text tokens, SparseVLM-style"}
 
 
 def step_words(step: dict[str, Any]) -> str:
@@ -219,7 +220,8 @@ CONFIG_NAMES = {"schedule": "derived schedule", "fastv": "FastV (K=2, R=50%)", "
                 "divprune_equal_flops": "DivPrune at equal FLOPs", "random_equal_flops": "random at equal FLOPs",
                 "pool_equal_flops": "pooling at equal FLOPs", "visionzip": "VisionZip (keep 11%)",
                 "visionzip_equal_flops": "VisionZip at equal FLOPs",
-                "dynamic_exit_equal_flops": "per-prompt exit at equal FLOPs"}
+                "dynamic_exit_equal_flops": "per-prompt exit at equal FLOPs",
+                "sparsevlm": "SparseVLM (192 of 576, scaled)", "sparsevlm_equal_flops": "SparseVLM K=2 at equal FLOPs"}
 
 
 def config_name(name: str) -> str:

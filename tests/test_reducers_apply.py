@@ -31,12 +31,14 @@ STEPS = {
     "pool": [{"op": "prune_visual", "layer": 1, "keep": 0.4, "by": "pool"}],
     "divprune": [{"op": "prune_visual", "layer": 1, "keep": 0.3, "by": "divprune"}],
     "dart": [{"op": "prune_visual", "layer": 2, "keep": 0.4, "by": "dart"}],
+    "text": [{"op": "prune_visual", "layer": 1, "keep": 0.5, "by": "text"},  # SparseVLM, two stages
+             {"op": "prune_visual", "layer": 2, "keep": 0.3, "by": "text"}],
     "input_divprune": [{"op": "prune_visual", "layer": 0, "keep": 0.5, "by": "divprune"}],  # before the LLM
     "input_cls": [{"op": "prune_visual", "layer": 0, "keep": 0.4, "by": "cls"}],  # VisionZip's dominant tokens
     "input_then_prune": [{"op": "prune_visual", "layer": 0, "keep": 0.6, "by": "pool"},
                          {"op": "prune_visual", "layer": 2, "keep": 0.3}],
 }
-FIELD = ["random", "pool", "divprune", "dart", "input_divprune", "input_cls", "input_then_prune"]  # beside FastV's last row
+FIELD = ["random", "pool", "divprune", "dart", "text", "input_divprune", "input_cls", "input_then_prune"]  # beside FastV's last row
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +167,38 @@ def test_prune_keeps_the_top_of_the_last_row(models, backend):
             top = alive[row[b, alive].argsort(descending=True, stable=True)[:n_keep]]
             kept = kept_rows[b][kept_real[b] & visual[b, kept_rows[b]]]
             assert sorted(kept.tolist()) == sorted(top.tolist())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_text_scores_are_the_raters_attention(models, backend):
+    """SparseVLM: raters by hand from the input embeddings (each visual token's softmax over the
+    text tokens, averaged; those above the mean), scores = their mean eager attention rows."""
+    model, processor = models[backend]
+    batch = encode(processor, prompts())
+    steps = STEPS["text"]
+    _, planner = reduced(model, steps, batch)
+    oracle = masked_run(models["eager"][0], batch, planner, position_ids=positions(batch), output_attentions=True,
+                        output_hidden_states=True)
+    embeds = oracle.hidden_states[0]
+    ids, am = batch["input_ids"], batch["attention_mask"].bool()
+    visual = (ids == adapters.image_token_id(model)) & am
+    text = am & planner.text  # the prompts' text tokens (no answer follows them here)
+    partial = 0
+    for b in range(ids.shape[0]):
+        v, t = visual[b].nonzero().flatten(), text[b].nonzero().flatten()
+        relevance = torch.stack([(embeds[b, i] @ embeds[b, t].T).softmax(-1) for i in v]).mean(0)
+        chosen = t[relevance > relevance.mean()]
+        partial += 0 < len(chosen) < len(t)
+        assert sorted(planner.raters[b].nonzero().flatten().tolist()) == sorted(chosen.tolist())
+        for step in steps:
+            k = step["layer"]
+            rows, real = planner.layer_tokens[k - 1]
+            heads = oracle.attentions[k - 1][b].mean(0)  # [N, N]
+            want = heads[chosen].mean(0)  # over the raters, at every key
+            ok = real[b] & visual[b, rows[b]] & torch.isfinite(planner.scores[k][b])
+            assert ok.any()
+            torch.testing.assert_close(planner.scores[k][b][ok], want[rows[b][ok]], atol=1e-5, rtol=1e-5)
+    assert partial  # some prompt rates by a strict subset of its text
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
