@@ -1,14 +1,16 @@
 """`make bench-schedules`: per trained model, a schedule derived on calibration prompts and verified on
 its bundled held-out set, beside every reducer of reducers.baselines.
 
-For each model, 2,000 calibration prompts are drawn from its task with a seed of their own (neither
+For each model, 2,400 calibration prompts are drawn from its task with a seed of their own (neither
 a training seed nor the held-out seed). Record and analyze the first FINDINGS_PROMPTS of them, and
-derive under a one-point accuracy budget: the search runs on a fifth of them (at most 256) and the
-result is accepted on the other 1,600 by the one-sided 95% Wilson bound on broken answers (at 1,600
-prompts a one-point budget tolerates nine broken answers; at 300 it tolerated none). Then verify
-on the held-out set, which derivation never saw, with FastV, PyramidDrop, DART, DivPrune and
-VisionZip at their defaults and FastV, DART, DivPrune, random, pooling, VisionZip and the per-prompt
-dynamic exit at the schedule's FLOPs, timed at batch 1 and at batch 16. Writes ``benchmarks/results/schedules-<model>.{json,md}`` atomically.
+derive under a one-point accuracy budget: the search runs on a third of them (800), each trial judged
+by a sequential test (on 64 prompts, then twice as many while it is close to the budget's edge), and
+the result is accepted on the other 1,600 by the one-sided 95% Wilson bound on broken answers (at
+1,600 prompts a one-point budget tolerates nine broken answers; at 300 it tolerated none), else the
+search's next-best candidates are tried, then back-off steps. Then verify
+on the held-out set, which derivation never saw, with FastV, PyramidDrop, DART, DivPrune, VisionZip
+and SparseVLM at their defaults and FastV, DART, DivPrune, random, pooling, VisionZip, SparseVLM and
+the per-prompt dynamic exit at the schedule's FLOPs, timed at batch 1 and at batch 16. Writes ``benchmarks/results/schedules-<model>.{json,md}`` atomically.
 """
 
 from __future__ import annotations
@@ -33,10 +35,10 @@ from attnflow.toys import scene_task, vqa_task
 RESULTS = Path("benchmarks") / "results"
 CALIBRATION_SEED = 20_261_127
 # model -> (calibration prompts, target FLOPs cut, target accuracy loss in points)
-MODELS: dict[str, tuple[int, float, float]] = {"toy-llava-scenes": (2000, 0.60, 1.0),
-                                               "toy-idefics3-scenes": (2000, 0.60, 1.0), "toy-vlm": (2000, 0.50, 1.5)}
+MODELS: dict[str, tuple[int, float, float]] = {"toy-llava-scenes": (2400, 0.60, 1.0),
+                                               "toy-idefics3-scenes": (2400, 0.60, 1.0), "toy-vlm": (2400, 0.50, 1.5)}
 FINDINGS_PROMPTS = 600  # recorded and analysed: the findings need no more
-SETTINGS = Settings(validation_share=0.8)
+SETTINGS = Settings(validation_share=2 / 3, max_examples=800)  # 800 to search, 1,600 to accept on
 
 
 def calibration(name: str, n: int) -> list[Any]:

@@ -10,7 +10,8 @@ position's attention after the image is read, PyramidDrop arXiv 2410.17247 for l
   fades (the image has been read at the peak; attention from there ranks tokens best);
 - keep share: the smallest share of visual tokens whose last-row attention at layer K-1
   covers ``coverage`` of the visual mass (measured on the inputs, mean over prompts); the
-  prune stage is searched at K and every earlier layer, the cheapest within budget wins;
+  prune stage is searched at K and every earlier layer (keep by x2/3 steps, then REFINE
+  halvings of the last step), the cheapest within budget wins;
 - the score: the other scores of ``reducers.scores`` (random and pooling as controls,
   DivPrune's diversity, DART's duplication) are searched at that layer and before the first
   decoder layer (layer 0; DART at layer 1, as it needs a layer's keys), and the
@@ -21,22 +22,30 @@ position's attention after the image is read, PyramidDrop arXiv 2410.17247 for l
 - protected visual sinks: ``sinks.visual`` positions, mapped to visual-token indices.
 
 The inputs are split (``reducers.validation.split``) into a search part and a validation part.
-A greedy search on the search part, each trial judged against what the validation part can
-accept (its losses against the unreduced model: next-token KL by its 95% bootstrap bound, the
-shares of top-1 disagreements and broken answers against the largest the validation bound lets
-through; see ``reducers.validation``): the earliest exit within budget, the prune stages with the lowest
-predicted FLOPs within budget, then every skip that stays within budget. The result must then
-keep its bounds within budget on the validation prompts, which the search never saw; while it
-does not, it backs off (drop the last skip, raise keep, move the exit later). Every choice and
-trial (with its part) is written to ``derived_from``; ``fidelity`` holds the search part's
-figures (in-sample), ``validation`` the held-out ones it was accepted on. Nothing here times
-or verifies: callers verify the result once, on prompts neither part saw
-(``reducers.verify.verify_schedule``).
+A greedy search on the search part: the earliest exit within budget, the prune stages with the
+lowest predicted FLOPs within budget, then every skip that stays within budget. Each trial is
+judged against what the validation part can accept (its losses against the unreduced model:
+next-token KL by its 95% bootstrap bound, the shares of top-1 disagreements and broken answers
+against the largest the validation bound lets through; see ``reducers.validation``) by a
+sequential test (``Budget.searched``): on the first ``first_block`` search prompts, and on twice as
+many while its 95% bounds there hold the budget's edge, up to ``max_examples``; a trial still close
+on all of them is judged by its KL bound and its observed shares. Clearly-over trials (random
+and pooling cuts, deep cuts) cost one block, so the search can afford the hundreds of prompts that
+telling 0.4% from 0.8% broken answers takes for the close ones. The result must then keep its
+bounds within budget on the validation prompts, which the search never saw; while it does not,
+the next-best candidates the search found (the cheapest within budget per first-stage layer and
+score, cheapest first) are tried, then it backs off (drop the last skip, raise keep, move the exit
+later), ``max_backoffs`` tries in all.
+Every choice and trial (with its part and the prompts it was judged on) is written to
+``derived_from``; ``fidelity`` holds the search part's figures (in-sample), ``validation`` the
+held-out ones it was accepted on. Nothing here times or verifies: callers verify the result once,
+on prompts neither part saw (``reducers.verify.verify_schedule``).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -51,7 +60,6 @@ from attnflow.probes.inputs import Example, as_examples, encode
 from attnflow.reducers.apply import apply
 from attnflow.reducers.cost import Shape, predict, prediction
 from attnflow.reducers.fidelity import (
-    answer_accuracy,
     answers_right,
     encode_batches,
     generate_greedy,
@@ -62,8 +70,10 @@ from attnflow.reducers.inputcut import available_scores
 from attnflow.reducers.scores import INPUT_SCORES
 from attnflow.reducers.validation import (
     CONFIDENCE,
+    bootstrap_mean_bounds,
     bootstrap_mean_upper,
     min_prompts,
+    sequential,
     split,
     tolerated,
     wilson_lower,
@@ -130,27 +140,40 @@ class Budget:
                 and (self.max_accuracy_drop is None or bounds["accuracy_drop_upper"] <= self.max_accuracy_drop + 1e-9))
 
     def search_check(self, losses: "Losses", n_validation: int, confidence: float = CONFIDENCE) -> dict[str, float]:
-        """What a search-part trial is judged by: the KL bound as in ``bounds()``, and the observed
-        shares of disagreements and broken answers beside the largest shares the ``n_validation``
-        validation prompts can let through (``reducers.validation.tolerated``)."""
+        """What a search-part trial is judged by: the mean KL with its bootstrap bounds, and the
+        observed shares of disagreements and broken answers with their Wilson bounds, beside the
+        largest shares the ``n_validation`` validation prompts can let through
+        (``reducers.validation.tolerated``)."""
         out: dict[str, float] = {}
         if self.max_kl is not None:
-            out["kl_upper"] = bootstrap_mean_upper(losses.kl, confidence)
+            out["kl_lower"], out["kl_upper"] = bootstrap_mean_bounds(losses.kl, confidence)
         for name, budget, lost in (("disagreement", None if self.min_agreement is None else 1 - self.min_agreement,
                                     ~losses.agree), ("broken", self.max_accuracy_drop, losses.broken)):
             if budget is None:
                 continue
             if lost is None:
                 raise ScheduleError("a max_accuracy_drop budget needs inputs with answers")
-            out[f"{name}_share"] = float(lost.mean())
+            k, n = int(lost.sum()), lost.size
+            out[f"{name}_share"] = k / n
+            out[f"{name}_lower"], out[f"{name}_upper"] = wilson_lower(k, n, confidence), wilson_upper(k, n, confidence)
             out[f"{name}_allowed"] = tolerated(budget, n_validation, confidence) / n_validation
         return out
 
-    def searched(self, check: dict[str, float]) -> bool:
-        """Whether a ``search_check`` is within what validation can accept."""
-        return ((self.max_kl is None or check["kl_upper"] <= self.max_kl)
-                and all(check[f"{n}_share"] <= check[f"{n}_allowed"] + 1e-12 for n in ("disagreement", "broken")
-                        if f"{n}_share" in check))
+    def searched(self, check: dict[str, float], final: bool = True) -> bool | None:
+        """A ``search_check``'s verdict by ``reducers.validation.sequential``: True when every bound is
+        clearly within what validation can accept, False when one is clearly over; when close, None
+        (judge it on more prompts) or, on the last block (``final``), the KL by its upper bound (as
+        validation judges it) and the shares by their observed value."""
+        limits = [("kl", self.max_kl, "kl_upper")] if self.max_kl is not None else []
+        limits += [(n, check[f"{n}_allowed"], f"{n}_share") for n in ("disagreement", "broken")
+                   if f"{n}_share" in check]
+        verdicts = [(sequential(check[f"{n}_lower"], check[f"{n}_upper"], allowed), check[last] <= allowed + 1e-12)
+                    for n, allowed, last in limits]
+        if any(v is False for v, _ in verdicts):
+            return False
+        if all(v for v, _ in verdicts) or final:
+            return all(v or observed for v, observed in verdicts)
+        return None
 
     def prompts_needed(self, confidence: float = CONFIDENCE) -> int:
         """The fewest validation prompts with which the budget can be certified at all (zero losses)."""
@@ -174,11 +197,25 @@ class Budget:
 @dataclass
 class Losses:
     """Per-prompt losses of a reduced model against the unreduced one: next-token KL (nats), top-1
-    agreement, and whether the reduction broke a right answer (None without answers)."""
+    agreement, whether the reduction broke a right answer and whether it fixed a wrong one (None
+    without answers)."""
 
     kl: np.ndarray
     agree: np.ndarray
     broken: np.ndarray | None
+    fixed: np.ndarray | None = None
+
+    def __add__(self, other: "Losses") -> "Losses":
+        def cat(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None or b is None else np.concatenate([a, b])
+
+        return Losses(*(cat(getattr(self, f), getattr(other, f)) for f in ("kl", "agree", "broken", "fixed")))
+
+    def figures(self) -> dict[str, Any]:
+        """Mean next-token KL, top-1 agreement and the accuracy change (what ``verify`` reports)."""
+        scored = self.broken is not None and self.fixed is not None and self.broken.size > 0
+        return {"kl": float(self.kl.mean()), "agreement": float(self.agree.mean()),
+                "accuracy_delta": float(self.fixed.mean() - self.broken.mean()) if scored else None}
 
 
 @dataclass
@@ -189,9 +226,10 @@ class Settings:
     fade: float = 0.5  # the text->visual curve has faded below this share of its peak
     validation_share: float = 0.5  # of the inputs, held out of the search to accept its result
     confidence: float = CONFIDENCE  # of the one-sided bounds a schedule must keep within budget
-    max_examples: int = 256  # prompts used for the search's fidelity checks
+    max_examples: int = 256  # search prompts a trial close to the budget is judged on, at most
+    first_block: int = 64  # search prompts every trial is first judged on (doubled while close)
     batch_size: int = 16
-    max_backoffs: int = 20
+    max_backoffs: int = 20  # validation tries after the first: the search's next-best, then back-off steps
 
 
 @dataclass(frozen=True)
@@ -212,36 +250,43 @@ class Candidate:
 
 
 class _Probe:
-    """Prompts, encoded in left-padded batches, with the unreduced model's greedy answers,
-    against which a schedule's fidelity is measured."""
+    """Prompts, encoded in left-padded batches, with the unreduced model's greedy answers, against
+    which a schedule's fidelity is measured: on all of them, or block by block (``stops``: the
+    batches a sequential test has seen after each block, from ``first_block`` prompts doubling)."""
 
-    def __init__(self, model: nn.Module, processor: Any, examples: list[Example], batch_size: int) -> None:
+    def __init__(self, model: nn.Module, processor: Any, examples: list[Example], batch_size: int,
+                 first_block: int | None = None) -> None:
         self.model, self.examples = model, examples
         self.tok = getattr(processor, "tokenizer", processor)
         self.batches = encode_batches(processor, examples, batch_size, next(model.parameters()).device)
         image_id = adapters.image_token_id(model)
         self.layouts = [(int(am.sum()), int(((ids == image_id) & am.bool()).sum()))
                         for b in self.batches for ids, am in zip(b["input_ids"], b["attention_mask"])]
+        self.starts = np.cumsum([0] + [len(b["input_ids"]) for b in self.batches]).tolist()
         answers = [len(self.tok(ex.answer, add_special_tokens=False)["input_ids"])
                    for ex in examples if ex.answer is not None]
         self.new_tokens = 1 + max(answers, default=0)  # the answer and the token after it
         with torch.no_grad():
             self.full = generate_greedy(model, self.batches, self.tok, self.new_tokens)
-        self.accuracy = answer_accuracy(self.full, examples)[0]
         self.right = answers_right(self.full, examples)
+        stop, self.stops = -(-(first_block or len(examples)) // batch_size), []
+        while stop < len(self.batches):
+            self.stops, stop = self.stops + [stop], 2 * stop
+        self.stops.append(len(self.batches))
 
-    def fidelity(self, schedule: Schedule) -> tuple[dict[str, Any], Losses]:
-        """Mean next-token KL(full || reduced) and top-1 agreement at the last prompt position, and
-        the accuracy change when the prompts have answers (what ``verify`` reports); and the
-        per-prompt losses behind them."""
+    def losses(self, schedule: Schedule, first: int, stop: int) -> Losses:
+        """Per-prompt losses of ``schedule`` on batches ``first`` to ``stop`` (next-token KL(full ||
+        reduced) and top-1 agreement at the last prompt position; broken and fixed answers when the
+        prompts have them)."""
+        lo, hi = self.starts[first], self.starts[stop]
         with torch.no_grad(), apply(self.model, schedule):
-            run = generate_greedy(self.model, self.batches, self.tok, self.new_tokens)
-        accuracy = answer_accuracy(run, self.examples)[0]
-        kl, agree = per_prompt_fidelity(self.full.first_logits, run.first_logits)
-        scored = [(a, b) for a, b in zip(self.right, answers_right(run, self.examples)) if a is not None]
-        losses = Losses(kl.numpy(), agree.numpy(), np.array([a and not b for a, b in scored]) if scored else None)
-        return ({"kl": float(kl.mean()), "agreement": float(agree.double().mean()),
-                 "accuracy_delta": None if accuracy is None else accuracy - self.accuracy}, losses)
+            run = generate_greedy(self.model, self.batches[first:stop], self.tok, self.new_tokens)
+        kl, agree = per_prompt_fidelity(self.full.first_logits[lo:hi], run.first_logits)
+        scored = [(a, b) for a, b in zip(self.right[lo:hi], answers_right(run, self.examples[lo:hi]))
+                  if a is not None]
+        broken, fixed = (np.array([[a and not b, b and not a] for a, b in scored], dtype=bool).reshape(-1, 2).T
+                         if any(r is not None for r in self.right) else (None, None))
+        return Losses(kl.numpy(), agree.numpy(), broken, fixed)
 
 
 @dataclass
@@ -256,6 +301,7 @@ class _Search:
     n_validation: int = 1
     reasons: list[str] = field(default_factory=list)
     trials: list[dict[str, Any]] = field(default_factory=list)
+    passed: list[Candidate] = field(default_factory=list)  # within budget on the search part, in trial order
 
     def schedule(self, cand: Candidate) -> Schedule:
         return Schedule.for_model(self.model, cand.steps(), protect=self.protect)
@@ -266,24 +312,35 @@ class _Search:
 
     def ok(self, cand: Candidate, probe: _Probe | None = None, part: str = "search") -> bool:
         """Whether ``cand`` is a valid schedule within budget on ``probe``'s prompts (logged once per
-        part): on the search part by ``Budget.search_check``, on validation by the confidence bounds."""
+        part, with the number of prompts it was judged on): on the search part by the sequential
+        ``Budget.searched``, block by block while it is close; on validation by the confidence
+        bounds on all its prompts. Search-part passes are kept (``passed``) for validation to fall back on."""
         try:
-            self.schedule(cand)
+            schedule = self.schedule(cand)
         except ScheduleError:
             return False
         for trial in self.trials:
             if trial["steps"] == cand.steps() and trial["part"] == part:
                 return trial["within_budget"]
-        measured, losses = (probe or self.probe).fidelity(self.schedule(cand))
-        if part == "search":
-            bounds = self.budget.search_check(losses, self.n_validation, self.confidence)
-            passed = self.budget.searched(bounds)
-        else:
-            bounds = self.budget.bounds(losses, self.confidence)
-            passed = self.budget.certified(bounds)
-        self.trials.append({"steps": cand.steps(), "part": part, **measured, **bounds,
-                            "flops_ratio": self.flops(cand), "within_budget": passed})
-        return passed
+        probe = probe or self.probe
+        losses, first, passed = None, 0, None
+        for stop in probe.stops:
+            block = probe.losses(schedule, first, stop)
+            losses, first = block if losses is None else losses + block, stop
+            if part == "search":
+                bounds = self.budget.search_check(losses, self.n_validation, self.confidence)
+                passed = self.budget.searched(bounds, final=stop == probe.stops[-1])
+            else:
+                bounds = self.budget.bounds(losses, self.confidence)
+                passed = self.budget.certified(bounds)
+            if passed is not None:
+                break
+        if passed and part == "search":
+            self.passed.append(cand)
+        self.trials.append({"steps": cand.steps(), "part": part, **losses.figures(), **bounds,
+                            "judged_on": int(losses.kl.size), "flops_ratio": self.flops(cand),
+                            "within_budget": passed})
+        return bool(passed)
 
 
 def _findings(findings: Any) -> tuple[dict[str, Any], str]:
@@ -375,13 +432,24 @@ def keep_share(search: _Search, layer: int, coverage: float) -> tuple[float, str
 
 
 MIN_DROP = 0.02  # a prune stage that would drop less than this share of the visual tokens is dropped itself
+REFINE = 2  # halvings of the gap between the smallest keep found within budget and the largest over it
+
+
+def _bisect(search: _Search, at: Callable[[float], Candidate], within: float, over: float) -> float:
+    """The smallest keep within budget after REFINE halvings of the gap between ``within`` (a keep
+    within budget) and ``over`` (a smaller one over it)."""
+    for _ in range(REFINE):
+        mid = (within + over) / 2
+        within, over = (mid, over) if search.ok(at(mid)) else (within, mid)
+    return within
 
 
 def _smallest_keep(search: _Search, cand: Candidate, layer: int, keep: float, by: str = "last_row") -> Candidate | None:
     """``cand`` plus a prune stage at ``layer`` with the smallest keep within budget: from
     ``keep``, shrinking x2/3 while within budget, or else dropping a third fewer tokens at a time
-    until it is (as ``_relax``: up to the previous stage's keep, or 1, less MIN_DROP); None when
-    none fits."""
+    until it is (as ``_relax``: up to the previous stage's keep, or 1, less MIN_DROP), then
+    refined between the last keep within budget and the one over it (``_bisect``: the x2/3 grid
+    alone lands where its start puts it); None when none fits."""
     ceiling = cand.prunes[-1][1] if cand.prunes else 1.0
 
     def at(k: float) -> Candidate:
@@ -390,10 +458,11 @@ def _smallest_keep(search: _Search, cand: Candidate, layer: int, keep: float, by
     if search.ok(at(keep)):
         while keep > 0.01 and search.ok(at(keep * 2 / 3)):
             keep *= 2 / 3
-        return at(keep)
-    while ceiling - (keep := ceiling - (ceiling - keep) / 1.5) >= MIN_DROP:
-        if search.ok(at(keep)):
-            return at(keep)
+        return at(keep if keep <= 0.01 else _bisect(search, at, keep, keep * 2 / 3))
+    while ceiling - (higher := ceiling - (ceiling - keep) / 1.5) >= MIN_DROP:
+        if search.ok(at(higher)):
+            return at(_bisect(search, at, higher, keep))
+        keep = higher
     return None
 
 
@@ -471,6 +540,46 @@ def _relax(cand: Candidate, num_layers: int) -> Candidate | None:
     return None
 
 
+def _next_best(search: _Search, rejected: Candidate) -> list[Candidate]:
+    """The search's other results: of the candidates it found within budget whose first prune stage
+    ranks by another score or at another layer than ``rejected``'s, the cheapest per (layer, score),
+    cheapest first."""
+    def family(cand: Candidate) -> tuple[int, str] | None:
+        return (cand.prunes[0][0], cand.prunes[0][2]) if cand.prunes else None
+
+    best: dict[tuple[int, str] | None, Candidate] = {}
+    for cand in search.passed:
+        key = family(cand)
+        if key != family(rejected) and (key not in best or search.flops(cand) < search.flops(best[key])):
+            best[key] = cand
+    return sorted(best.values(), key=search.flops)
+
+
+def _validated(search: _Search, checker: _Probe, cand: Candidate, num_layers: int, tries: int) -> Candidate:
+    """The first candidate within budget on ``checker``'s (validation) prompts, of ``cand`` and then,
+    at most ``tries`` more: the search's next-best (``_next_best``), then steps back from ``cand``
+    (``_relax``); the last one tried when none is. Validation only accepts or rejects: the
+    alternatives are what the search found before it saw any validation result. Each try is a
+    one-sided test at the bound's confidence, so every further try adds to the chance of accepting a
+    schedule over budget: ``tries`` caps it."""
+    alternatives, path = iter(_next_best(search, cand)), cand
+    for left in range(tries, -1, -1):
+        if search.ok(cand, checker, "validation"):
+            break
+        following = next(alternatives, None)
+        if following is None:
+            following = path = _relax(path, num_layers)
+            step = "backing off"
+        else:
+            step = f"trying the search's next-best (predicted FLOPs {search.flops(following):.3f})"
+        if following is None or left == 0:
+            break
+        search.reasons.append(f"{cand.steps()} is outside the budget's {search.confidence:.0%} bound on the "
+                              f"{len(checker.examples)} validation prompts: {step}")
+        cand = following
+    return cand
+
+
 def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
            budget: "Budget | dict[str, float] | None" = None, *, settings: Settings | None = None,
            validation: Any = None) -> Schedule:
@@ -478,7 +587,8 @@ def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
     part of ``inputs`` and accepted only when the one-sided confidence bounds of its losses on the
     other part (``settings.validation_share`` of them, drawn per question type; or the ``validation`` prompts
     when given) lie within ``budget``: a search fits its prompts, so its own measurement flatters
-    it. ``derived_from`` says why each step was chosen and what was measured on each part;
+    it; when they do not, the search's next-best, then back-off steps (``_validated``).
+    ``derived_from`` says why each step was chosen and what was measured on each part;
     ``predicted`` holds its cost-model figures."""
     cfg = settings or Settings()
     budget = Budget.of(budget or Budget())
@@ -501,7 +611,7 @@ def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
                             f"{cfg.confidence:.0%} (got {len(held)} of {len(examples) + len(held)} inputs): give more "
                             "inputs, a larger budget, or a KL budget")
     num_layers = info["num_layers"]
-    probe = _Probe(model, processor, examples[:cfg.max_examples], cfg.batch_size)
+    probe = _Probe(model, processor, examples[:cfg.max_examples], cfg.batch_size, cfg.first_block)
     sinks, sink_why = visual_sink_indices(data, probe.examples, processor, model)
     protect = {"visual_sinks": sinks}
     search = _Search(model, probe, budget, protect, cfg.confidence, len(held))
@@ -514,16 +624,9 @@ def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
         search.reasons.append("one input only: nothing to hold out, so the validation figures are in-sample")
     cand = _greedy(search, Candidate(exit_layer), prune_layer, num_layers, cfg.coverage, candidates)
     checker = _Probe(model, processor, held, cfg.batch_size)
-    for backoff in range(cfg.max_backoffs + 1):  # accepted on prompts the search never saw
-        accepted = search.ok(cand, checker, "validation")
-        relaxed = _relax(cand, num_layers)
-        if accepted or relaxed is None or backoff == cfg.max_backoffs:
-            break
-        search.reasons.append(f"{cand.steps()} is outside the budget's {cfg.confidence:.0%} bound on the "
-                              f"{len(held)} validation prompts: backing off")
-        cand = relaxed
+    cand = _validated(search, checker, cand, num_layers, cfg.max_backoffs)
     schedule = search.schedule(cand)
-    search.ok(cand)  # its search-part figures (logged already unless the back-off made a new candidate)
+    search.ok(cand)  # its search-part figures (logged already unless a back-off step made a new candidate)
     trial = {part: next(t for t in search.trials if t["steps"] == cand.steps() and t["part"] == part)
              for part in ("search", "validation")}
     figures = {part: {k: v for k, v in t.items() if k not in ("steps", "part", "flops_ratio")}

@@ -1,16 +1,19 @@
 """derive() and verify(): a planted visual exit is found and verified whatever exit the
-findings claim; the Verdict's fidelity and cost are self-consistent; evidence helpers."""
+findings claim; the search's sequential test, keep refinement and validation's fall-back on the
+search's next-best; the Verdict's fidelity and cost are self-consistent; evidence helpers."""
 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from attnflow.probes.inputs import Example
+from attnflow.models import default_inputs, load_model
+from attnflow.probes.inputs import Example, load_examples
 from attnflow.reducers import Schedule, ScheduleError
-from attnflow.reducers.derive import Budget, derive, first_prune_layer, visual_sink_indices
+from attnflow.reducers.derive import Budget, Settings, derive, first_prune_layer, visual_sink_indices
 from attnflow.reducers.verdict import Row, mark_pareto
 from attnflow.reducers.verify import verify, verify_schedule
 from attnflow.toys import planted, tiny
@@ -114,8 +117,9 @@ def test_verdict_is_self_consistent():
     assert empty.flops_ratio == 1.0 and empty.accuracy == verdict.unreduced["accuracy"] == 1.0
     assert empty.accuracy_delta == 0.0
     assert [r.name for r in verdict.rows] == ["schedule", "fastv", "pdrop", "dart", "divprune", "visionzip",
-                                              "fastv_equal_flops", "dart_equal_flops", "divprune_equal_flops",
-                                              "random_equal_flops", "pool_equal_flops", "visionzip_equal_flops",
+                                              "sparsevlm", "fastv_equal_flops", "dart_equal_flops",
+                                              "divprune_equal_flops", "random_equal_flops", "pool_equal_flops",
+                                              "visionzip_equal_flops", "sparsevlm_equal_flops",
                                               "dynamic_exit_equal_flops"]
     dynamic = verdict.row("dynamic_exit_equal_flops")  # nothing to match at FLOPs 1: no prompt exits
     assert dynamic.flops_ratio == 1.0 and dynamic.steps[0]["op"] == "visual_exit_dynamic" and dynamic.kl == 0.0
@@ -156,3 +160,109 @@ def test_back_off_order():
     assert exits == [4, 5, None]
     for steps in seen:
         Schedule(model={"model_type": "llava", "fingerprint": "sha256:x", "num_layers": 6}, steps=steps)
+
+
+@pytest.fixture(scope="module")
+def toy_vlm():
+    torch.set_num_threads(1)
+    model, processor = load_model("toy-vlm")
+    return model, processor, load_examples(default_inputs("toy-vlm"))
+
+
+def test_the_search_judges_close_trials_on_more_prompts(toy_vlm):
+    """The toy VLM reads colours early and places/counts late. Searched on 16 colour questions, then
+    16 where/count ones, in blocks of 16, under a 20-point budget whose 32 validation prompts let 2
+    broken answers through (6.25%): an exit at layer 3 breaks few colour answers, close to that
+    (0 of 16: bounds 0 and 14.5%), so it is judged on the where/count block too and rejected there;
+    judged on the colour block alone it passes. Trials clearly over on the first block stop there."""
+    model, processor, examples = toy_vlm
+    colour = [e for e in examples if e.qtype == "color_of_shape"][:16]
+    late = [e for e in examples if e.qtype in ("where", "count")]
+    budget, exit3 = Budget(max_accuracy_drop=0.2), [{"op": "visual_exit", "layer": 3}]
+
+    def trials(search, first_block):
+        schedule = derive(findings_claiming(3, 6), model, search, processor, budget, validation=late[16:48],
+                          settings=Settings(first_block=first_block))
+        return schedule, [t for t in schedule.derived_from["trials"] if t["part"] == "search"]
+
+    schedule, searched = trials(colour + late[:16], 16)
+    exit_trial = next(t for t in searched if t["steps"] == exit3)
+    assert exit_trial["judged_on"] == 32 and exit_trial["within_budget"] is False
+    assert exit_trial["broken_allowed"] == 2 / 32
+    stopped = [t for t in searched if t["judged_on"] == 16]
+    assert stopped and not any(t["within_budget"] for t in stopped)  # only clearly-over trials stop early
+    assert all(t["broken_lower"] > 2 / 32 for t in stopped)
+    assert {t["judged_on"] for t in searched} == {16, 32}
+    _, colour_only = trials(colour, 16)
+    alone = next(t for t in colour_only if t["steps"] == exit3)
+    assert alone["within_budget"] is True and alone["broken_share"] == 0 and alone["judged_on"] == 16
+    assert alone["broken_upper"] == pytest.approx(2.7055 / 18.7055, abs=1e-4)  # z²/(16 + z²): close
+    # validation rejects the search's cheapest and takes the next-best it found, cheapest first
+    validated = [t for t in schedule.derived_from["trials"] if t["part"] == "validation"]
+    assert [t["within_budget"] for t in validated] == [False] * (len(validated) - 1) + [True]
+    assert [t["flops_ratio"] for t in validated] == sorted(t["flops_ratio"] for t in validated)
+    assert schedule.steps == validated[-1]["steps"] and len(validated) > 1
+    assert any(t["steps"] == schedule.steps and t["within_budget"] for t in searched)
+    assert any("trying the search's next-best" in r for r in schedule.derived_from["reasons"])
+
+
+def test_validation_falls_back_on_the_searchs_next_best_cheapest_first():
+    """After a rejection: the cheapest search pass of each other first stage (layer, score), cheapest
+    first; then the back-off from the rejected result; at most ``tries`` more."""
+    from attnflow.reducers.derive import Candidate, _relax, _validated
+
+    greedy = Candidate(None, ((3, 0.38, "last_row"), (4, 0.3, "last_row")))
+    alone = Candidate(None, ((3, 0.38, "last_row"),))  # the greedy's first stage: left to the back-off
+    div, dearer_div = Candidate(None, ((0, 0.72, "divprune"),)), Candidate(None, ((0, 0.8, "divprune"),))
+    dart1, dart3 = Candidate(None, ((1, 0.82, "dart"),)), Candidate(None, ((3, 0.38, "dart"),))
+    flops = {greedy: 0.67, alone: 0.695, div: 0.715, dearer_div: 0.8, dart1: 0.844, dart3: 0.7}
+    step = _relax(greedy, 6)
+
+    class Search:  # what _validated reads of a derivation
+        confidence = 0.95
+
+        def __init__(self, accepts):
+            self.passed, self.accepts = [alone, dearer_div, dart3, div, dart1, greedy], accepts
+            self.tried, self.reasons = [], []
+
+        def flops(self, cand):
+            return flops.get(cand, 0.9)
+
+        def ok(self, cand, probe, part):
+            assert part == "validation" and probe is checker
+            self.tried.append(cand)
+            return cand in self.accepts
+
+    checker = SimpleNamespace(examples=[None] * 1600)
+    search = Search({div, dart1})
+    assert _validated(search, checker, greedy, 6, tries=20) == div and search.tried == [greedy, dart3, div]
+    assert search.reasons[0].endswith("validation prompts: trying the search's next-best (predicted FLOPs 0.700)")
+    search = Search({step})
+    assert _validated(search, checker, greedy, 6, tries=20) == step
+    assert search.tried == [greedy, dart3, div, dart1, step] and search.reasons[-1].endswith("backing off")
+    search = Search(set())
+    assert _validated(search, checker, greedy, 6, tries=1) == dart3 and search.tried == [greedy, dart3]
+
+
+def test_the_smallest_keep_is_refined_between_the_last_step_within_budget_and_the_first_over():
+    """Within budget while keep >= 0.44 (REFINE = 2 halvings): from 0.9, x2/3 steps pass 0.9 and 0.6
+    and not 0.4; halving [0.4, 0.6]: 0.5 passes, 0.45 passes. From 0.3 (over), dropping a third
+    fewer tokens: 1 - 0.7/1.5 = 0.5333 passes; halving [0.3, 0.5333]: 0.4167 fails, 0.475 passes."""
+    from attnflow.reducers.derive import REFINE, Candidate, _smallest_keep
+
+    class Search:
+        def __init__(self):
+            self.tried = []
+
+        def ok(self, cand):
+            self.tried.append(round(cand.prunes[-1][1], 4))
+            return cand.prunes[-1][1] >= 0.44
+
+    assert REFINE == 2
+    search = Search()
+    assert _smallest_keep(search, Candidate(None), 1, 0.9).prunes == ((1, pytest.approx(0.45), "last_row"),)
+    assert search.tried == [0.9, 0.6, 0.4, 0.5, 0.45]
+    search = Search()
+    refined = _smallest_keep(search, Candidate(None), 1, 0.3, "divprune")
+    assert refined.prunes == ((1, pytest.approx(0.475), "divprune"),)
+    assert search.tried == [0.3, 0.5333, 0.4167, 0.475]

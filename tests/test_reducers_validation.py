@@ -104,6 +104,44 @@ def test_the_search_aims_at_what_validation_can_accept():
     # 0 of 256 broken cannot be certified on 256 prompts (bound 1.05%), but is what 300 validation prompts accept
     assert not budget.certified(budget.bounds(clean))
     check = budget.search_check(clean, n_validation=300)
-    assert check == {"broken_share": 0.0, "broken_allowed": 0.0} and budget.searched(check)
+    assert check == {"broken_share": 0.0, "broken_lower": 0.0, "broken_upper": wilson_upper(0, 256),
+                     "broken_allowed": 0.0} and budget.searched(check)
     one = Losses(np.zeros(256), np.ones(256, bool), np.r_[True, np.zeros(255, bool)])
     assert not budget.searched(budget.search_check(one, n_validation=300))
+
+
+def broken(k: int, n: int) -> Losses:
+    return Losses(np.zeros(n), np.ones(n, bool), np.r_[np.ones(k, bool), np.zeros(n - k, bool)])
+
+
+def test_the_sequential_search_test_by_hand():
+    """1,600 validation prompts let a one-point budget through with 9 broken answers: a share of
+    0.5625%. A block is clearly within when its upper Wilson bound is below that, clearly over when
+    its lower bound is above it, else close: judged on more prompts, or on the last block by its
+    observed share."""
+    from attnflow.reducers.validation import sequential
+
+    budget, n = Budget(max_accuracy_drop=0.01), 1600
+    assert budget.search_check(broken(0, 64), n)["broken_allowed"] == 9 / 1600
+    # 3 of 64: p = 0.046875, lower (p + z²/128 - z·sqrt(p(1-p)/64 + z²/16384)) / (1 + z²/64) = 0.01889 > 0.5625%
+    check = budget.search_check(broken(3, 64), n)
+    assert check["broken_lower"] == pytest.approx(0.01889, abs=1e-5) and budget.searched(check, final=False) is False
+    # 0 of 64: bounds 0 and z²/(64 + z²) = 4.06% hold 0.5625%: close, but 0% is within on the last block
+    check = budget.search_check(broken(0, 64), n)
+    assert check["broken_upper"] == pytest.approx(2.7055 / 66.7055, abs=1e-5)
+    assert budget.searched(check, final=False) is None and budget.searched(check) is True
+    # 0 of 600: z²/(600 + z²) = 0.449% is clearly within, on any block
+    assert budget.searched(budget.search_check(broken(0, 600), n), final=False) is True
+    # 3 and 4 of 600 (0.5% and 0.667%; bounds 0.20%-1.24% for 3): close, decided on the last block by the share
+    assert budget.searched(budget.search_check(broken(3, 600), n), final=False) is None
+    assert budget.searched(budget.search_check(broken(3, 600), n)) is True
+    assert budget.searched(budget.search_check(broken(4, 600), n)) is False
+    # KL by its bootstrap bounds, the last block by the upper one (as validation judges it)
+    kl = Budget(max_kl=0.01)
+    spread = Losses(np.r_[np.zeros(90), np.full(10, 0.1)], np.ones(100, bool), None)  # mean 0.01
+    check = kl.search_check(spread, n)
+    assert check["kl_lower"] < 0.01 < check["kl_upper"] and kl.searched(check, final=False) is None
+    assert kl.searched(check) is False
+    assert kl.searched(kl.search_check(Losses(np.full(20, 0.02), np.ones(20, bool), None), n), final=False) is False
+    assert sequential(0.1, 0.2, 0.2) is True and sequential(0.2, 0.3, 0.1) is False
+    assert sequential(0.1, 0.3, 0.2) is None
