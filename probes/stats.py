@@ -73,7 +73,7 @@ def _chunks(T: int, size: int) -> Iterator[slice]:
         yield slice(start, min(T, start + size))
 
 
-MASK_ROWS = 1024  # query rows per step of the per-mask sums (few steps: a GPU launches few kernels)
+MASK_ROWS = 256  # query rows per step of the per-mask sums: few steps (launches) and small float temporaries
 
 
 @dataclass
