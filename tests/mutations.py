@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MUTATIONS = [
     ("reducers/cost.py", "2 * n * n * self.q_width", "6 * n * n * self.q_width",
      ["tests/test_reducers_derive.py", "-k", "self_consistent"]),
-    ("reports/words.py", 'return (f"prune visual tokens at layer', 'return "WRONG" or (f"prune visual tokens at layer',
+    ("reports/words.py", 'return f"prune visual tokens {where}', 'return "WRONG" or f"prune visual tokens {where}',
      ["tests/test_reports.py", "-k", "vlm_report"]),
     ("reducers/apply.py", "compat.is_decode_step(kwargs))", "False)", ["tests/test_reducers_apply.py", "-x"]),
     ("attnflow/fileio.py", "_share(Path(tmp), 0o666)", "pass", ["tests/test_fileio.py"]),
@@ -32,6 +32,8 @@ MUTATIONS = [
     ("reducers/plan.py", "self.leaving.add(layer + 1)", "pass", ["tests/test_reducers_dynamic.py", "-x"]),
     ("probes/fused.py", "p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)", "p = tl.where(ok, tl.exp(s - lse[:, None] + 1e-4), 0.0)",
      ["tests/test_fused.py"]),
+    ("reducers/scores.py", "above = text & (relevance > mean)", "above = text & (relevance < mean)",
+     ["tests/test_reducers_apply.py", "-k", "raters"]),
 ]
 
 
