@@ -42,8 +42,9 @@ def _n_answer(processor: Any, examples: list[Example], with_answer: bool) -> lis
 
 
 def _trace_batch(nm: nnsight.NNsight, model: nn.Module, batch: dict, layout: Layout, *,
-                 level: str, full_layers: set[int], chunk: int, rank_max_tokens: int, fused: bool) -> list[dict]:
-    """One nnsight trace of one batch; returns per-layer dicts of reduced tensors."""
+                 level: str, full_layers: set[int], chunk: int, rank_max_tokens: int, fused: bool) -> dict[str, torch.Tensor]:
+    """One nnsight trace of one batch; returns each reduced field stacked over the layers, [B, L, ...]
+    on the CPU ("attn": over the layers whose full map was kept)."""
     adapter = adapters.adapter_for(model)
     eager = adapters.attn_implementation(model) == "eager"
     envoys = _submodule(nm, adapters.layers_path(model))
@@ -71,11 +72,12 @@ def _trace_batch(nm: nnsight.NNsight, model: nn.Module, batch: dict, layout: Lay
             stats["resid_in_last"] = h_in[rows, layout.last].float()
             stats["resid_out_last"] = h_out[rows, layout.last].float()
             results.append(nnsight.save({k_: v.detach() for k_, v in stats.items()}))
-    # one device-to-host copy per field, not per field and layer (each copy waits for the device)
-    common = set.intersection(*(set(r) for r in results))  # "attn" only where a full map was kept
-    host = _to_host({name: torch.stack([r[name] for r in results]) for name in common})
-    return [{**{name: values[i] for name, values in host.items()}, **{name: r[name].cpu() for name in set(r) - common}}
-            for i, r in enumerate(results)]
+    # stacked on the device: one host copy per field, not per field and layer (each copy waits for the device)
+    stacked = {name: torch.stack([r[name] for r in results], 1) for name in set(results[0]) - {"attn"}}
+    kept = [r["attn"] for r in results if "attn" in r]
+    if kept:
+        stacked["attn"] = torch.stack(kept, 1)
+    return _to_host(stacked)
 
 
 def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -98,20 +100,18 @@ def _left_align(x: np.ndarray, real: np.ndarray, T: int, fill: Any) -> np.ndarra
     return out
 
 
-def _batch_dataset(per_layer: list[dict], spans: Spans, ids: np.ndarray, real: np.ndarray,
+def _batch_dataset(layers: dict[str, torch.Tensor], spans: Spans, ids: np.ndarray, real: np.ndarray,
                    tokens: list[list[str]], full_layers: list[int]) -> dict[str, np.ndarray]:
-    """Stack one batch's per-layer tensors into [B, L, ...] numpy arrays (the schema's dim
-    order), positions left-aligned per sample."""
+    """One batch's layer-stacked tensors as numpy arrays in the schema's dim order, positions
+    left-aligned per sample."""
     T = int(real.sum(1).max())
     arrays: dict[str, np.ndarray] = {}
-    for name in LAYER_FIELDS:  # [B, ...] per layer -> [B, L, ...]
-        stacked = np.stack([r[name].numpy() for r in per_layer], 1)
+    for name in LAYER_FIELDS:  # [B, L, ...]
+        stacked = layers[name].numpy()
         arrays[name] = _left_align(stacked, real, T, np.nan) if schema.padded_axes(name) else stacked
-    ins = np.stack([per_layer[0]["resid_in_last"].numpy()] + [r["resid_out_last"].numpy() for r in per_layer], 1)
-    arrays["resid_last"] = ins
+    arrays["resid_last"] = np.concatenate([layers["resid_in_last"][:, :1].numpy(), layers["resid_out_last"].numpy()], 1)
     if full_layers:
-        full = np.stack([per_layer[i]["attn"].numpy() for i in full_layers], 1)  # [B, Lf, H, T, T]
-        full = _left_align(full, real, T, np.nan)
+        full = _left_align(layers["attn"].numpy(), real, T, np.nan)  # [B, Lf, H, T, T]
         arrays["attn"] = np.moveaxis(_left_align(np.moveaxis(full, -1, -2), real, T, np.nan), -1, -2)
     per_position = {"modality": spans.modality, "image": spans.image, "patch_row": spans.patch_row,
                     "patch_col": spans.patch_col, "token_id": ids,
@@ -201,11 +201,11 @@ def record(
         layout = Layout(valid=real.to(device), group=torch.as_tensor(spans.group_index()).to(device),
                         last=torch.where(prompt, positions, -1).max(1).values.to(device),
                         n_groups=len(GROUPS), causal=adapter.causal, all_valid=bool(real.all()))
-        per_layer = _trace_batch(nm, model, {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()},
+        layers = _trace_batch(nm, model, {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()},
                                  layout, level=level, full_layers=set(full_layers), chunk=chunk,
                                  rank_max_tokens=rank_max_tokens, fused=fused)
         tokens = [tok.convert_ids_to_tokens(row) for row in ids.tolist()]
-        chunks.append(_batch_dataset(per_layer, spans, ids.numpy(), real.numpy(), tokens, full_layers))
+        chunks.append(_batch_dataset(layers, spans, ids.numpy(), real.numpy(), tokens, full_layers))
     length = max(parallel.gather(max(int(c["length"].max()) for c in chunks)))  # shards share one pos axis
     return _dataset(chunks, [examples[i] for i in samples], model, dims, level, full_layers, model_path, inputs,
                     length, samples, world)

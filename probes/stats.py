@@ -160,20 +160,19 @@ def attention_stats(
     ref = weights if weights is not None else q
     B, H, T = ref.shape[0], ref.shape[1], ref.shape[2]
     seen = _visible(mask, layout, T, chunk)
-    onehot = layout.onehot
     full = [] if keep_full or T <= rank_max_tokens else None
     scale = None if weights is not None else q.shape[-1] ** -0.5 if scaling is None else scaling
     output = None
     if fused and full is None and weights is None and not softcap and seen.plain and fusedk.serves(q):
         by_group, last_row = _fused(layout, q, k, scale, seen)
     else:
-        by_group, last_row, output = _chunked(layout, seen, onehot, weights, q, k, v, scale, softcap, full, chunk)
+        by_group, last_row, output = _chunked(layout, seen, weights, q, k, v, scale, softcap, full, chunk)
     out = {
         "received": by_group.sum(2) * seen.per_key,
         "uniform": seen.uniform,
         "n_seen": seen.n_seen,
         "last_row": last_row,
-        "flow": (by_group @ onehot[:, None]) * layout.per_source,
+        "flow": (by_group @ layout.onehot[:, None]) * layout.per_source,
     }
     out["arank"] = _arank(torch.cat(full, 2), layout) if full is not None and T <= rank_max_tokens \
         else torch.full((B, H), float("nan"), device=ref.device)
@@ -191,14 +190,15 @@ def _fused(layout: Layout, q: torch.Tensor, k: torch.Tensor, scale: float,
     gid = torch.where(layout.valid, layout.group, -1)  # one launch; the kernels want int32 anyway
     by_group, lse = fusedk.group_columns(q, k, gid, layout.n_groups, scale, layout.causal)
     batch = layout.batch
-    q_last = q[batch, :, layout.last].float()  # [B, H, d]
-    k_all = k.float().repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # [B, H, T, d]
-    scores = torch.einsum("bhd,bhtd->bht", q_last, k_all) * scale - lse[batch, :, layout.last][..., None]
+    B, H, _, d = q.shape
+    q_last = q[batch, :, layout.last].float().view(B, k.shape[1], -1, d)  # [B, Hkv, H/Hkv, d]: GQA groups
+    logits = torch.einsum("bgrd,bgtd->bgrt", q_last, k.float()).reshape(B, H, -1)  # no key copy per query head
+    scores = logits * scale - lse[batch, :, layout.last][..., None]
     row_vis = seen.vis[batch, 0, layout.last]  # [B, T]
     return by_group, torch.where(row_vis[:, None], scores.exp(), 0.0)
 
 
-def _chunked(layout: Layout, seen: Visible, onehot: torch.Tensor, weights: torch.Tensor | None,
+def _chunked(layout: Layout, seen: Visible, weights: torch.Tensor | None,
              q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | None, scale: float | None,
              softcap: float | None, full: list | None, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(by_group [B,H,G,T], last_row [B,H,T], output or None), one query chunk at a time; appends
@@ -226,7 +226,7 @@ def _chunked(layout: Layout, seen: Visible, onehot: torch.Tensor, weights: torch
         if full is not None and not layout.all_valid:  # pad queries' rows (not in any group below) zeroed
             a = a * layout.valid.float()[:, None, rows, None]
         # [B, H, G, kend]: what each group of real queries pays each key; one read of ``a``
-        by_group[..., :kend] += onehot[:, None, rows].transpose(-1, -2) @ a
+        by_group[..., :kend] += layout.onehot[:, None, rows].transpose(-1, -2) @ a
         at = layout.last - rows.start  # each sample's last prompt row, if it falls in this chunk
         hit = (at >= 0) & (at < rows.stop - rows.start)
         row = a[batch, :, at.clamp(0, rows.stop - rows.start - 1)]  # [B, H, kend]
