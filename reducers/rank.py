@@ -11,8 +11,7 @@ under eager and SDPA, which never return attention weights.
 
 from __future__ import annotations
 
-import functools
-from functools import reduce
+from functools import partial, reduce
 from typing import Any
 
 import torch
@@ -110,7 +109,7 @@ def attach_rankers(layers: nn.ModuleList, planner: Planner, adapter: adapters.Ad
             handles.append(layers[layer].register_forward_pre_hook(keep_input, with_kwargs=True))
         handles.append(attn.register_forward_hook(rank, with_kwargs=True))
     if any(by == "text" for by, _ in planner.rank_by.values()):
-        handles.append(layers[0].register_forward_pre_hook(functools.partial(_choose_raters, planner), with_kwargs=True))
+        handles.append(layers[0].register_forward_pre_hook(partial(_choose_raters, planner), with_kwargs=True))
     return handles
 
 
