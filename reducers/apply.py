@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from attnflow import compat
 from attnflow.probes import adapters
@@ -34,6 +35,29 @@ def cannot_shorten(model: nn.Module) -> str | None:
     if adapter.unshortenable:
         return f"reducers cannot shorten {adapter.family}: {adapter.unshortenable}"
     return None
+
+
+class _LayerHooks:
+    """The decoder-layer hooks of one ``apply``: the shortener's, then the rankers' (which must see
+    cut inputs), attached or removed as a whole."""
+
+    def __init__(self, shortener: Shortener, rankers: Callable[[], list[RemovableHandle]]) -> None:
+        self.shortener, self.rankers = shortener, rankers
+        self.handles: list[RemovableHandle] = []
+        self.attached = False
+
+    def on(self, attached: bool) -> None:
+        if attached == self.attached:
+            return
+        if attached:
+            self.shortener.attach()
+            self.handles = self.rankers()
+        else:
+            self.shortener.detach()
+            for h in self.handles:
+                h.remove()
+            self.handles = []
+        self.attached = attached
 
 
 @contextmanager
@@ -61,24 +85,29 @@ def apply(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path", 
     first = next((s for s in sched.steps_of("prune_visual") if s["layer"] == 0), None)
     cut = None if first is None else InputCut(first, planner, bool_mask=backend != "eager")
 
+    shortener = Shortener(layers, planner, bool_mask=backend != "eager", first=planner.first_cut)
+    layer_hooks = _LayerHooks(shortener, lambda: attach_rankers(layers, planner, adapter))
+
     def begin(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ScheduleError("reducers.apply needs input_ids (not only inputs_embeds) to find the visual tokens")
+        decoding = compat.is_decode_step(kwargs)
+        # decode steps that change nothing run without layer hooks: a hooked module takes PyTorch's
+        # slower call path, which cost more than a shorter cache saves on small models
+        layer_hooks.on(not (decoding and planner.decodes_unchanged))
         if cut is not None:  # the language model's own pre-hook begins the planner on the shortened prompt
             cut.seen(input_ids, kwargs.get(compat.ATTENTION_MASK))
         else:
-            planner.begin(input_ids, kwargs.get(compat.ATTENTION_MASK), compat.is_decode_step(kwargs))
+            planner.begin(input_ids, kwargs.get(compat.ATTENTION_MASK), decoding)
 
-    shortener = Shortener(layers, planner, bool_mask=backend != "eager")
     handles = [model.register_forward_pre_hook(begin, with_kwargs=True)]
     try:
         if cut is not None:
             handles += attach_input_cut(model, cut)
-        shortener.attach()
-        handles += attach_rankers(layers, planner, adapter)  # after the shortener: rankers see cut inputs
+        layer_hooks.on(True)
         yield planner
     finally:
-        shortener.detach()
+        layer_hooks.on(False)
         for h in handles:
             h.remove()

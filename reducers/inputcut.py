@@ -6,8 +6,9 @@ others. A forward pre-hook on the language
 model (the module holding the decoder layers) replaces its inputs: the input embeddings gathered
 to the kept positions (per sample; a sample that keeps fewer carries filler that nobody attends,
 as padding), the position ids gathered (original positions, also Qwen2-VL's M-RoPE rows), and a
-4-D mask built here from the kept layout, which transformers passes on as it is. Decode steps
-get the same mask over the shorter cache plus the new tokens. The planner of the later steps
+4-D mask built here from the kept layout, which transformers passes on as it is (a 2-D mask of
+ones when the layout holds no filler: the model then builds its own causal mask, as it does
+unreduced). Decode steps get the same mask over the shorter cache plus the new tokens. The planner of the later steps
 (reducers.plan) then sees the shortened prompt, with each token's original visual-token index,
 so protected sinks and seeded random scores stay the same.
 """
@@ -58,6 +59,7 @@ class InputCut:
         self.planner, self.bool_mask = planner, bool_mask
         self.outer: dict[str, Tensor | None] = {}
         self.valid = torch.empty(0)  # [B, N'] kept (True) or filler, per reduced slot
+        self.plain = False  # no filler in this prompt's layout
         self.cls: list[Tensor] = []  # per vision-tower call: [images, tokens] [CLS] attention
         self.last_position = torch.empty(0)  # [B] the prompt's last original position
 
@@ -101,16 +103,29 @@ class InputCut:
         want = real & ~dropped(scores, candidates, n_keep)
         take, filler = rectangular(want, ~real)
         self.valid = ~filler
+        self.plain = bool(self.valid.all())  # no filler: the model's own causal mask is right
         positions = kwargs.get(compat.POSITION_IDS)
         if positions is None:
             positions = (real.long().cumsum(-1) - 1).clamp_min(0)
         self.last_position = positions.reshape(-1, b, n)[0, :, -1] if positions.dim() == 3 else positions[..., -1]
         out = {**kwargs, INPUTS_EMBEDS: gather_seq(embeds, take, 1), compat.POSITION_IDS: gather_seq(positions, take, -1),
-               compat.ATTENTION_MASK: _mask(self.valid, take.shape[1], 0, self.bool_mask, embeds.dtype)}
+               compat.ATTENTION_MASK: self._mask(take.shape[1], 0, embeds.dtype)}
         planner.begin(ids.to(dev).gather(1, take), self.valid.long(), False,
                       labels={"visual_index": index.gather(1, take), "patch_row": rows.gather(1, take),
                               "patch_col": cols.gather(1, take), "origin": take}, shortened=n - take.shape[1])
         return out
+
+    def _mask(self, n_queries: int, cached: int, dtype: torch.dtype) -> Tensor:
+        """The language model's mask for ``n_queries`` new tokens after ``cached`` ones: the 4-D one of
+        ``_mask`` over the kept layout (and the tokens generated since); without filler a 2-D mask of
+        ones, from which the model builds its own causal mask at no extra cost (not None: transformers
+        would then read the gathered, gapped position ids as packed sequences)."""
+        b, dev = self.valid.shape[0], self.valid.device
+        generated = cached + n_queries - self.valid.shape[1]
+        if self.plain:
+            return torch.ones(b, cached + n_queries, dtype=torch.long, device=dev)
+        keys = torch.cat([self.valid, torch.ones(b, generated, dtype=torch.bool, device=dev)], 1)
+        return _mask(keys, n_queries, cached, self.bool_mask, dtype)
 
     def _decode(self, kwargs: dict[str, Any], embeds: Tensor) -> dict[str, Any]:
         if self.valid.numel() == 0:
@@ -119,8 +134,7 @@ class InputCut:
         b, q = embeds.shape[:2]
         cached = compat.forward_cache(kwargs).get_seq_length()
         new = cached + q - self.valid.shape[1]  # generated tokens so far, this step's included
-        keys = torch.cat([self.valid, torch.ones(b, new, dtype=torch.bool, device=embeds.device)], 1)
-        out = {**kwargs, compat.ATTENTION_MASK: _mask(keys, q, cached, self.bool_mask, embeds.dtype)}
+        out = {**kwargs, compat.ATTENTION_MASK: self._mask(q, cached, embeds.dtype)}
         if kwargs.get(compat.POSITION_IDS) is None:
             out[compat.POSITION_IDS] = self.last_position[:, None] + new - q + 1 + torch.arange(q, device=embeds.device)
         self.planner.begin(torch.zeros(b, q, dtype=torch.long, device=embeds.device), None, True)

@@ -81,6 +81,9 @@ class Planner:
         self.skips = {layer: s["tokens"] for s in schedule.steps_of("skip_layers") for layer in s["layers"]}
         # the layers where tokens may leave, known on the host: deciding a cut needs no device sync
         self.leave_layers = {*self.prunes, *(() if self.exit is None else (self.exit,))}
+        # layers before the first that may cut process every token as the model does: no hook runs there
+        self.first_cut = min({*self.leave_layers, *self.skips, *(c + 1 for c in self.checks)},
+                             default=self.num_layers)
         self.sliding = adapters.window_layer_types(model)
         self.decoding = False
         self.layer_tokens: dict[int, tuple[Tensor, Tensor]] = {}
@@ -102,6 +105,8 @@ class Planner:
         self.decode_cuts: dict[tuple[int, bool], Cut] = {}
         self.plain_decode: dict[int, bool] = {}
         self.prompt_tokens = self.seen = 0
+        # per prompt: decode steps run, and whether every hooked layer ran each of them unmasked and uncut
+        self.decode_steps, self.unchanged_decode = 0, True
 
     # ---- prompt bookkeeping -------------------------------------------------------------
     def begin(self, input_ids: Tensor, attention_mask: Tensor | None, decoding: bool,
@@ -119,6 +124,7 @@ class Planner:
                                     f"{'/'.join(self.sliding)} layers: their cache keeps a window of entries, not "
                                     "of positions. Run full forwards (use_cache=False) instead")
             self.decoding = True
+            self.decode_steps += 1
             self.seen += input_ids.shape[1]
             self.decode_cuts = {}
             return
@@ -156,8 +162,10 @@ class Planner:
         self.filler = torch.zeros(b, n, dtype=torch.bool, device=dev)
         self.touched, self.steady, self.steady_entry = False, None, None
         self.cached, self.layer_tokens, self.scores, self.plain_decode = {}, {}, {}, {}
+        for layer in range(self.first_cut):
+            self.cached[layer], self.layer_tokens[layer] = None, (self.pos, ~self.pad)
         self.prompt_tokens = self.seen = n
-        self.decoding = False
+        self.decoding, self.decode_steps, self.unchanged_decode = False, 0, True
 
     @property
     def query_position(self) -> int:
@@ -181,7 +189,17 @@ class Planner:
         """The cut of this call of ``layer``; ``masked``: the model passed the layer a mask tensor."""
         if not self.decoding:
             return self._prefill_cut(layer)
-        return None if not masked and self._plain_decode(layer) else self._decode_cut(layer, hidden)
+        if not masked and self._plain_decode(layer):
+            return None
+        self.unchanged_decode = False
+        return self._decode_cut(layer, hidden)
+
+    @property
+    def decodes_unchanged(self) -> bool:
+        """Whether this prompt's decode steps so far (at least one) ran every layer as the unreduced
+        model does, unmasked: the layer hooks can be left out of its further decode steps (a
+        generation keeps its mask's presence, and a new prefill brings them back)."""
+        return self.decoding and self.decode_steps > 0 and self.unchanged_decode
 
     def _plain_decode(self, layer: int) -> bool:
         """Whether, without a mask, a decode step runs ``layer`` as the unreduced model does: its cache

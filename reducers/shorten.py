@@ -98,11 +98,25 @@ def _cut_mask(mask: Tensor | None, cut: Cut, use_bool: bool, dtype: torch.dtype)
     return mask
 
 
+def sliced_kwargs(cut: Cut, kwargs: dict[str, Any], dtype: torch.dtype, bool_mask: bool) -> dict[str, Any]:
+    """The position embeddings, position ids and attention mask of a decoder layer's ``kwargs``
+    cut by ``cut`` (a bool mask under SDPA when ``bool_mask``, else additive in ``dtype``)."""
+    pe, ids = kwargs.get(compat.POSITION_EMBEDDINGS), kwargs.get(compat.POSITION_IDS)
+    out: dict[str, Any] = {compat.ATTENTION_MASK: _cut_mask(kwargs.get(compat.ATTENTION_MASK), cut, bool_mask, dtype)}
+    if pe is not None and cut.rows is not None:
+        out[compat.POSITION_EMBEDDINGS] = tuple(gather_seq(t, cut.rows, -2) for t in pe)
+    if ids is not None and cut.rows is not None:
+        out[compat.POSITION_IDS] = gather_seq(ids, cut.rows, -1)
+    return out
+
+
 class Shortener:
     """Hooks on every decoder layer that execute the ``Cut`` a planner gives for each call."""
 
-    def __init__(self, layers: nn.ModuleList, planner: Planner, *, bool_mask: bool) -> None:
-        self.layers, self.planner, self.bool_mask = layers, planner, bool_mask
+    def __init__(self, layers: nn.ModuleList, planner: Planner, *, bool_mask: bool, first: int = 0) -> None:
+        """Hooks go on layers ``first`` onwards: the planner cuts no earlier layer, and a hook's mere
+        presence costs every call of its module (PyTorch's slow call path)."""
+        self.layers, self.planner, self.bool_mask, self.first = layers, planner, bool_mask, first
         self._pending: dict[int, tuple[Cut, Tensor]] = {}
         self._handles: list[RemovableHandle] = []
         # layers share HF's position and mask tensors, and consecutive layers often share a
@@ -111,6 +125,8 @@ class Shortener:
 
     def attach(self) -> None:
         for i, layer in enumerate(self.layers):
+            if i < self.first:
+                continue
             self._handles.append(layer.register_forward_pre_hook(self._pre(i), with_kwargs=True))
             self._handles.append(layer.register_forward_hook(self._post(i)))
 
@@ -122,17 +138,12 @@ class Shortener:
         self._memo = None
 
     def _sliced(self, cut: Cut, kwargs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
-        """The position embeddings, position ids and mask of ``kwargs`` cut by ``cut``."""
+        """``sliced_kwargs`` of ``kwargs``, reused while the cut and HF's tensors are the same objects."""
         pe, ids = kwargs.get(compat.POSITION_EMBEDDINGS), kwargs.get(compat.POSITION_IDS)
-        mask = kwargs.get(compat.ATTENTION_MASK)
-        key = (cut, *(pe or (None, None)), ids, mask)
+        key = (cut, *(pe or (None, None)), ids, kwargs.get(compat.ATTENTION_MASK))
         if self._memo is not None and all(a is b for a, b in zip(self._memo[0], key)):
             return self._memo[1]
-        out: dict[str, Any] = {compat.ATTENTION_MASK: _cut_mask(mask, cut, self.bool_mask, dtype)}
-        if pe is not None and cut.rows is not None:
-            out[compat.POSITION_EMBEDDINGS] = tuple(gather_seq(t, cut.rows, -2) for t in pe)
-        if ids is not None and cut.rows is not None:
-            out[compat.POSITION_IDS] = gather_seq(ids, cut.rows, -1)
+        out = sliced_kwargs(cut, kwargs, dtype, self.bool_mask)
         self._memo = (key, out)
         return out
 

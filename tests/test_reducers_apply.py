@@ -303,6 +303,44 @@ def test_hooks_are_removed_on_exit_and_on_error(models):
     assert not model._forward_pre_hooks
 
 
+@pytest.mark.parametrize("op", ["pdrop", "input_divprune", "skip_all"])
+def test_decode_steps_that_change_nothing_run_without_layer_hooks(models, op):
+    """After a first decode step in which every hooked layer ran unmasked and uncut, the layer hooks
+    leave until the next prefill; a padded batch (masked) or a skipped layer keeps them; two
+    generations in one block equal two in separate blocks."""
+    model, processor = models["sdpa"]
+    layers = adapters.decoder_layers(model)
+    one, padded = encode(processor, tiny.sample_prompts("llava")[:1]), encode(processor, prompts())
+    schedule = Schedule.for_model(model, STEPS[op])
+    hooked = []
+
+    def count(module, args, kwargs):
+        hooked.append(any(layer._forward_pre_hooks for layer in layers))
+
+    gen = dict(max_new_tokens=5, do_sample=False, eos_token_id=None)
+    with torch.no_grad():
+        with apply(model, schedule):
+            apart = [model.generate(**b, **gen) for b in (one,)]
+        with apply(model, schedule):
+            apart.append(model.generate(**padded, **gen))
+        with apply(model, schedule):
+            handle = model.register_forward_pre_hook(count, with_kwargs=True)  # runs after apply's own
+            try:
+                together = [model.generate(**b, **gen) for b in (one, padded, one)]
+            finally:
+                handle.remove()
+    assert torch.equal(together[0], apart[0]) and torch.equal(together[2], apart[0])
+    assert torch.equal(together[1], apart[1])
+    steps = len(hooked) // 3  # a prefill and 4 decode steps per generation: whether the layers were hooked
+    first, second, third = hooked[:steps], hooked[steps:2 * steps], hooked[2 * steps:]
+    if op == "input_divprune":  # cut before the first layer: no layer needs a hook at all
+        assert hooked == [False] * 15
+        return
+    unchanged = op != "skip_all"  # a skipped layer's decode step still bypasses it
+    assert steps == 5 and first == third == [True, True] + [not unchanged] * 3
+    assert second == [True] * 5  # the prefill re-attaches them; the padded batch is masked
+
+
 def test_misuse_gets_a_clear_error(models):
     model, processor = models["sdpa"]
     batch = encode(processor, prompts()[:1])
