@@ -5,10 +5,11 @@ For each model, 2,400 calibration prompts are drawn from its task with a seed of
 a training seed nor the held-out seed). Record and analyze the first FINDINGS_PROMPTS of them, and
 derive under a one-point accuracy budget: the search runs on a third of them (800), each trial judged
 by a sequential test (on 64 prompts, then twice as many while it is close to the budget's edge), and
-the result is accepted on the other 1,600 by the one-sided 95% Wilson bound on broken answers (at
-1,600 prompts a one-point budget tolerates nine broken answers; at 300 it tolerated none), else the
-search's next-best candidates are tried, then back-off steps. Then verify
-on the held-out set, which derivation never saw, with FastV, PyramidDrop, DART, DivPrune, VisionZip
+the result is accepted on the other 1,600 by the one-sided 95% upper bound on the net accuracy drop
+(answers broken less answers fixed; Tango's paired score bound, 1998: at 1,600 prompts
+with every answer right and none fixed a one-point budget tolerates nine broken answers, more when
+the reduction also fixes some), else the search's next-best candidates are tried, then back-off
+steps. Then verify on the held-out set, which derivation never saw, with FastV, PyramidDrop, DART, DivPrune, VisionZip
 and SparseVLM at their defaults and FastV, DART, DivPrune, random, pooling, VisionZip, SparseVLM and
 the per-prompt dynamic exit at the schedule's FLOPs, timed at batch 1 and at batch 16. Writes ``benchmarks/results/schedules-<model>.{json,md}`` atomically.
 """
@@ -95,7 +96,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
         val = s["derived_from"]["validation"]
         out += [f"## {res['model']}", "",
                 f"Derived on {res['calibration']} calibration prompts (searched on {s['derived_from']['fidelity']['n_examples']}, "
-                f"accepted on {val['n_examples']}: answers broken ≤ {100 * val.get('accuracy_drop_upper', float('nan')):.2f}% "
+                f"accepted on {val['n_examples']}: net accuracy drop ≤ {100 * val.get('accuracy_drop_upper', float('nan')):.2f}% "
                 f"at 95%), verified on {res['heldout']} held-out prompts; unreduced accuracy "
                 f"{100 * v['unreduced']['accuracy']:.2f}%. Seconds: "
                 + ", ".join(f"{k} {x:.0f}" for k, x in res["seconds"].items()) + ".", "",

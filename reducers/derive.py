@@ -25,17 +25,17 @@ The inputs are split (``reducers.validation.split``) into a search part and a va
 A greedy search on the search part: the earliest exit within budget, the prune stages with the
 lowest predicted FLOPs within budget, then every skip that stays within budget. Each trial is
 judged against what the validation part can accept (its losses against the unreduced model:
-next-token KL by its 95% bootstrap bound, the shares of top-1 disagreements and broken answers
-against the largest the validation bound lets through; see ``reducers.validation``) by a
-sequential test (``Budget.searched``): on the first ``first_block`` search prompts, and on twice as
-many while its 95% bounds there hold the budget's edge, up to ``max_examples``; a trial still close
-on all of them is judged by its KL bound and its observed shares. Clearly-over trials (random
-and pooling cuts, deep cuts) cost one block, so the search can afford the hundreds of prompts that
-telling 0.4% from 0.8% broken answers takes for the close ones. The result must then keep its
-bounds within budget on the validation prompts, which the search never saw; while it does not,
-the next-best candidates the search found (the cheapest within budget per first-stage layer and
-score, cheapest first) are tried, then it backs off (drop the last skip, raise keep, move the exit
-later), ``max_backoffs`` tries in all.
+next-token KL by its 95% bootstrap bound, the share of top-1 disagreements and the net accuracy
+drop, answers broken less answers fixed, against the largest the validation bound lets through;
+see ``reducers.validation``) by a sequential test (``Budget.searched``): on the first
+``first_block`` search prompts, and on twice as many while its 95% bounds there hold the budget's
+edge, up to ``max_examples``; a trial still close on all of them is judged by its KL bound and its
+observed share and drop. Clearly-over trials (random and pooling cuts, deep cuts) cost one block,
+so the search can afford the hundreds of prompts that telling a 0.4% from a 0.8% drop takes for
+the close ones. The result must then keep its bounds within budget on the validation prompts,
+which the search never saw; while it does not, the next-best candidates the search found (the
+cheapest within budget per first-stage layer and score, cheapest first) are tried, then it backs
+off (drop the last skip, raise keep, move the exit later), ``max_backoffs`` tries in all.
 Every choice and trial (with its part and the prompts it was judged on) is written to
 ``derived_from``; ``fidelity`` holds the search part's figures (in-sample), ``validation`` the
 held-out ones it was accepted on. Nothing here times or verifies: callers verify the result once,
@@ -72,7 +72,9 @@ from attnflow.reducers.validation import (
     CONFIDENCE,
     bootstrap_mean_bounds,
     bootstrap_mean_upper,
+    drop_allowed,
     min_prompts,
+    paired_drop_bounds,
     sequential,
     split,
     tolerated,
@@ -80,7 +82,8 @@ from attnflow.reducers.validation import (
     wilson_upper,
 )
 
-BOUNDS_METHOD = "one-sided Wilson score (accuracy drop, agreement), percentile bootstrap of the mean (KL)"
+BOUNDS_METHOD = ("one-sided Tango score, paired (net accuracy drop), one-sided Wilson score (agreement), "
+                 "percentile bootstrap of the mean (KL)")
 DEFAULT_MAX_KL = 0.01  # nats; used when a budget names no bound
 BUDGET_KEYS = ("max_kl", "min_agreement", "max_accuracy_drop")
 
@@ -120,17 +123,18 @@ class Budget:
 
     def bounds(self, losses: "Losses", confidence: float = CONFIDENCE) -> dict[str, float]:
         """One-sided ``confidence`` bounds (reducers.validation) on what the budget limits: the mean KL
-        (bootstrap), the top-1 agreement (Wilson, lower) and the share of answers the reduction
-        breaks (Wilson, upper; the budget's accuracy drop)."""
+        (bootstrap), the top-1 agreement (Wilson, lower) and the net accuracy drop, answers broken
+        less answers fixed (Tango's paired score bound, upper: the budget's accuracy drop); beside it
+        the observed share of broken answers (``broken_share``), the churn the net drop hides."""
         out: dict[str, float] = {}
         if self.max_kl is not None:
             out["kl_upper"] = bootstrap_mean_upper(losses.kl, confidence)
         if self.min_agreement is not None:
             out["agreement_lower"] = wilson_lower(int(losses.agree.sum()), losses.agree.size, confidence)
         if self.max_accuracy_drop is not None:
-            if losses.broken is None:
-                raise ScheduleError("a max_accuracy_drop budget needs inputs with answers")
-            out["accuracy_drop_upper"] = wilson_upper(int(losses.broken.sum()), losses.broken.size, confidence)
+            a, b, c, d = losses.table()
+            out["accuracy_drop_upper"] = paired_drop_bounds(b, c, a + b + c + d, confidence)[1]
+            out["broken_share"] = b / (a + b + c + d)
         return out
 
     def certified(self, bounds: dict[str, float]) -> bool:
@@ -140,32 +144,36 @@ class Budget:
                 and (self.max_accuracy_drop is None or bounds["accuracy_drop_upper"] <= self.max_accuracy_drop + 1e-9))
 
     def search_check(self, losses: "Losses", n_validation: int, confidence: float = CONFIDENCE) -> dict[str, float]:
-        """What a search-part trial is judged by: the mean KL with its bootstrap bounds, and the
-        observed shares of disagreements and broken answers with their Wilson bounds, beside the
-        largest shares the ``n_validation`` validation prompts can let through
-        (``reducers.validation.tolerated``)."""
+        """What a search-part trial is judged by: the mean KL with its bootstrap bounds; the observed
+        share of top-1 disagreements with its Wilson bounds, beside the largest share the
+        ``n_validation`` validation prompts can let through (``reducers.validation.tolerated``); and
+        the observed net accuracy drop with its Tango bounds, beside the largest net drop those
+        prompts certify at this trial's observed unreduced accuracy and share of fixed answers
+        (``reducers.validation.drop_allowed``)."""
         out: dict[str, float] = {}
         if self.max_kl is not None:
             out["kl_lower"], out["kl_upper"] = bootstrap_mean_bounds(losses.kl, confidence)
-        for name, budget, lost in (("disagreement", None if self.min_agreement is None else 1 - self.min_agreement,
-                                    ~losses.agree), ("broken", self.max_accuracy_drop, losses.broken)):
-            if budget is None:
-                continue
-            if lost is None:
-                raise ScheduleError("a max_accuracy_drop budget needs inputs with answers")
-            k, n = int(lost.sum()), lost.size
-            out[f"{name}_share"] = k / n
-            out[f"{name}_lower"], out[f"{name}_upper"] = wilson_lower(k, n, confidence), wilson_upper(k, n, confidence)
-            out[f"{name}_allowed"] = tolerated(budget, n_validation, confidence) / n_validation
+        if self.min_agreement is not None:
+            k, n = int((~losses.agree).sum()), losses.agree.size
+            out["disagreement_share"] = k / n
+            out["disagreement_lower"] = wilson_lower(k, n, confidence)
+            out["disagreement_upper"] = wilson_upper(k, n, confidence)
+            out["disagreement_allowed"] = tolerated(1 - self.min_agreement, n_validation, confidence) / n_validation
+        if self.max_accuracy_drop is not None:
+            a, b, c, d = losses.table()
+            n = a + b + c + d
+            out["drop_lower"], out["drop_upper"] = paired_drop_bounds(b, c, n, confidence)
+            out["drop_share"] = (b - c) / n
+            out["drop_allowed"] = drop_allowed(self.max_accuracy_drop, n_validation, (a + b) / n, c / n, confidence)
         return out
 
     def searched(self, check: dict[str, float], final: bool = True) -> bool | None:
         """A ``search_check``'s verdict by ``reducers.validation.sequential``: True when every bound is
         clearly within what validation can accept, False when one is clearly over; when close, None
         (judge it on more prompts) or, on the last block (``final``), the KL by its upper bound (as
-        validation judges it) and the shares by their observed value."""
+        validation judges it), the disagreement share and the net drop by their observed value."""
         limits = [("kl", self.max_kl, "kl_upper")] if self.max_kl is not None else []
-        limits += [(n, check[f"{n}_allowed"], f"{n}_share") for n in ("disagreement", "broken")
+        limits += [(n, check[f"{n}_allowed"], f"{n}_share") for n in ("disagreement", "drop")
                    if f"{n}_share" in check]
         verdicts = [(sequential(check[f"{n}_lower"], check[f"{n}_upper"], allowed), check[last] <= allowed + 1e-12)
                     for n, allowed, last in limits]
@@ -176,7 +184,10 @@ class Budget:
         return None
 
     def prompts_needed(self, confidence: float = CONFIDENCE) -> int:
-        """The fewest validation prompts with which the budget can be certified at all (zero losses)."""
+        """The fewest validation prompts with which the budget is certified for a reduction that loses
+        nothing (``reducers.validation.min_prompts``; the net accuracy drop's bound with no answer
+        changed is the Wilson zero-loss bound); fewer could certify only a reduction that fixes
+        answers, which ``derive`` cannot count on."""
         shares = [b for b in (self.max_accuracy_drop, None if self.min_agreement is None else 1 - self.min_agreement)
                   if b is not None]
         if any(b <= 0 for b in shares):
@@ -197,19 +208,29 @@ class Budget:
 @dataclass
 class Losses:
     """Per-prompt losses of a reduced model against the unreduced one: next-token KL (nats), top-1
-    agreement, whether the reduction broke a right answer and whether it fixed a wrong one (None
-    without answers)."""
+    agreement; for the prompts with answers, whether the reduction broke a right answer, whether it
+    fixed a wrong one and whether the unreduced model answered right (None without answers)."""
 
     kl: np.ndarray
     agree: np.ndarray
     broken: np.ndarray | None
     fixed: np.ndarray | None = None
+    right: np.ndarray | None = None
 
     def __add__(self, other: "Losses") -> "Losses":
         def cat(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
             return None if a is None or b is None else np.concatenate([a, b])
 
-        return Losses(*(cat(getattr(self, f), getattr(other, f)) for f in ("kl", "agree", "broken", "fixed")))
+        return Losses(*(cat(getattr(self, f), getattr(other, f))
+                        for f in ("kl", "agree", "broken", "fixed", "right")))
+
+    def table(self) -> tuple[int, int, int, int]:
+        """The paired 2x2 table of the prompts with answers: right unreduced and reduced, broken,
+        fixed, wrong both (``reducers.validation.paired_drop_bounds``)."""
+        if self.broken is None or self.fixed is None or self.right is None:
+            raise ScheduleError("a max_accuracy_drop budget needs inputs with answers")
+        b, c, right = int(self.broken.sum()), int(self.fixed.sum()), int(self.right.sum())
+        return right - b, b, c, self.right.size - right - c
 
     def figures(self) -> dict[str, Any]:
         """Mean next-token KL, top-1 agreement and the accuracy change (what ``verify`` reports)."""
@@ -276,17 +297,17 @@ class _Probe:
 
     def losses(self, schedule: Schedule, first: int, stop: int) -> Losses:
         """Per-prompt losses of ``schedule`` on batches ``first`` to ``stop`` (next-token KL(full ||
-        reduced) and top-1 agreement at the last prompt position; broken and fixed answers when the
-        prompts have them)."""
+        reduced) and top-1 agreement at the last prompt position; broken and fixed answers, and the
+        unreduced model's right ones, when the prompts have them)."""
         lo, hi = self.starts[first], self.starts[stop]
         with torch.no_grad(), apply(self.model, schedule):
             run = generate_greedy(self.model, self.batches[first:stop], self.tok, self.new_tokens)
         kl, agree = per_prompt_fidelity(self.full.first_logits[lo:hi], run.first_logits)
         scored = [(a, b) for a, b in zip(self.right[lo:hi], answers_right(run, self.examples[lo:hi]))
                   if a is not None]
-        broken, fixed = (np.array([[a and not b, b and not a] for a, b in scored], dtype=bool).reshape(-1, 2).T
-                         if any(r is not None for r in self.right) else (None, None))
-        return Losses(kl.numpy(), agree.numpy(), broken, fixed)
+        right, broken, fixed = (np.array([[a, a and not b, b and not a] for a, b in scored], dtype=bool)
+                                .reshape(-1, 3).T if any(r is not None for r in self.right) else (None, None, None))
+        return Losses(kl.numpy(), agree.numpy(), broken, fixed, right)
 
 
 @dataclass

@@ -5,21 +5,22 @@ A schedule searched on some prompts looks better on them than on others (the sea
 happens to pass there), so ``derive`` accepts a schedule only when an upper confidence bound of
 its loss on a separate validation part lies within the budget:
 
-- accuracy: the share of validation prompts the unreduced model answers right and the reduced
-  one wrong, bounded above by the one-sided Wilson score interval (Wilson 1927; answers the
-  reduction fixes are not credited, so the bound is conservative);
+- accuracy: the net drop, the share of validation prompts whose answer the reduction breaks
+  (right unreduced, wrong reduced) less the share it fixes, bounded above by Tango's score
+  interval for a difference of paired proportions (Tango 1998; ``paired_drop_bounds``);
 - next-token top-1 agreement: bounded below by the one-sided Wilson interval;
 - next-token KL: the mean bounded above by a seeded percentile bootstrap of the prompts.
 
-With zero losses the Wilson bound is z²/(n + z²), so a budget ``b`` can only ever be met with at
-least ``min_prompts(b)`` validation prompts (268 for one point at 95%): ``derive`` says so
-instead of searching in vain. The search part aims at what validation will accept, the largest
-loss share ``tolerated(b, n_validation) / n_validation`` the validation bound lets through (KL: the
-same bootstrap bound), by a sequential test (``sequential``, a group-sequential scheme in the manner
-of Wald's SPRT, 1945): a trial is judged on a first block of the search prompts, and on twice as
-many while its two-sided interval there holds that share (close to it: neither clearly within nor
-clearly over); only trials near the budget's edge pay for all the search prompts, and telling
-0.4% from 0.8% broken answers takes hundreds of them.
+With no answer changed the net bound is the Wilson zero-loss bound z²/(n + z²) (Wilson 1927), so a
+budget ``b`` can only ever be met with at least ``min_prompts(b)`` validation prompts (268 for one
+point at 95%): ``derive`` says so instead of searching in vain. The search part aims at what
+validation will accept: the largest net drop ``drop_allowed`` the validation bound lets through at
+the trial's observed share of fixed answers (top-1 disagreements: the largest share
+``tolerated(b, n_validation) / n_validation``; KL: the same bootstrap bound), by a sequential test
+(``sequential``, a group-sequential scheme in the manner of Wald's SPRT, 1945): a trial is judged on
+a first block of the search prompts, and on twice as many while its two-sided interval there holds
+that limit (close to it: neither clearly within nor clearly over); only trials near the budget's
+edge pay for all the search prompts, and telling a 0.4% from a 0.8% drop takes hundreds of them.
 """
 
 from __future__ import annotations
@@ -102,6 +103,58 @@ def sequential(lower: float, upper: float, allowed: float) -> bool | None:
     return True if upper <= allowed + 1e-12 else False if lower > allowed + 1e-12 else None
 
 
+def paired_drop_bounds(broken: int, fixed: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """One-sided ``confidence`` (lower, upper) bounds on the net accuracy drop ``(broken - fixed) / n``
+    of ``n`` paired answers, ``broken`` right unreduced and wrong reduced, ``fixed`` the reverse:
+    Tango's score interval for a difference of paired proportions (Tango 1998, Statistics in
+    Medicine 17:891). For a hypothesised drop δ the score statistic is
+    Z(δ) = (b - c - nδ) / sqrt(n(2q + δ(1 - δ))), q the restricted maximum-likelihood share of fixed
+    answers, q = (sqrt(B² - 4AC) - B) / 2A with A = 2n, B = -b - c + (2n - b + c)δ, C = -cδ(1 - δ);
+    the bounds are where Z = ±z (found by bisection: Z falls as δ grows). It depends on the
+    discordant answers only (answers the reduction leaves alone narrow it through n), fixed answers
+    offset broken ones, and with none of either the upper bound is the Wilson zero-loss bound
+    z²/(n + z²), whatever the accuracy (Newcombe's hybrid interval, by contrast, collapses to 0 at
+    an accuracy of one half)."""
+    if n <= 0 or broken < 0 or fixed < 0 or broken + fixed > n:
+        raise ValueError(f"need 0 <= broken + fixed <= n and n > 0, got broken={broken}, fixed={fixed}, n={n}")
+    z = _z(confidence)
+    b, c = broken, fixed
+
+    def score(delta: float) -> float:
+        big_b = -b - c + (2 * n - b + c) * delta
+        root = math.sqrt(max(0.0, big_b * big_b + 8 * n * c * delta * (1 - delta)))
+        q = (root - big_b) / (4 * n)
+        var = n * (2 * q + delta * (1 - delta))
+        diff = b - c - n * delta
+        return diff / math.sqrt(var) if var > 0 else math.copysign(math.inf, diff) if diff else 0.0
+
+    def solve(lo: float, hi: float, target: float) -> float:  # score(lo) >= target >= score(hi)
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if score(mid) >= target else (lo, mid)
+        return (lo + hi) / 2
+
+    theta = (b - c) / n
+    return solve(-1.0, theta, z), solve(theta, 1.0, -z)
+
+
+def drop_allowed(budget: float, n: int, right: float, fixed: float, confidence: float = CONFIDENCE) -> float:
+    """The largest net drop share that ``n`` prompts certify within ``budget`` (the upper bound of
+    ``paired_drop_bounds``) when the reduction fixes a share ``fixed`` of them and at most the share
+    ``right`` the unreduced model answers right can break (both rounded to counts): what a search
+    trial's net drop is held against, the bound depending on the churn as well as the drop, so the
+    trial's observed rates stand in for validation's. Broken answers are added one at a time, as
+    ``tolerated`` adds losses, while the bound stays within the budget; one broken answer short of
+    none when even none is over it. With nothing fixed it is ``tolerated(budget, n) / n``, the Wilson
+    rule on broken answers (the two bounds agree when no answer is fixed)."""
+    r = round(right * n)
+    c = min(round(fixed * n), n - r)
+    b = -1
+    while b + 1 <= r and paired_drop_bounds(b + 1, c, n, confidence)[1] <= budget + 1e-9:
+        b += 1
+    return (b - c) / n
+
+
 def tolerated(budget: float, n: int, confidence: float = CONFIDENCE) -> int:
     """The most losses in ``n`` prompts whose upper Wilson bound stays within ``budget`` (-1: none)."""
     k = -1
@@ -111,7 +164,9 @@ def tolerated(budget: float, n: int, confidence: float = CONFIDENCE) -> int:
 
 
 def min_prompts(budget: float, confidence: float = CONFIDENCE) -> int:
-    """The fewest prompts with which zero losses bound a loss share within ``budget``."""
+    """The fewest prompts with which zero losses bound a loss share within ``budget`` (Wilson): also
+    the fewest with which a reduction that changes no answer has its net accuracy drop certified
+    (``paired_drop_bounds``' upper bound is then the same z²/(n + z²))."""
     if not 0 < budget < 1:
         raise ValueError(f"a loss budget must lie in (0, 1), got {budget}")
     z2 = _z(confidence) ** 2

@@ -191,7 +191,8 @@ def verified_sentence(schedule: dict[str, Any] | None) -> str:
 
 def in_sample_sentence(schedule: dict[str, Any] | None) -> str:
     """What derive measured on the prompts it searched (in-sample) and on its validation prompts
-    (with the confidence bounds it was accepted by), or ''."""
+    (with the confidence bounds it was accepted by, and the share of answers the reduction broke,
+    which the net accuracy drop nets against those it fixed), or ''."""
     derived = (schedule or {}).get("derived_from") or {}
     fid, val = derived.get("fidelity") or {}, derived.get("validation") or {}
     if not fid:
@@ -201,9 +202,11 @@ def in_sample_sentence(schedule: dict[str, Any] | None) -> str:
         bounds = [f"{name} {fmt(val[key])}" for key, name, fmt in (
             ("kl_upper", "KL at most", lambda v: f"{num(v)} nats"),
             ("agreement_lower", "agreement at least", lambda v: pct(v, 1)),
-            ("accuracy_drop_upper", "answers broken at most", lambda v: pct(v, 1))) if val.get(key) is not None]
+            ("accuracy_drop_upper", "net accuracy drop at most", lambda v: pct(v, 1)))
+            if val.get(key) is not None]
         where = "the same prompts (too few to hold any out)" if val.get("in_sample") else f"{val['n_examples']} other prompts"
-        text += (f" Validation, on {where}: {_fidelity_words(val)}; "
+        churn = "" if val.get("broken_share") is None else f", answers broken {pct(val['broken_share'], 1)}"
+        text += (f" Validation, on {where}: {_fidelity_words(val)}{churn}; "
                  f"{pct(val['confidence'])} bounds {', '.join(bounds)} "
                  f"({'within' if val['within_budget'] else 'OUTSIDE'} the budget).")
     return text

@@ -34,6 +34,8 @@ MUTATIONS = [
      ["tests/test_fused.py"]),
     ("reducers/scores.py", "above = text & (relevance > mean)", "above = text & (relevance < mean)",
      ["tests/test_reducers_apply.py", "-k", "raters"]),
+    ("reducers/validation.py", "q = (root - big_b) / (4 * n)", "q = (root + big_b) / (4 * n)",
+     ["tests/test_reducers_validation.py", "-k", "paired_net_drop or sequential or net_drop_certifies"]),
 ]
 
 

@@ -4,6 +4,7 @@ and a derivation whose search prompts accept what its validation prompts reject.
 from __future__ import annotations
 
 from collections import Counter
+from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -13,8 +14,33 @@ from attnflow.models import default_inputs, load_model
 from attnflow.probes.inputs import Example, load_examples
 from attnflow.reducers import ScheduleError
 from attnflow.reducers.derive import Budget, Losses, derive
-from attnflow.reducers.validation import bootstrap_mean_upper, min_prompts, split, wilson_lower, wilson_upper
+from attnflow.reducers.validation import (
+    bootstrap_mean_upper,
+    drop_allowed,
+    min_prompts,
+    paired_drop_bounds,
+    split,
+    tolerated,
+    wilson_lower,
+    wilson_upper,
+)
 from tests.claims import findings_claiming
+
+Z2 = 2.7055  # z² at one-sided 95% (z = 1.6449)
+Z = NormalDist().inv_cdf(0.95)
+
+
+def table(a: int, b: int, c: int, d: int) -> Losses:
+    """Hand-made losses of a paired table, prompts in order: ``a`` right unreduced and reduced, ``b``
+    broken, ``c`` fixed, ``d`` wrong both (no KL, every top-1 agreeing)."""
+    n, counts = a + b + c + d, [a, b, c, d]
+    return Losses(np.zeros(n), np.ones(n, bool), np.repeat([False, True, False, False], counts),
+                  np.repeat([False, False, True, False], counts), np.repeat([True, True, False, False], counts))
+
+
+def broken(k: int, n: int) -> Losses:
+    """``k`` answers broken of ``n``, every answer right unreduced and none fixed."""
+    return table(n - k, k, 0, 0)
 
 
 @pytest.mark.parametrize("n, share", [(300, 0.5), (7, 0.5), (10, 0.3), (5, 0.0)])
@@ -53,18 +79,67 @@ def test_wilson_bounds_by_hand():
     assert 0.01 < upper < 0.02 and upper == bootstrap_mean_upper(kl)  # seeded
 
 
+def tango_score(b: int, c: int, n: int, delta: float) -> float:
+    """Tango's score statistic (Tango 1998) for a hypothesised net drop ``delta``, written out
+    independently of reducers.validation."""
+    a_, b_ = 2 * n, -b - c + (2 * n - b + c) * delta
+    c_ = -c * delta * (1 - delta)
+    q = (np.sqrt(b_ * b_ - 4 * a_ * c_) - b_) / (2 * a_)
+    return (b - c - n * delta) / np.sqrt(n * (2 * q + delta * (1 - delta)))
+
+
+def test_the_paired_net_drop_bounds_by_hand():
+    """Tango's score interval on 1,600 prompts, 8 broken and 8 fixed (θ = 0): at δ = 0.0044387,
+    A = 3200, B = -16 + 3200·δ = -1.7962, C = -8·δ(1 - δ) = -0.035352, B² - 4AC = 455.73, so
+    q = (21.348 + 1.7962)/6400 = 0.0036163; n(2q + δ(1 - δ)) = 1600·0.0116516 = 18.6426, and
+    Z = -1600·δ/4.3177 = -1.6448 = -z: the upper bound; the lower one mirrors it (b = c)."""
+    lower, upper = paired_drop_bounds(8, 8, 1600)
+    assert upper == pytest.approx(0.0044387, abs=1e-6) and lower == pytest.approx(-upper)
+    assert tango_score(8, 8, 1600, 0.0044387) == pytest.approx(-1.6448, abs=1e-3)
+    for b, c, n in [(8, 8, 1600), (3, 1, 14), (0, 5, 20), (4, 0, 10), (0, 0, 1), (20, 0, 320), (16, 12, 1600)]:
+        lower, upper = paired_drop_bounds(b, c, n)
+        assert -1 <= lower <= (b - c) / n <= upper <= 1
+        assert tango_score(b, c, n, upper) == pytest.approx(-Z, abs=1e-6)
+        if lower > -1:
+            assert tango_score(b, c, n, lower) == pytest.approx(Z, abs=1e-6)
+    # nothing changed: the Wilson zero-loss bound z²/(n + z²), whatever the accuracy
+    assert paired_drop_bounds(0, 0, 1600)[1] == pytest.approx(Z * Z / (1600 + Z * Z)) == pytest.approx(wilson_upper(0, 1600))
+    # nothing fixed: the Wilson bound on the broken answers
+    assert paired_drop_bounds(9, 0, 1600)[1] == pytest.approx(wilson_upper(9, 1600))
+    # fixing more than it breaks: a negative drop, here even bounded below zero
+    lower, upper = paired_drop_bounds(4, 12, 1600)
+    assert lower < -0.005 < upper < 0  # θ = -8/1600
+    with pytest.raises(ValueError, match="broken"):
+        paired_drop_bounds(0, 0, 0)
+    with pytest.raises(ValueError, match="broken"):
+        paired_drop_bounds(5, 6, 10)
+
+
 def test_a_budget_is_certified_by_its_bound_not_its_mean():
     budget = Budget(max_accuracy_drop=0.01)
-    none_broken = Losses(np.zeros(300), np.ones(300, bool), np.zeros(300, bool))
-    one_broken = Losses(np.zeros(300), np.ones(300, bool), np.r_[True, np.zeros(299, bool)])
-    assert budget.certified(budget.bounds(none_broken))  # 0/300: bound 0.0089
-    bounds = budget.bounds(one_broken)
-    assert bounds["accuracy_drop_upper"] == pytest.approx(wilson_upper(1, 300))
+    assert budget.certified(budget.bounds(broken(0, 300)))  # 0/300: bound 0.0089
+    bounds = budget.bounds(broken(1, 300))
+    assert bounds["accuracy_drop_upper"] == pytest.approx(wilson_upper(1, 300)) and bounds["broken_share"] == 1 / 300
     assert not budget.certified(bounds)  # a 0.33-point drop whose 95% bound is 1.9 points
     assert budget.prompts_needed() == 268
     assert Budget(min_agreement=0.95).prompts_needed() == min_prompts(0.05)
     with pytest.raises(ScheduleError, match="never be certified"):
         Budget(max_accuracy_drop=0.0).prompts_needed()
+
+
+def test_the_net_drop_certifies_what_broken_answers_alone_would_not():
+    """1,600 prompts, 1516 right unreduced: 16 broken (1%: Wilson bound 1.50%, over one point) and
+    12 fixed, a net drop of 4/1600 = 0.25% bounded by 0.83%: within. 30 broken and none fixed: a
+    1.88% drop, over by either rule (both 2.52%: with nothing fixed they agree)."""
+    budget = Budget(max_accuracy_drop=0.01)
+    churn = budget.bounds(table(1500, 16, 12, 72))
+    assert wilson_upper(16, 1600) > 0.01 and churn["broken_share"] == 0.01
+    assert churn["accuracy_drop_upper"] == pytest.approx(0.008287, abs=1e-6) and budget.certified(churn)
+    worse = budget.bounds(table(1518, 30, 0, 52))
+    assert worse["accuracy_drop_upper"] == pytest.approx(wilson_upper(30, 1600)) == pytest.approx(0.025194, abs=1e-6)
+    assert not budget.certified(worse)
+    with pytest.raises(ScheduleError, match="needs inputs with answers"):
+        budget.bounds(Losses(np.zeros(4), np.ones(4, bool), None))
 
 
 def test_validation_rejects_what_the_search_prompts_accept():
@@ -95,47 +170,63 @@ def test_a_budget_the_validation_part_cannot_certify_is_refused_up_front():
 
 
 def test_the_search_aims_at_what_validation_can_accept():
-    from attnflow.reducers.validation import tolerated
-
     assert tolerated(0.01, 300) == 0 and tolerated(0.01, 100) == -1  # 1/300 is bounded by 1.9%
     assert wilson_upper(tolerated(0.02, 1000), 1000) <= 0.02 < wilson_upper(tolerated(0.02, 1000) + 1, 1000)
+    # every answer right, none fixed: the net bound is the Wilson bound on broken answers
+    for budget, n in ((0.01, 300), (0.01, 100), (0.01, 1600), (0.02, 1000)):
+        assert drop_allowed(budget, n, 1.0, 0.0) == tolerated(budget, n) / n
+    # 1548 of 1600 right, 20 fixed: 24 broken certify (bound 0.958%), 25 do not (1.029%): a net 4/1600
+    assert drop_allowed(0.01, 1600, 0.9675, 20 / 1600) == 4 / 1600
+    assert paired_drop_bounds(24, 20, 1600)[1] <= 0.01 < paired_drop_bounds(25, 20, 1600)[1]
+    # churn costs: fixing 50 and breaking 50 of 1600 is bounded by more than a point, so 49 at most
+    assert drop_allowed(0.01, 1600, 0.9375, 50 / 1600) == -1 / 1600
     budget = Budget(max_accuracy_drop=0.01)
-    clean = Losses(np.zeros(256), np.ones(256, bool), np.zeros(256, bool))
+    clean = broken(0, 256)
     # 0 of 256 broken cannot be certified on 256 prompts (bound 1.05%), but is what 300 validation prompts accept
     assert not budget.certified(budget.bounds(clean))
     check = budget.search_check(clean, n_validation=300)
-    assert check == {"broken_share": 0.0, "broken_lower": 0.0, "broken_upper": wilson_upper(0, 256),
-                     "broken_allowed": 0.0} and budget.searched(check)
-    one = Losses(np.zeros(256), np.ones(256, bool), np.r_[True, np.zeros(255, bool)])
-    assert not budget.searched(budget.search_check(one, n_validation=300))
-
-
-def broken(k: int, n: int) -> Losses:
-    return Losses(np.zeros(n), np.ones(n, bool), np.r_[np.ones(k, bool), np.zeros(n - k, bool)])
+    assert check == pytest.approx({"drop_share": 0.0, "drop_lower": -wilson_upper(0, 256),
+                                   "drop_upper": wilson_upper(0, 256), "drop_allowed": 0.0})
+    assert budget.searched(check)
+    assert not budget.searched(budget.search_check(broken(1, 256), n_validation=300))
 
 
 def test_the_sequential_search_test_by_hand():
-    """1,600 validation prompts let a one-point budget through with 9 broken answers: a share of
-    0.5625%. A block is clearly within when its upper Wilson bound is below that, clearly over when
-    its lower bound is above it, else close: judged on more prompts, or on the last block by its
-    observed share."""
+    """1,600 validation prompts on which every answer is right and none is fixed let a one-point
+    budget through with 9 broken answers: a net drop of 0.5625%. A block is clearly within when its
+    upper bound is below that, clearly over when its lower bound is above it, else close: judged on
+    more prompts, or on the last block by its observed net drop."""
     from attnflow.reducers.validation import sequential
 
     budget, n = Budget(max_accuracy_drop=0.01), 1600
-    assert budget.search_check(broken(0, 64), n)["broken_allowed"] == 9 / 1600
-    # 3 of 64: p = 0.046875, lower (p + z²/128 - z·sqrt(p(1-p)/64 + z²/16384)) / (1 + z²/64) = 0.01889 > 0.5625%
-    check = budget.search_check(broken(3, 64), n)
-    assert check["broken_lower"] == pytest.approx(0.01889, abs=1e-5) and budget.searched(check, final=False) is False
-    # 0 of 64: bounds 0 and z²/(64 + z²) = 4.06% hold 0.5625%: close, but 0% is within on the last block
+    assert budget.search_check(broken(0, 64), n)["drop_allowed"] == 9 / 1600
+    # 6 of 64 broken, none fixed: Tango's lower bound is then Wilson's, 4.93%: clearly over 0.5625%
+    check = budget.search_check(broken(6, 64), n)
+    assert check["drop_lower"] == pytest.approx(wilson_lower(6, 64)) == pytest.approx(0.049256, abs=1e-6)
+    assert budget.searched(check, final=False) is False
+    # 3 of 64: the lower bound 0.44% lies below 0.5625%: close
+    assert budget.search_check(broken(3, 64), n)["drop_lower"] == pytest.approx(0.004414, abs=1e-6)
+    assert budget.searched(budget.search_check(broken(3, 64), n), final=False) is None
+    # 0 of 64: bounds ∓z²/(64 + z²) = 4.06% hold 0.5625%: close, but 0% is within on the last block
     check = budget.search_check(broken(0, 64), n)
-    assert check["broken_upper"] == pytest.approx(2.7055 / 66.7055, abs=1e-5)
+    assert check["drop_upper"] == pytest.approx(Z2 / 66.7055, abs=1e-5)
     assert budget.searched(check, final=False) is None and budget.searched(check) is True
     # 0 of 600: z²/(600 + z²) = 0.449% is clearly within, on any block
     assert budget.searched(budget.search_check(broken(0, 600), n), final=False) is True
-    # 3 and 4 of 600 (0.5% and 0.667%; bounds 0.20%-1.24% for 3): close, decided on the last block by the share
+    # 3 and 4 of 600 (0.5% and 0.667%; bounds 0.05% to 1.24% for 3): close, decided on the last block by the drop
     assert budget.searched(budget.search_check(broken(3, 600), n), final=False) is None
     assert budget.searched(budget.search_check(broken(3, 600), n)) is True
     assert budget.searched(budget.search_check(broken(4, 600), n)) is False
+    # fixed answers count: 564 right both, 6 broken (1%: over 0.5625% by broken answers alone), 5 fixed,
+    # 25 wrong both. Validation at these rates (1520 right, 13 fixed of 1600) certifies up to 19 broken,
+    # a net 6/1600 = 0.375%; the net drop is 1/600 = 0.167%, bounds -0.83% to 1.19%: close, within at the last
+    check = budget.search_check(table(564, 6, 5, 25), n)
+    assert check["drop_share"] == 1 / 600 and check["drop_allowed"] == 6 / 1600
+    assert paired_drop_bounds(19, 13, 1600)[1] <= 0.01 < paired_drop_bounds(20, 13, 1600)[1]
+    assert budget.searched(check, final=False) is None and budget.searched(check) is True
+    # the same with 10 broken: a net 5/600 = 0.833%, over; 10 broken and none fixed is clearly over
+    assert budget.searched(budget.search_check(table(555, 10, 5, 30), n)) is False
+    assert budget.searched(budget.search_check(table(560, 10, 0, 30), n), final=False) is False
     # KL by its bootstrap bounds, the last block by the upper one (as validation judges it)
     kl = Budget(max_kl=0.01)
     spread = Losses(np.r_[np.zeros(90), np.full(10, 0.1)], np.ones(100, bool), None)  # mean 0.01
