@@ -1,6 +1,8 @@
 """What reducing buys: prefill and per-token decode wall-clock of FastV (K=2, R=50%),
 PyramidDrop and a derived schedule against the unreduced model, beside each one's predicted
-FLOPs ratio (attnflow.reducers.cost).
+FLOPs ratio (attnflow.reducers.cost) and its attainable speedup (attnflow.reducers.speed.attainable:
+the decoder layers timed alone at the widths the configuration gives them, as if shortening cost
+nothing).
 
 Every configuration runs the same model object under ``attnflow.reducers.apply`` (real
 shortening), timed by the harness ``verify`` uses (attnflow.reducers.speed): one process, all
@@ -23,7 +25,7 @@ from attnflow.probes import adapters
 from attnflow.reducers.baselines import fastv, pdrop
 from attnflow.reducers.cost import Shape, predict
 from attnflow.reducers.schedule import Schedule, load_schedule
-from attnflow.reducers.speed import speed
+from attnflow.reducers.speed import attainable, layer_widths, speed
 from attnflow.benchmarks import shapes
 from attnflow.benchmarks.machine import describe, gpu_name
 
@@ -48,6 +50,9 @@ def run_model(model: nn.Module, batch: dict[str, torch.Tensor], *, pad_token_id:
     layout = [(int(am.sum()), int(((ids == image) & am).sum()))
               for ids, am in zip(batch["input_ids"], batch["attention_mask"].bool())]
     shape = Shape.of(model)
+    unreduced_s = timing.stats(timed["unreduced"]["prefill"], timed["unreduced"]["prefill"])["median_s"]
+    widths = {name: layer_widths(model, s, batch) for name, s in configs.items() if s is not None}
+    reachable = attainable(model, widths, batch, unreduced_s, repeats=10 * repeats)
     rows: dict[str, Any] = {}
     for name, s in configs.items():
         pred = predict(s, shape, layout) if s is not None else {"flops_ratio": 1.0, "decode_flops_ratio": 1.0}
@@ -66,6 +71,8 @@ def run_model(model: nn.Module, batch: dict[str, torch.Tensor], *, pad_token_id:
             row["speedup_vs_predicted"] = row["prefill_speedup"] / row["predicted_speedup"]
             row["cpu_speedup_vs_predicted"] = row["cpu_prefill_speedup"] / row["predicted_speedup"]
             row["target_met"] = row["speedup_vs_predicted"] >= SPEEDUP_TARGET
+            row["attainable_speedup"] = reachable[name]
+            row["speedup_vs_attainable"] = row["prefill_speedup"] / reachable[name]
         rows[name] = row
     return {"tokens": layout[0][0], "visual_tokens": layout[0][1], "new_tokens": new_tokens, "repeats": repeats,
             "backend": adapters.attn_implementation(model), "dtype": str(next(model.parameters()).dtype)[6:],

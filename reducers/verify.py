@@ -9,8 +9,8 @@ agreement and KL(full ‖ reduced) at the last prompt position, greedy generated
 agreement over ``new_tokens`` tokens, and task accuracy when the examples carry answers (the
 generated text scored by probes.answers). Cost: the predicted FLOPs ratio (realised, per prompt,
 for a dynamic exit: it saves them at batch size 1), T_eq and
-KV-cache bytes (reducers.cost), and wall-clock prefill and per-token decode time measured in
-this process, configurations interleaved in every repeat, medians. The rows form a Pareto
+KV-cache bytes (reducers.cost), and wall-clock prefill and per-token decode time (over at least
+``DECODE_TIMED`` generated tokens) measured in this process, configurations interleaved in every repeat, medians. The rows form a Pareto
 table of fidelity (accuracy when there are answers, else agreement) against FLOPs.
 """
 
@@ -35,6 +35,7 @@ from attnflow.reducers.speed import medians, speed
 from attnflow.reducers.verdict import Row, Verdict, mark_pareto
 
 
+DECODE_TIMED = 8  # decode steps timed per generation at least: over fewer, noise swamps a few-ms step
 # the per-prompt exit compared at the schedule's FLOPs: reads from layer 1 on, threshold set by at_flops
 DYNAMIC_EXIT = {"op": "visual_exit_dynamic", "from": 1, "threshold": 0.0}
 
@@ -81,7 +82,8 @@ def verify(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path",
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         configs = {"unreduced": None, **schedules}
         timing = (timing_batch,) if timing_batch["input_ids"].shape[0] == 1 else (timing_batch, one)
-        timed = [{name: medians(t) for name, t in speed(model, configs, b, new_tokens=new_tokens, repeats=repeats,
+        timed = [{name: medians(t) for name, t in speed(model, configs, b, new_tokens=max(new_tokens, DECODE_TIMED),
+                                                        repeats=repeats,
                                                         pad=pad).items()} for b in timing] if world.main else None
         timed = parallel.broadcast(timed)  # timed by rank 0 alone, the other ranks idle meanwhile
         times, times_b1 = timed[0], timed[-1]  # a timing batch of one prompt is timed once
