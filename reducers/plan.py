@@ -44,7 +44,10 @@ def rectangular(want: Tensor, pad: Tensor, min_width: int = 0) -> tuple[Tensor, 
     (at least ``min_width``; pads first, then the earliest other slots), in slot order.
     Returns (slots, is_filler)."""
     b, n = want.shape
-    width = max(min_width, int(want.sum(1).max()) if b else 0)
+    fewest, most = (int(v) for v in want.sum(1).aminmax()) if b else (0, 0)
+    width = max(min_width, most)
+    if fewest == width:  # every sample wants as many slots as the batch is wide: no filler
+        return want.nonzero()[:, 1].view(b, width), torch.zeros(b, width, dtype=torch.bool, device=want.device)
     slot = torch.arange(n, device=want.device).expand(b, n)
     priority = torch.where(want, 0, torch.where(pad, 1, 2)) * (n + 1) + slot
     chosen = priority.topk(width, dim=1, largest=False).indices.sort(dim=1).values

@@ -33,6 +33,8 @@ keeping the top ``n`` scores is the set the rule picks for ``n``:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -80,9 +82,14 @@ def cosine_distance(x: Tensor) -> Tensor:
 def random_scores(visual_index: Tensor, candidates: Tensor, seed: int) -> Tensor:
     """A seeded random score per visual-token index: a sample's order does not depend on its batch."""
     top = int(visual_index.max()) + 1 if visual_index.numel() else 0
-    draw = torch.rand(max(top, 1), generator=torch.Generator().manual_seed(seed))
-    scores = draw.to(visual_index.device)[visual_index.clamp_min(0)]
+    scores = _draw(max(top, 1), seed, visual_index.device)[visual_index.clamp_min(0)]
     return scores.masked_fill(~candidates, float("-inf"))
+
+
+@functools.lru_cache(maxsize=64)
+def _draw(n: int, seed: int, device: torch.device) -> Tensor:
+    """``n`` seeded uniform draws on ``device``, made once per (n, seed, device): read-only."""
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 def pool_scores(row: Tensor, col: Tensor, candidates: Tensor, limit: int) -> Tensor:
