@@ -5,8 +5,9 @@ visual tokens the last position attends to most, R=50% dropped. PyramidDrop (arX
 keep 50%, 25%, 12.5% at 1/4, 1/2, 3/4 of the depth. DART (arXiv 2502.11494): K=2, reduction
 ratio 0.778 (keep 22.2%), duplication against pivots. DivPrune (arXiv 2503.02175): keep 9.8% by
 max-min diversity of the LLM's input states, before the first decoder layer. VisionZip (arXiv
-2412.04467): its 64-of-576 setting (keep 11.1%) by the vision tower's [CLS] attention, before the
-first decoder layer, dominant tokens only; only for towers with a [CLS]. SparseVLM (arXiv
+2412.04467): its 64-of-576 setting (keep 11.1%: 54 dominant tokens by the vision tower's [CLS]
+attention, 10 contextual tokens merged from the rest), before the first decoder layer; only for
+towers with a [CLS]. SparseVLM (arXiv
 2410.04417): its 192-token setting, keep 300, 200 and 110 of 576 visual tokens from layers 2, 6
 and 15 of 32 (scaled to the depth), ranked by its text raters' attention, without recycling.
 
@@ -18,6 +19,7 @@ VisionZip, random and spatial pooling (the controls, arXiv 2511.02650 and 2510.0
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 from torch import nn
 
@@ -28,22 +30,34 @@ from attnflow.reducers.schedule import DEFAULT_PROTECT, Schedule
 
 PDROP_STAGES = ((0.25, 0.5), (0.5, 0.25), (0.75, 0.125))  # (boundary as a share of depth, keep)
 SPARSEVLM_STAGES = ((2 / 32, 300 / 576), (6 / 32, 200 / 576), (15 / 32, 110 / 576))
-# name -> (layer, score, published keep or None for the controls, which have no default)
-METHODS: dict[str, tuple[int, str, float | None]] = {
-    "fastv": (2, "last_row", 0.5),
-    "dart": (2, "dart", 0.222),
-    "divprune": (0, "divprune", 0.098),
-    "random": (0, "random", None),
-    "pool": (0, "pool", None),
-    "visionzip": (0, "cls", 64 / 576),  # VisionZip's 64-token setting (dominant tokens only)
-    "sparsevlm": (2, "text", None),  # its default is three stages (``sparsevlm``): one stage only at equal FLOPs
+
+
+class Method(NamedTuple):
+    """A method as one prune stage: its layer, score, published keep (None for the controls, which
+    have no default) and whether it merges (VisionZip's contextual tokens)."""
+
+    layer: int
+    by: str
+    keep: float | None
+    merge: bool = False
+
+
+METHODS: dict[str, Method] = {
+    "fastv": Method(2, "last_row", 0.5),
+    "dart": Method(2, "dart", 0.222),
+    "divprune": Method(0, "divprune", 0.098),
+    "random": Method(0, "random", None),
+    "pool": Method(0, "pool", None),
+    "visionzip": Method(0, "cls", 64 / 576, merge=True),  # VisionZip's 64-token setting
+    "sparsevlm": Method(2, "text", None),  # its default is three stages (``sparsevlm``): one stage only at equal FLOPs
 }
 
 
-def one_stage(model: nn.Module, keep: float, layer: int, by: str = "last_row") -> Schedule:
-    """One ``prune_visual`` step at ``layer`` (or the last layer of a shallower model) ranked by ``by``."""
+def one_stage(model: nn.Module, keep: float, layer: int, by: str = "last_row", merge: bool = False) -> Schedule:
+    """One ``prune_visual`` step at ``layer`` (or the last layer of a shallower model) ranked by ``by``
+    (with VisionZip's contextual ``merge``)."""
     depth = len(adapters.decoder_layers(model))
-    step = {"op": "prune_visual", "layer": min(layer, depth - 1), "keep": keep, "by": by}
+    step = {"op": "prune_visual", "layer": min(layer, depth - 1), "keep": keep, "by": by, **({"merge": True} if merge else {})}
     return Schedule.for_model(model, [step], protect=DEFAULT_PROTECT)
 
 
@@ -73,32 +87,32 @@ def sparsevlm(model: nn.Module) -> Schedule:
     return _stages(model, SPARSEVLM_STAGES, "text")
 
 
-def _methods(model: nn.Module) -> dict[str, tuple[int, str, float | None]]:
+def _methods(model: nn.Module) -> dict[str, Method]:
     """The methods that can serve ``model`` (VisionZip needs a [CLS] in its vision tower)."""
     usable = available_scores(model)
-    return {name: m for name, m in METHODS.items() if m[1] in usable}
+    return {name: m for name, m in METHODS.items() if m.by in usable}
 
 
 def published(model: nn.Module) -> dict[str, Schedule]:
     """Every method with a published default that can serve ``model``, at that default."""
-    out = {name: one_stage(model, keep, layer, by) for name, (layer, by, keep) in _methods(model).items()
-           if keep is not None}
+    out = {name: one_stage(model, m.keep, m.layer, m.by, m.merge) for name, m in _methods(model).items()
+           if m.keep is not None}
     return {"fastv": out["fastv"], "pdrop": pdrop(model), **{k: v for k, v in out.items() if k != "fastv"},
             "sparsevlm": sparsevlm(model)}
 
 
 def at_flops(model: nn.Module, target: float, shape: Shape, layouts: list[tuple[int, int]], layer: int,
-             by: str = "last_row") -> Schedule:
+             by: str = "last_row", merge: bool = False) -> Schedule:
     """One stage at ``layer`` ranked by ``by`` with the keep share whose predicted FLOPs ratio is closest to ``target``."""
     lo, hi = 0.0, 1.0
     for _ in range(30):  # the ratio grows with keep: bisect
         mid = (lo + hi) / 2
         below = predict(one_stage(model, mid, layer, by), shape, layouts)["flops_ratio"] < target
         lo, hi = (mid, hi) if below else (lo, mid)
-    return one_stage(model, round(hi, 4), layer, by)
+    return one_stage(model, round(hi, 4), layer, by, merge)
 
 
 def matched(model: nn.Module, target: float, shape: Shape, layouts: list[tuple[int, int]]) -> dict[str, Schedule]:
     """Every method at the FLOPs ratio ``target``, named ``<method>_equal_flops``."""
-    return {f"{name}_equal_flops": at_flops(model, target, shape, layouts, layer, by)
-            for name, (layer, by, _) in _methods(model).items()}
+    return {f"{name}_equal_flops": at_flops(model, target, shape, layouts, m.layer, m.by, m.merge)
+            for name, m in _methods(model).items()}

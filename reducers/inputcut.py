@@ -10,7 +10,8 @@ as padding), the position ids gathered (original positions, also Qwen2-VL's M-Ro
 ones when the layout holds no filler: the model then builds its own causal mask, as it does
 unreduced). Decode steps get the same mask over the shorter cache plus the new tokens. The planner of the later steps
 (reducers.plan) then sees the shortened prompt, with each token's original visual-token index,
-so protected sinks and seeded random scores stay the same.
+so protected sinks and seeded random scores stay the same. VisionZip's contextual merge (``merge``)
+also rewrites the input states of the tokens it keeps as contextual (reducers.scores.contextual_merge).
 """
 
 from __future__ import annotations
@@ -55,12 +56,13 @@ class InputCut:
     """The layer-0 prune step of a schedule, executed on the language model's inputs."""
 
     def __init__(self, step: dict[str, Any], planner: Planner, bool_mask: bool) -> None:
-        self.keep, self.by, self.seed = step["keep"], step["by"], step.get("seed", 0)
+        self.keep, self.by, self.seed, self.merge = step["keep"], step["by"], step.get("seed", 0), step.get("merge", False)
         self.planner, self.bool_mask = planner, bool_mask
         self.outer: dict[str, Tensor | None] = {}
         self.valid = torch.empty(0)  # [B, N'] kept (True) or filler, per reduced slot
         self.plain = False  # no filler in this prompt's layout
         self.cls: list[Tensor] = []  # per vision-tower call: [images, tokens] [CLS] attention
+        self.keys: list[Tensor] = []  # per vision-tower call: [images, tokens, dh] unit head-mean keys (merge)
         self.last_position = torch.empty(0)  # [B] the prompt's last original position
 
     def seen(self, input_ids: Tensor, attention_mask: Tensor | None) -> None:
@@ -100,7 +102,16 @@ class InputCut:
         else:
             scores = score_fns.selection_scores(self.by, candidates, limit, seed=self.seed, visual_index=index,
                                                 patch_row=rows, patch_col=cols, states=embeds)
-        want = real & ~dropped(scores, candidates, n_keep)
+        if self.merge:
+            keys = torch.cat(self.keys).to(dev)
+            self.keys = []
+            per_position = torch.zeros(b, n, keys.shape[-1], device=dev).masked_scatter(visual[..., None],
+                                                                                        keys.flatten(0, 1))
+            image = torch.as_tensor(spans.image, device=dev)
+            kept, embeds = score_fns.contextual_merge(scores, candidates, n_keep, per_position, image, embeds)
+            want = real & ~(candidates & ~kept)
+        else:
+            want = real & ~dropped(scores, candidates, n_keep)
         take, filler = rectangular(want, ~real)
         self.valid = ~filler
         self.plain = bool(self.valid.all())  # no filler: the model's own causal mask is right
@@ -165,8 +176,10 @@ def attach_input_cut(model: nn.Module, cut: InputCut) -> list[RemovableHandle]:
 
     def rank(module: nn.Module, args: tuple, output: Any) -> None:
         scale = getattr(module, "scale", None) or module.head_dim ** -0.5
-        cut.cls.append(score_fns.cls_attention(captured.pop(q_proj), captured.pop(k_proj), module.num_heads, scale,
-                                               drop_cls))
+        keys = captured.pop(k_proj)
+        cut.cls.append(score_fns.cls_attention(captured.pop(q_proj), keys, module.num_heads, scale, drop_cls))
+        if cut.merge:
+            cut.keys.append(score_fns.head_mean_keys(keys, module.num_heads, drop_cls))
 
     handles.append(attn.register_forward_hook(rank))
     return handles

@@ -18,7 +18,10 @@ head-mean attention the last prompt position pays them, FastV), ``random`` (with
 ``pool``, ``divprune``, ``dart``, ``cls`` or ``text`` (SparseVLM's raters). A prune step at layer 0 by ``random``, ``pool``,
 ``divprune`` or ``cls`` (scores that need no LLM attention; ``cls`` only there) drops its tokens
 before the first decoder layer
-(reducers.inputcut), as DivPrune does.
+(reducers.inputcut), as DivPrune does. ``"merge": true`` on a ``cls`` step is VisionZip's contextual
+merge (arXiv 2412.04467): of the kept share, a sixth-and-a-bit (10 of VisionZip's 64) are contextual
+tokens, each the sum of a target token and the mean of the dropped tokens most like it
+(reducers.scores.contextual_merge); the rest are the dominant tokens by [CLS] attention.
 ``visual_exit`` removes every unprotected visual token from ``layer`` on.
 ``visual_exit_dynamic`` (``{"op": "visual_exit_dynamic", "from": 2, "to": 6, "threshold": 0.05}``)
 is the same exit decided per prompt during the prefill: after each layer l with
@@ -64,7 +67,7 @@ OPS: tuple[str, ...] = ("prune_visual", "visual_exit", "visual_exit_dynamic", "s
 SKIP_TOKENS: tuple[str, ...] = ("all", "visual")
 DEFAULT_PROTECT: dict[str, Any] = {"visual_sinks": []}
 _STEP_KEYS: dict[str, dict[str, Any]] = {  # op -> {key: default, or ... when required}
-    "prune_visual": {"layer": ..., "keep": ..., "by": "last_row", "seed": None},
+    "prune_visual": {"layer": ..., "keep": ..., "by": "last_row", "seed": None, "merge": False},
     "visual_exit": {"layer": ...},
     "visual_exit_dynamic": {"from": ..., "to": None, "threshold": ...},
     "skip_layers": {"layers": ..., "tokens": "all"},
@@ -211,6 +214,13 @@ def _step(raw: Any, where: str, num_layers: int) -> dict[str, Any]:
             step["seed"] = _int(0 if step["seed"] is None else step["seed"], f"{where} (prune_visual) seed", 0, 2**63 - 1)
         elif step.pop("seed") is not None:
             raise ScheduleError(f"{where} (prune_visual): seed applies to by='random' only")
+        merge = step.pop("merge")
+        if merge not in (True, False):
+            raise ScheduleError(f"{where} (prune_visual) merge must be true or false, got {merge!r}")
+        if merge and step["by"] != "cls":
+            raise ScheduleError(f"{where} (prune_visual): merge is VisionZip's contextual merge, for by='cls' only")
+        if merge:
+            step["merge"] = True
     if op == "visual_exit_dynamic":
         start = _int(step["from"], f"{where} (visual_exit_dynamic) from", 1, last)
         if step["to"] is not None:

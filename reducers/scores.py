@@ -34,11 +34,13 @@ keeping the top ``n`` scores is the set the rule picks for ``n``:
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import Tensor
 
 SCORES: tuple[str, ...] = ("last_row", "random", "pool", "divprune", "dart", "cls", "text")
+CONTEXTUAL_SHARE = 10 / 64  # VisionZip's 64-token setting: 54 dominant + 10 contextual tokens
 INPUT_SCORES: tuple[str, ...] = ("random", "pool", "divprune", "cls")  # need no LLM attention: may act before layer 0
 DART_PIVOTS = (4, 4)  # visual, text: DART's defaults
 
@@ -127,6 +129,53 @@ def cls_attention(q: Tensor, k: Tensor, heads: int, scale: float, drop_cls: bool
     keys = k.reshape(n, t, heads, -1).float()
     attn = (torch.einsum("nhd,nthd->nht", q_cls, keys) * scale).softmax(-1).sum(1)
     return attn[:, 1:] if drop_cls else attn
+
+
+def head_mean_keys(k: Tensor, heads: int, drop_cls: bool) -> Tensor:
+    """Each token's key averaged over heads and L2-normalised [N, P, dh], from a tower layer's key
+    projection output [N, P+1, heads·dh] (without the [CLS] row when ``drop_cls``): VisionZip's
+    similarity metric."""
+    n, t, _ = k.shape
+    keys = torch.nn.functional.normalize(k.reshape(n, t, heads, -1).float().mean(2), dim=-1)
+    return keys[:, 1:] if drop_cls else keys
+
+
+def contextual_merge(scores: Tensor, candidates: Tensor, n_keep: Tensor, keys: Tensor, image: Tensor,
+                     states: Tensor) -> tuple[Tensor, Tensor]:
+    """VisionZip's dominant and contextual tokens (arXiv 2412.04467) per sample: of ``n_keep`` [B]
+    kept candidates [B, R], ``round(n_keep · CONTEXTUAL_SHARE)`` are contextual and the rest the top
+    ``scores``; the candidates left over are split into targets at a uniform stride and the others,
+    each other assigned to the target of its image whose key (``keys`` [B, R, dh], unit length) is
+    most similar, and a target's state becomes its own plus the mean of its assigned tokens' (a
+    target none chose keeps its own). Returns (kept [B, R], ``states`` [B, R, D] with the targets'
+    replaced). VisionZip merges the tower's outputs before the projector; here the LLM's input
+    states are merged, after it."""
+    kept = torch.zeros_like(candidates)
+    merged = states.clone()
+    for b in range(scores.shape[0]):
+        slots = candidates[b].nonzero()[:, 0]
+        total = int(n_keep[b])
+        contextual = min(int(math.floor(total * CONTEXTUAL_SHARE + 0.5)), max(0, slots.numel() - total))
+        order = slots[scores[b, slots].argsort(descending=True, stable=True)]
+        kept[b, order[:total - contextual]] = True
+        rest = order[total - contextual:].sort().values
+        if contextual == 0:
+            continue
+        stride = rest.numel() // contextual
+        is_target = torch.zeros(rest.numel(), dtype=torch.bool, device=rest.device)
+        is_target[torch.arange(contextual, device=rest.device) * stride] = True
+        targets, others = rest[is_target], rest[~is_target]
+        kept[b, targets] = True
+        similarity = keys[b, others] @ keys[b, targets].T
+        similarity = similarity.masked_fill(image[b, others][:, None] != image[b, targets][None, :], float("-inf"))
+        best = similarity.max(1)
+        chosen = best.values > float("-inf")
+        assign = best.indices[chosen]
+        sums = torch.zeros(contextual, states.shape[-1], dtype=states.dtype, device=states.device)
+        sums.index_add_(0, assign, states[b, others[chosen]])
+        counts = torch.bincount(assign, minlength=contextual).clamp_min(1).to(states.dtype)
+        merged[b, targets] = states[b, targets] + sums / counts[:, None]
+    return kept, merged
 
 
 def dart_scores(keys: Tensor, candidates: Tensor, text: Tensor, n_keep: Tensor,

@@ -34,6 +34,10 @@ MUTATIONS = [
      ["tests/test_fused.py"]),
     ("reducers/scores.py", "above = text & (relevance > mean)", "above = text & (relevance < mean)",
      ["tests/test_reducers_apply.py", "-k", "raters"]),
+    ("reducers/scores.py", "merged[b, targets] = states[b, targets] + sums / counts[:, None]",
+     "merged[b, targets] = states[b, targets]", ["tests/test_reducers_apply.py", "-x", "-k", "visionzip_keeps"]),
+    ("reducers/plan.py", "return self.decoding and self.decode_steps > 0 and self.unchanged_decode",
+     "return self.decoding and self.decode_steps > 0", ["tests/test_reducers_apply.py", "-x", "-k", "change_nothing"]),
     ("reducers/validation.py", "q = (root - big_b) / (4 * n)", "q = (root + big_b) / (4 * n)",
      ["tests/test_reducers_validation.py", "-k", "paired_net_drop or sequential or net_drop_certifies"]),
 ]

@@ -35,10 +35,13 @@ STEPS = {
              {"op": "prune_visual", "layer": 2, "keep": 0.3, "by": "text"}],
     "input_divprune": [{"op": "prune_visual", "layer": 0, "keep": 0.5, "by": "divprune"}],  # before the LLM
     "input_cls": [{"op": "prune_visual", "layer": 0, "keep": 0.4, "by": "cls"}],  # VisionZip's dominant tokens
+    "input_visionzip": [{"op": "prune_visual", "layer": 0, "keep": 0.6, "by": "cls", "merge": True}],  # + contextual
     "input_then_prune": [{"op": "prune_visual", "layer": 0, "keep": 0.6, "by": "pool"},
                          {"op": "prune_visual", "layer": 2, "keep": 0.3}],
 }
-FIELD = ["random", "pool", "divprune", "dart", "text", "input_divprune", "input_cls", "input_then_prune"]  # beside FastV's last row
+FIELD = ["random", "pool", "divprune", "dart", "text", "input_divprune", "input_cls", "input_visionzip",
+         "input_then_prune"]  # beside FastV's last row
+MERGING = {"input_visionzip"}  # rewrites input states: held to its own oracle, not to plain masking
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +136,7 @@ def test_empty_schedule_reproduces_logits_and_generation(models, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op", sorted(STEPS))
+@pytest.mark.parametrize("op", sorted(set(STEPS) - MERGING))
 def test_drop_equals_mask(models, backend, op):
     model, processor = models[backend]
     batch = encode(processor, prompts())
@@ -286,6 +289,74 @@ def test_cls_keeps_the_patches_the_towers_cls_attends_most(models):
         want = set(scores[b].topk(n).indices.tolist())
         got = {p for p in kept[b][planner.real[b]].tolist() if visual[b, p]}
         assert got == want
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_visionzip_keeps_dominant_tokens_and_merges_the_rest_into_contextual_ones(models, backend):
+    """VisionZip (keep 60%): per sample, the top tokens by the tower's [CLS] attention (from CLIP's
+    own eager output_attentions) and ``round(kept · 10/64)`` targets at a uniform stride over the rest;
+    each target's LLM input state becomes its own plus the mean of the other leftover tokens of its
+    image whose head-mean unit key (the tower layer's k_proj, hooked here) is most like its key.
+    The reduced logits equal the masking oracle fed those input states."""
+    from attnflow.reducers.plan import kept_count
+    from attnflow.reducers.inputcut import language_model
+
+    model, processor = models[backend]
+    eager = models["eager"][0]
+    batch = encode(processor, prompts())
+    logits, planner = reduced(model, STEPS["input_visionzip"], batch)
+    tower = eager.model.vision_tower
+    layer = eager.config.vision_feature_layer
+    attn = tower.encoder.layers[layer].self_attn
+    got_k, states = {}, {}
+
+    def keep_embeds(module, args, kwargs):
+        states.setdefault("e", kwargs["inputs_embeds"].clone())
+
+    hooks = [attn.k_proj.register_forward_hook(lambda m, a, out: got_k.setdefault("k", out)),
+             language_model(eager).register_forward_pre_hook(keep_embeds, with_kwargs=True)]
+    with torch.no_grad():
+        cls = tower(batch["pixel_values"], output_attentions=True).attentions[layer][:, :, 0, 1:].sum(1)
+        eager(**batch)
+    for h in hooks:
+        h.remove()
+    images, tokens, width = got_k["k"].shape
+    keys = got_k["k"].view(images, tokens, attn.num_heads, -1).mean(2)[:, 1:]
+    keys = keys / keys.norm(dim=-1, keepdim=True)
+    visual = batch["input_ids"] == eager.config.image_token_id
+    cls_at = torch.zeros(visual.shape).masked_scatter(visual, cls.flatten())
+    key_at = torch.zeros(*visual.shape, keys.shape[-1]).masked_scatter(visual[..., None], keys.flatten(0, 1))
+    image_at = torch.full(visual.shape, -1).masked_scatter(visual, torch.arange(images).repeat_interleave(tokens - 1))
+    want = states["e"].clone()
+    kept = planner.original(planner.positions)
+    for b in range(visual.shape[0]):
+        slots = visual[b].nonzero()[:, 0]
+        total = int(kept_count(0.6, torch.tensor(len(slots))))
+        contextual = int(total * 10 / 64 + 0.5)
+        assert contextual >= 2  # the two-image prompt: targets in both images
+        order = slots[cls_at[b, slots].argsort(descending=True, stable=True)]
+        rest = order[total - contextual:].sort().values
+        targets = rest[::len(rest) // contextual][:contextual]
+        assert {p for p in kept[b][planner.real[b]].tolist() if visual[b, p]} == set(order[:total - contextual].tolist()) | set(targets.tolist())
+        assigned = {t: [] for t in targets.tolist()}
+        for o in set(rest.tolist()) - set(assigned):
+            same = [t for t in assigned if image_at[b, t] == image_at[b, o]]
+            if same:
+                assigned[max(same, key=lambda t: float(key_at[b, t] @ key_at[b, o]))].append(o)
+        for t, mine in assigned.items():
+            if mine:
+                want[b, t] = states["e"][b, t] + states["e"][b, mine].mean(0)
+
+    def merged(module, args, kwargs):
+        return args, dict(kwargs, inputs_embeds=want)
+
+    handle = language_model(eager).register_forward_pre_hook(merged, with_kwargs=True)
+    try:
+        oracle = masked_oracle(eager, batch, planner).logits
+    finally:
+        handle.remove()
+    oracle = oracle.gather(1, kept[..., None].expand(-1, -1, oracle.shape[-1]))
+    torch.testing.assert_close(logits[planner.real], oracle[planner.real], atol=1e-5, rtol=1e-5)
 
 
 def test_hooks_are_removed_on_exit_and_on_error(models):
