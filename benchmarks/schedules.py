@@ -98,7 +98,7 @@ def targets(result: dict[str, Any], cut: float, loss: float) -> dict[str, Any]:
     predicted = 1 / ours["flops_ratio"]
     better = [n for n, r in rows.items() if n.endswith("_equal_flops") and r["accuracy"] > ours["accuracy"] + 1e-9]
     return {"flops_cut": 1 - ours["flops_ratio"], "flops_cut_ok": 1 - ours["flops_ratio"] >= cut,
-            "accuracy_loss_points": -100 * ours["accuracy_delta"], "loss_ok": -100 * ours["accuracy_delta"] <= loss,
+            "accuracy_loss_points": -100 * ours["accuracy_delta"], "loss_ok": -100 * ours["accuracy_delta"] <= loss + 1e-9,
             "more_accurate_at_equal_flops": better,
             "prefill_vs_predicted_b16": (ours["prefill_speedup"] or 0) / predicted,
             "prefill_vs_predicted_b1": (ours["prefill_speedup_b1"] or 0) / predicted,
