@@ -229,7 +229,9 @@ class Planner:
             if self.steady is None:
                 blocked = pad_in | self.filler
                 self.steady = Cut(take=None, rows=pos_in, row_keys=pos_in, cols=pos_in, blocked=blocked)
-                self.steady_entry = (pos_in, blocked)
+                # after a cut that every kept token ran, the cache layout is that cut's own: share its
+                # entry, so decode steps build one cut (and slice the mask once) for all those layers
+                self.steady_entry = self.steady_entry or (pos_in, blocked)
             self.cached[layer] = self.steady_entry
             self.layer_tokens[layer] = (pos_in, ~self.steady.blocked)
             return self.steady
@@ -252,6 +254,7 @@ class Planner:
         self.cached[layer] = (rows, run_filler)
         self.layer_tokens[layer] = (rows, ~run_filler)
         same = put.shape[1] == keep.shape[1]
+        self.steady_entry = self.cached[layer] if same and skip is None else None
         return Cut(take=take, rows=rows, row_keys=rows, cols=rows, blocked=run_filler,
                    keep=None if same else keep, put=put, write=~run_filler)
 

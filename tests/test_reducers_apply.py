@@ -428,3 +428,42 @@ def test_misuse_gets_a_clear_error(models):
         with pytest.raises(ScheduleError, match="prompt_length 999"):
             with apply(model, schedule, prompt_length=999):
                 model(**batch)
+
+
+def test_dart_keeps_what_its_pivots_find_least_duplicated():
+    """DART (arXiv 2502.11494) against a plain reference: pivots are the candidates (and text tokens)
+    with the largest key L1 norm; round robin over the pivots, each keeps the remaining candidate
+    least cosine-similar to it (ties: the earlier slot), until n_keep are kept; the scores rank the
+    kept first, in pick order. Random keys with duplicated rows (exact ties) and padded candidates."""
+    from attnflow.reducers.scores import DART_PIVOTS, dart_scores
+
+    def reference(keys, cand, text, want):
+        norm, unit = keys.abs().sum(-1), torch.nn.functional.normalize(keys, dim=-1)
+        vis = norm.masked_fill(~cand, -1).topk(min(DART_PIVOTS[0], int(cand.sum()))).indices.tolist()
+        txt = norm.masked_fill(~text, -1).topk(min(DART_PIVOTS[1], int(text.sum()))).indices.tolist()
+        picks = list(vis)
+        while len(picks) < min(want, int(cand.sum())):
+            for a in vis + txt:
+                left = [s for s in range(len(cand)) if cand[s] and s not in picks]
+                if len(picks) >= want or not left:
+                    break
+                sim = [float(unit[a] @ unit[s]) for s in left]
+                picks.append(left[sim.index(min(sim))])
+        return picks
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(6):
+        b, r = 3, 40
+        keys = torch.randn(b, r, 8, generator=gen)
+        keys[:, 20:24] = keys[:, 10:14]  # duplicated keys: exact ties
+        cand = torch.zeros(b, r, dtype=torch.bool)
+        cand[:, 5:35] = True
+        cand[1, 30:] = False  # fewer candidates in one sample
+        text = torch.zeros(b, r, dtype=torch.bool)
+        text[:, 35:] = True
+        n_keep = torch.tensor([3, 12, 29 if trial % 2 else 30])
+        scores = dart_scores(keys, cand, text, n_keep)
+        for i in range(b):
+            want = reference(keys[i], cand[i], text[i], int(n_keep[i]))
+            got = scores[i].masked_fill(~cand[i], float("-inf")).argsort(descending=True, stable=True)[:len(want)]
+            assert got.tolist() == want
