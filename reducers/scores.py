@@ -178,6 +178,11 @@ def contextual_merge(scores: Tensor, candidates: Tensor, n_keep: Tensor, keys: T
     return kept, merged
 
 
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """Rows ``index`` [B, K] of ``x`` [B, R, D] per sample: [B, K, D]."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
 def dart_scores(keys: Tensor, candidates: Tensor, text: Tensor, n_keep: Tensor,
                 pivots: tuple[int, int] = DART_PIVOTS) -> Tensor:
     """DART: pivots by key L1 norm (``pivots`` visual among the candidates, text among ``text``),
@@ -186,34 +191,36 @@ def dart_scores(keys: Tensor, candidates: Tensor, text: Tensor, n_keep: Tensor,
     b, r, _ = keys.shape
     norm = keys.float().abs().sum(-1)
     unit = torch.nn.functional.normalize(keys.float(), dim=-1)
+    vis_piv = norm.masked_fill(~candidates, -1).topk(min(pivots[0], r), dim=1).indices  # [B, Pv]: candidates first
+    txt_piv = norm.masked_fill(~text, -1).topk(min(pivots[1], r), dim=1).indices
+    anchors = torch.cat([vis_piv, txt_piv], 1)
+    # each anchor's slots from least to most similar (ties: earlier slot first), walked on the host:
+    # a few batched device ops instead of several small ones per kept token
+    ranked = (gather_rows(unit, anchors) @ unit.transpose(1, 2)).argsort(dim=2, stable=True).tolist()  # [B, P, R]
+    cand_rows, n_cand, n_txt, wanted = candidates.tolist(), candidates.sum(1).tolist(), text.sum(1).tolist(), n_keep.tolist()
+    vis_rows, n_pv = vis_piv.tolist(), vis_piv.shape[1]
     orders = []
     for i in range(b):
-        cand, txt = candidates[i], text[i]
-        n_cand, n_txt = (int(v) for v in torch.stack([cand.sum(), txt.sum()]).tolist())
-        vis_piv = norm[i].masked_fill(~cand, -1).topk(min(pivots[0], n_cand)).indices
-        txt_piv = norm[i].masked_fill(~txt, -1).topk(min(pivots[1], n_txt)).indices
-        anchors = torch.cat([vis_piv, txt_piv])
-        # each anchor's slots from least to most similar (ties: earlier slot first), walked on the host:
-        # one device read per sample instead of several small ops per kept token
-        ranked = (unit[i, anchors] @ unit[i].T).argsort(dim=1, stable=True).tolist()  # [P, R]
-        allowed = set(cand.nonzero()[:, 0].tolist())
-        picks = vis_piv.tolist()
+        n_vis, n_text = min(n_pv, n_cand[i]), min(txt_piv.shape[1], n_txt[i])
+        rows = ranked[i][:n_vis] + ranked[i][n_pv:n_pv + n_text]
+        allowed = cand_rows[i]
+        picks = vis_rows[i][:n_vis]
         chosen = set(picks)
-        limit, at = min(int(n_keep[i]), n_cand), [0] * len(ranked)
-        while len(picks) < limit and ranked:
-            for p, row in enumerate(ranked):
+        limit, at = min(int(wanted[i]), n_cand[i]), [0] * len(rows)
+        while len(picks) < limit and rows:
+            for p, row in enumerate(rows):
                 if len(picks) >= limit:
                     break
                 j = at[p]
-                while j < r and (row[j] not in allowed or row[j] in chosen):
+                while j < r and (not allowed[row[j]] or row[j] in chosen):
                     j += 1
                 at[p] = j
                 if j == r:
                     break
                 chosen.add(row[j])
                 picks.append(row[j])
-        orders.append(torch.tensor(picks + [s for s in range(r) if s not in chosen], device=keys.device))
-    return order_scores(torch.stack(orders), candidates)
+        orders.append(picks + [s for s in range(r) if s not in chosen])
+    return order_scores(torch.tensor(orders, device=keys.device), candidates)
 
 
 def raters(states: Tensor, visual: Tensor, text: Tensor) -> Tensor:
