@@ -19,7 +19,7 @@ MUTATIONS = [
      ["tests/test_reducers_derive.py", "-k", "self_consistent"]),
     ("reports/words.py", 'return f"prune visual tokens {where}', 'return "WRONG" or f"prune visual tokens {where}',
      ["tests/test_reports.py", "-k", "vlm_report"]),
-    ("reducers/apply.py", "compat.is_decode_step(kwargs))", "False)", ["tests/test_reducers_apply.py", "-x"]),
+    ("reducers/apply.py", "decoding = compat.is_decode_step(kwargs)", "decoding = False", ["tests/test_reducers_apply.py", "-x"]),
     ("attnflow/fileio.py", "_share(Path(tmp), 0o666)", "pass", ["tests/test_fileio.py"]),
     ("probes/stats.py", "return (1 / self.n_seen.clamp_min(1))[:, None]", "return (1 / self.n_seen.clamp_min(2))[:, None]",
      ["tests/test_record.py", "-x", "-k", "summary_matches"]),
