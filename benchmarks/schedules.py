@@ -84,7 +84,7 @@ def attainable_speedups(model: torch.nn.Module, processor: Any, schedule: Any, e
     nothing (``reducers.speed.attainable``), from verify's unreduced prefill times."""
     out = {}
     for size, key in ((16, "prefill_ms"), (1, "prefill_ms_b1")):
-        batch = encode_batches(processor, examples[:size], size, "cpu")[0]
+        batch = encode_batches(processor, examples[:size], size, next(model.parameters()).device)[0]
         widths = {"schedule": layer_widths(model, schedule, batch)}
         out[f"b{size}"] = attainable(model, widths, batch, unreduced[key] / 1000, repeats=10 * repeats)["schedule"]
     return out

@@ -120,15 +120,15 @@ class InputCut:
             positions = (real.long().cumsum(-1) - 1).clamp_min(0)
         self.last_position = positions.reshape(-1, b, n)[0, :, -1] if positions.dim() == 3 else positions[..., -1]
         out = {**kwargs, INPUTS_EMBEDS: gather_seq(embeds, take, 1), compat.POSITION_IDS: gather_seq(positions, take, -1),
-               compat.ATTENTION_MASK: self._mask(take.shape[1], 0, embeds.dtype)}
+               compat.ATTENTION_MASK: self._lm_mask(take.shape[1], 0, embeds.dtype)}
         planner.begin(ids.to(dev).gather(1, take), self.valid.long(), False,
                       labels={"visual_index": index.gather(1, take), "patch_row": rows.gather(1, take),
                               "patch_col": cols.gather(1, take), "origin": take}, shortened=n - take.shape[1])
         return out
 
-    def _mask(self, n_queries: int, cached: int, dtype: torch.dtype) -> Tensor:
+    def _lm_mask(self, n_queries: int, cached: int, dtype: torch.dtype) -> Tensor:
         """The language model's mask for ``n_queries`` new tokens after ``cached`` ones: the 4-D one of
-        ``_mask`` over the kept layout (and the tokens generated since); without filler a 2-D mask of
+        the module's ``_mask`` over the kept layout (and the tokens generated since); without filler a 2-D mask of
         ones, from which the model builds its own causal mask at no extra cost (not None: transformers
         would then read the gathered, gapped position ids as packed sequences)."""
         b, dev = self.valid.shape[0], self.valid.device
@@ -145,7 +145,7 @@ class InputCut:
         b, q = embeds.shape[:2]
         cached = compat.forward_cache(kwargs).get_seq_length()
         new = cached + q - self.valid.shape[1]  # generated tokens so far, this step's included
-        out = {**kwargs, compat.ATTENTION_MASK: self._mask(q, cached, embeds.dtype)}
+        out = {**kwargs, compat.ATTENTION_MASK: self._lm_mask(q, cached, embeds.dtype)}
         if kwargs.get(compat.POSITION_IDS) is None:
             out[compat.POSITION_IDS] = self.last_position[:, None] + new - q + 1 + torch.arange(q, device=embeds.device)
         self.planner.begin(torch.zeros(b, q, dtype=torch.long, device=embeds.device), None, True)

@@ -39,6 +39,8 @@ import math
 import torch
 from torch import Tensor
 
+from attnflow.reducers.shorten import gather_seq
+
 SCORES: tuple[str, ...] = ("last_row", "random", "pool", "divprune", "dart", "cls", "text")
 CONTEXTUAL_SHARE = 10 / 64  # VisionZip's 64-token setting: 54 dominant + 10 contextual tokens
 INPUT_SCORES: tuple[str, ...] = ("random", "pool", "divprune", "cls")  # need no LLM attention: may act before layer 0
@@ -178,11 +180,6 @@ def contextual_merge(scores: Tensor, candidates: Tensor, n_keep: Tensor, keys: T
     return kept, merged
 
 
-def gather_rows(x: Tensor, index: Tensor) -> Tensor:
-    """Rows ``index`` [B, K] of ``x`` [B, R, D] per sample: [B, K, D]."""
-    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
-
-
 def dart_scores(keys: Tensor, candidates: Tensor, text: Tensor, n_keep: Tensor,
                 pivots: tuple[int, int] = DART_PIVOTS) -> Tensor:
     """DART: pivots by key L1 norm (``pivots`` visual among the candidates, text among ``text``),
@@ -196,7 +193,7 @@ def dart_scores(keys: Tensor, candidates: Tensor, text: Tensor, n_keep: Tensor,
     anchors = torch.cat([vis_piv, txt_piv], 1)
     # each anchor's slots from least to most similar (ties: earlier slot first), walked on the host:
     # a few batched device ops instead of several small ones per kept token
-    ranked = (gather_rows(unit, anchors) @ unit.transpose(1, 2)).argsort(dim=2, stable=True).tolist()  # [B, P, R]
+    ranked = (gather_seq(unit, anchors, 1) @ unit.transpose(1, 2)).argsort(dim=2, stable=True).tolist()  # [B, P, R]
     cand_rows, n_cand, n_txt, wanted = candidates.tolist(), candidates.sum(1).tolist(), text.sum(1).tolist(), n_keep.tolist()
     vis_rows, n_pv = vis_piv.tolist(), vis_piv.shape[1]
     orders = []
