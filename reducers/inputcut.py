@@ -11,7 +11,8 @@ ones when the layout holds no filler: the model then builds its own causal mask,
 unreduced). Decode steps get the same mask over the shorter cache plus the new tokens. The planner of the later steps
 (reducers.plan) then sees the shortened prompt, with each token's original visual-token index,
 so protected sinks and seeded random scores stay the same. VisionZip's contextual merge (``merge``)
-also rewrites the input states of the tokens it keeps as contextual (reducers.scores.contextual_merge).
+and SparseVLM's recycling (``recycle``) also rewrite the input states of some tokens they keep
+(reducers.scores.contextual_merge, reducers.scores.recycle).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class InputCut:
     """The layer-0 prune step of a schedule, executed on the language model's inputs."""
 
     def __init__(self, step: dict[str, Any], planner: Planner, bool_mask: bool) -> None:
-        self.keep, self.by, self.seed, self.merge = step["keep"], step["by"], step.get("seed", 0), step.get("merge", False)
+        self.keep, self.by, self.seed = step["keep"], step["by"], step.get("seed", 0)
+        self.merge, self.recycle = step.get("merge", False), step.get("recycle", False)
         self.planner, self.bool_mask = planner, bool_mask
         self.outer: dict[str, Tensor | None] = {}
         self.valid = torch.empty(0)  # [B, N'] kept (True) or filler, per reduced slot
@@ -89,7 +91,8 @@ class InputCut:
         index = torch.where(visual, visual.long().cumsum(1) - 1, -1)
         candidates = removable_visual(visual, index, planner.sinks)
         n_keep = kept_count(self.keep, candidates.sum(1))
-        limit = int(n_keep.max()) if b else 0
+        depth = score_fns.rank_depth(candidates.sum(1), n_keep, self.recycle)
+        limit = int(depth.max()) if b else 0
         rows, cols = (torch.as_tensor(a, device=dev) for a in (spans.patch_row, spans.patch_col))
         if self.by == "cls":
             flat = torch.cat(self.cls).to(dev) if self.cls else torch.empty(0, device=dev)
@@ -110,6 +113,9 @@ class InputCut:
             image = torch.as_tensor(spans.image, device=dev)
             kept, embeds = score_fns.contextual_merge(scores, candidates, n_keep, per_position, image, embeds)
             want = real & ~(candidates & ~kept)
+        elif self.recycle:
+            drop, embeds = score_fns.recycle(scores, candidates, n_keep, embeds)
+            want = real & ~drop
         else:
             want = real & ~dropped(scores, candidates, n_keep)
         take, filler = rectangular(want, ~real)

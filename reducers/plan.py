@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from attnflow.probes import adapters
 from attnflow.probes.spans import token_spans
+from attnflow.reducers import scores as score_fns
 from attnflow.reducers.schedule import Schedule, ScheduleError, exit_checks
 from attnflow.reducers.shorten import Cut
 
@@ -81,6 +82,7 @@ class Planner:
         inside = [s for s in schedule.steps_of("prune_visual") if s["layer"] > 0]  # layer 0: reducers.inputcut
         self.prunes = {s["layer"]: s["keep"] for s in inside}
         self.rank_by = {s["layer"]: (s["by"], s.get("seed", 0)) for s in inside}
+        self.recycles = {s["layer"] for s in inside if s.get("recycle")}
         self.skips = {layer: s["tokens"] for s in schedule.steps_of("skip_layers") for layer in s["layers"]}
         # the layers where tokens may leave, known on the host: deciding a cut needs no device sync
         self.leave_layers = {*self.prunes, *(() if self.exit is None else (self.exit,))}
@@ -103,6 +105,8 @@ class Planner:
         self.origin: Tensor | None = None  # [B, n] each position's index in the unshortened prompt (layer-0 cut)
         self.raters = torch.empty(0, dtype=torch.bool)  # [B, n] SparseVLM's rater text tokens (reducers.rank)
         self.n_keep: dict[int, Tensor] = {}
+        # per prompt, a recycling step's scores and candidates [B, n] by position, until its layer's states arrive
+        self.recycling: dict[int, tuple[Tensor, Tensor]] = {}
         self.touched, self.steady, self.steady_entry = False, None, None
         self.cached: dict[int, tuple[Tensor, Tensor] | None] = {}
         self.decode_cuts: dict[tuple[int, bool], Cut] = {}
@@ -164,7 +168,7 @@ class Planner:
         self.pos = torch.arange(n, device=dev).expand(b, n)
         self.filler = torch.zeros(b, n, dtype=torch.bool, device=dev)
         self.touched, self.steady, self.steady_entry = False, None, None
-        self.cached, self.layer_tokens, self.scores, self.plain_decode = {}, {}, {}, {}
+        self.cached, self.layer_tokens, self.scores, self.plain_decode, self.recycling = {}, {}, {}, {}, {}
         for layer in range(self.first_cut):
             self.cached[layer], self.layer_tokens[layer] = None, (self.pos, ~self.pad)
         self.prompt_tokens = self.seen = n
@@ -191,7 +195,7 @@ class Planner:
     def __call__(self, layer: int, hidden: Tensor, masked: bool) -> Cut | None:
         """The cut of this call of ``layer``; ``masked``: the model passed the layer a mask tensor."""
         if not self.decoding:
-            return self._prefill_cut(layer)
+            return self._prefill_cut(layer, hidden)
         if not masked and self._plain_decode(layer):
             return None
         self.unchanged_decode = False
@@ -216,8 +220,9 @@ class Planner:
                 self.plain_decode[i] = i not in fills or (self.skips.get(i) != "all" and not any_fill[i])
         return self.plain_decode[layer]
 
-    def _prefill_cut(self, layer: int) -> Cut | None:
+    def _prefill_cut(self, layer: int, hidden: Tensor) -> Cut | None:
         pos_in = self.pos
+        states = self._recycle(layer, hidden) if layer in self.recycling else None
         pad_in = self.pad.gather(1, pos_in)
         skip = self.skips.get(layer)
         changes = skip is not None or layer in self.leaving
@@ -256,7 +261,17 @@ class Planner:
         same = put.shape[1] == keep.shape[1]
         self.steady_entry = self.cached[layer] if same and skip is None else None
         return Cut(take=take, rows=rows, row_keys=rows, cols=rows, blocked=run_filler,
-                   keep=None if same else keep, put=put, write=~run_filler)
+                   keep=None if same else keep, put=put, write=~run_filler, states=states)
+
+    def _recycle(self, layer: int, hidden: Tensor) -> Tensor:
+        """Settle the recycling prune step at ``layer`` from its scores and the states entering the
+        layer (``hidden`` [B, R] over ``pos``): the tokens it drops leave here; returns the states
+        with the recycled cluster centres' rows replaced (reducers.scores.recycle)."""
+        scores, candidates = (t.gather(1, self.pos) for t in self.recycling.pop(layer))
+        drop, states = score_fns.recycle(scores, candidates, self.n_keep[layer], hidden)
+        current = self.removed_at.gather(1, self.pos)
+        self.removed_at = self.removed_at.scatter(1, self.pos, torch.where(drop, torch.full_like(current, layer), current))
+        return states
 
     def _decode_cut(self, layer: int, hidden: Tensor) -> Cut | None:
         entry = self.cached.get(layer)
@@ -315,6 +330,11 @@ class Planner:
         k = layer + 1
         rows, _ = self.layer_tokens[layer]
         self.scores[k] = scores
+        if k in self.recycles:  # recycling clusters the states entering layer k: settled there (``_recycle``)
+            by_position = torch.full(self.removed_at.shape, float("-inf"), device=scores.device)
+            self.recycling[k] = (by_position.scatter(1, rows, scores.float()),
+                                 torch.zeros_like(self.pad).scatter(1, rows, self.candidates(layer)))
+            return
         drop = dropped(scores, self.candidates(layer), self.n_keep[k])
         current = self.removed_at.gather(1, rows)
         self.removed_at = self.removed_at.scatter(1, rows, torch.where(drop, torch.full_like(current, k), current))

@@ -160,7 +160,7 @@ def _last_row(attn: nn.Module, adapter: adapters.Adapter, planner: Planner, laye
 def _score(by: str, seed: int, planner: Planner, layer: int, candidates: Tensor, captured: dict[str, Tensor]) -> Tensor:
     """Scores [B, R] of reducers.scores' ``by`` over the tokens layer ``layer`` processed."""
     rows, _ = planner.layer_tokens[layer]
-    n_keep = planner.n_keep[layer + 1]
+    n_keep = score_fns.rank_depth(candidates.sum(1), planner.n_keep[layer + 1], layer + 1 in planner.recycles)
     limit = int(n_keep.max()) if n_keep.numel() else 0
     if by != "dart":
         return score_fns.selection_scores(by, candidates, limit, seed=seed,

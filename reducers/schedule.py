@@ -22,6 +22,10 @@ before the first decoder layer
 merge (arXiv 2412.04467): of the kept share, a sixth-and-a-bit (10 of VisionZip's 64) are contextual
 tokens, each the sum of a target token and the mean of the dropped tokens most like it
 (reducers.scores.contextual_merge); the rest are the dominant tokens by [CLS] attention.
+``"recycle": true`` on any prune step is SparseVLM's token recycling (arXiv 2410.04417): of the
+kept share, a few tokens (⌊n/10⌋+1 for the n = 30% best-scored of the dropped) are the centres of
+density-peaks clusters of those dropped tokens, their states (entering the step's layer) replaced
+by their cluster's mean; the rest are the top-scored (reducers.scores.recycle).
 ``visual_exit`` removes every unprotected visual token from ``layer`` on.
 ``visual_exit_dynamic`` (``{"op": "visual_exit_dynamic", "from": 2, "to": 6, "threshold": 0.05}``)
 is the same exit decided per prompt during the prefill: after each layer l with
@@ -67,7 +71,8 @@ OPS: tuple[str, ...] = ("prune_visual", "visual_exit", "visual_exit_dynamic", "s
 SKIP_TOKENS: tuple[str, ...] = ("all", "visual")
 DEFAULT_PROTECT: dict[str, Any] = {"visual_sinks": []}
 _STEP_KEYS: dict[str, dict[str, Any]] = {  # op -> {key: default, or ... when required}
-    "prune_visual": {"layer": ..., "keep": ..., "by": "last_row", "seed": None, "merge": False},
+    "prune_visual": {"layer": ..., "keep": ..., "by": "last_row", "seed": None, "merge": False,
+                     "recycle": False},
     "visual_exit": {"layer": ...},
     "visual_exit_dynamic": {"from": ..., "to": None, "threshold": ...},
     "skip_layers": {"layers": ..., "tokens": "all"},
@@ -214,13 +219,17 @@ def _step(raw: Any, where: str, num_layers: int) -> dict[str, Any]:
             step["seed"] = _int(0 if step["seed"] is None else step["seed"], f"{where} (prune_visual) seed", 0, 2**63 - 1)
         elif step.pop("seed") is not None:
             raise ScheduleError(f"{where} (prune_visual): seed applies to by='random' only")
-        merge = step.pop("merge")
-        if merge not in (True, False):
-            raise ScheduleError(f"{where} (prune_visual) merge must be true or false, got {merge!r}")
+        merge, recycle = step.pop("merge"), step.pop("recycle")
+        for key, value in (("merge", merge), ("recycle", recycle)):
+            if not isinstance(value, bool):
+                raise ScheduleError(f"{where} (prune_visual) {key} must be true or false, got {value!r}")
+            if value:
+                step[key] = True
         if merge and step["by"] != "cls":
             raise ScheduleError(f"{where} (prune_visual): merge is VisionZip's contextual merge, for by='cls' only")
-        if merge:
-            step["merge"] = True
+        if merge and recycle:
+            raise ScheduleError(f"{where} (prune_visual): merge and recycle are two ways to keep dropped tokens' "
+                                "content; a step takes one")
     if op == "visual_exit_dynamic":
         start = _int(step["from"], f"{where} (visual_exit_dynamic) from", 1, last)
         if step["to"] is not None:

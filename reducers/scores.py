@@ -27,8 +27,10 @@ keeping the top ``n`` scores is the set the rule picks for ``n``:
   tokens pay each visual token, averaged over the raters. Raters are the prompt's text tokens
   most relevant to the image, chosen once per prompt from the LLM's input embeddings: each visual
   token's softmax over the text tokens of v·t, averaged over the visual tokens, and the text
-  tokens above that average's mean. SparseVLM's recycling (the top 30% of the dropped tokens
-  merged into ⌊n/10⌋+1 cluster tokens) is not built: the shortening mechanism only selects.
+  tokens above that average's mean.
+
+Any step may *recycle* (``recycle``, SparseVLM's token recycling): of its kept share, some tokens
+stand for clusters of the tokens it drops (``recycle``): see that function.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ SCORES: tuple[str, ...] = ("last_row", "random", "pool", "divprune", "dart", "cl
 CONTEXTUAL_SHARE = 10 / 64  # VisionZip's 64-token setting: 54 dominant + 10 contextual tokens
 INPUT_SCORES: tuple[str, ...] = ("random", "pool", "divprune", "cls")  # need no LLM attention: may act before layer 0
 DART_PIVOTS = (4, 4)  # visual, text: DART's defaults
+RECYCLE_SHARE, RECYCLE_GROUP = 0.3, 10  # SparseVLM: the top 30% of the deleted tokens, ⌊n/10⌋+1 clusters
 
 
 def order_scores(order: Tensor, candidates: Tensor) -> Tensor:
@@ -239,3 +242,79 @@ def text_scores(rows: Tensor, rating: Tensor, candidates: Tensor) -> Tensor:
     raters ``rating`` [B, Q]; -inf off the candidates."""
     weight = rating.float() / rating.sum(1, keepdim=True).clamp_min(1)
     return (weight[:, None, :] @ rows.float())[:, 0].masked_fill(~candidates, float("-inf"))
+
+
+def recycle_counts(n_candidates: int, n_keep: int) -> tuple[int, int, int]:
+    """SparseVLM's recycling counts (arXiv 2410.04417) for one sample, within a budget of ``n_keep``
+    kept tokens: (selected, pooled, clusters). Of the ``n_candidates - selected`` tokens deleted, the
+    ``pooled = int(0.3 · deleted) + 1`` best by score are recycled into ``clusters = int(pooled / 10)
+    + 1`` merged tokens, and ``selected + clusters = n_keep`` (SparseVLM adds its merged tokens on top
+    of the budget; here they count in it, so FLOPs stay those of ``n_keep``). The smallest
+    ``clusters`` that is consistent, found by iterating from none; nothing deleted: nothing recycled."""
+    clusters = 0
+    while True:
+        selected = n_keep - clusters
+        deleted = n_candidates - selected
+        pooled = min(deleted, int(RECYCLE_SHARE * deleted) + 1) if deleted > 0 else 0
+        wanted = min(n_keep, pooled // RECYCLE_GROUP + 1) if pooled else 0
+        if wanted <= clusters:
+            return selected, pooled if clusters else 0, clusters
+        clusters = wanted
+
+
+def rank_depth(n_candidates: Tensor, n_keep: Tensor, recycling: bool) -> Tensor:
+    """How many candidates a greedy order (farthest points, DART's round robin) must rank for a step
+    keeping ``n_keep`` [B] of ``n_candidates`` [B]: the kept ones, and with ``recycling`` the pool after
+    them (``recycle_counts``; at most ``n_keep`` plus 30% of the candidates, plus one)."""
+    if not recycling:
+        return n_keep
+    return torch.minimum(n_candidates, n_keep + (RECYCLE_SHARE * n_candidates.double()).long() + 1)
+
+
+def density_peaks(x: Tensor, clusters: int) -> tuple[Tensor, Tensor]:
+    """Density-peaks clustering with k-nearest-neighbour density (DPC-kNN, as SparseVLM's recycling
+    runs it) of the rows of ``x`` [N, D]: distances are Euclidean over sqrt(D); a row's density is
+    exp(-mean squared distance to its ``clusters`` nearest rows, itself included); its separation the
+    distance to the nearest denser row (the largest distance for the densest); the ``clusters`` rows
+    of largest density × separation are the centres, and every row joins its nearest centre.
+    Density ties go to the earlier row (SparseVLM adds random noise instead). Returns (centres [C]
+    row indices, assignment [N] of each row to a centre's index in them)."""
+    n = x.shape[0]
+    dist = torch.cdist(x.float(), x.float()) / math.sqrt(x.shape[1])
+    k = min(clusters, n)
+    density = (-(dist.topk(k, dim=1, largest=False).values ** 2).mean(1)).exp()
+    row = torch.arange(n, device=x.device)
+    denser = (density[None, :] > density[:, None]) | ((density[None, :] == density[:, None]) & (row[None, :] < row[:, None]))
+    separation = torch.where(denser, dist, dist.max()).amin(1)
+    centres = (separation * density).argsort(descending=True, stable=True)[:k]
+    assign = dist[:, centres].argmin(1)
+    assign[centres] = torch.arange(k, device=x.device)
+    return centres, assign
+
+
+def recycle(scores: Tensor, candidates: Tensor, n_keep: Tensor, states: Tensor) -> tuple[Tensor, Tensor]:
+    """Selection with SparseVLM's token recycling (arXiv 2410.04417), per sample: keep the top
+    ``selected`` candidates by ``scores`` [B, R], and of the candidates it deletes, cluster the
+    ``pooled`` best by score (``recycle_counts`` of ``n_keep`` [B]) with ``density_peaks`` on their
+    ``states`` [B, R, D]; each cluster's centre token is kept, its state replaced by the mean of its
+    cluster's states. SparseVLM inserts the merged tokens after the kept visual tokens with
+    renumbered positions; here each sits at its centre's original position (one convention for every
+    reducer: original RoPE positions). Returns (dropped [B, R], ``states`` with the centres' rows
+    replaced)."""
+    merged = states.clone()
+    drop = torch.zeros_like(candidates)
+    for b, (n_cand, keep) in enumerate(zip(candidates.sum(1).tolist(), n_keep.tolist())):
+        slots = candidates[b].nonzero()[:, 0]
+        order = slots[scores[b, slots].argsort(descending=True, stable=True)]  # ties: earlier slot first
+        selected, pooled, clusters = recycle_counts(n_cand, int(keep))
+        deleted = order[selected:]
+        drop[b, deleted] = True
+        if not clusters:
+            continue
+        pool = deleted[:pooled]
+        centres, assign = density_peaks(states[b, pool], clusters)
+        sums = torch.zeros(clusters, states.shape[-1], dtype=torch.float32, device=states.device)
+        sums.index_add_(0, assign, states[b, pool].float())
+        merged[b, pool[centres]] = (sums / torch.bincount(assign, minlength=clusters)[:, None]).to(states.dtype)
+        drop[b, pool[centres]] = False
+    return drop, merged

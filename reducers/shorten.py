@@ -40,6 +40,8 @@ class Cut:
     exactly the processed ones (``take``), so the layer output continues as it is.
     ``put`` [B, R] and ``write`` [B, R]: where in ``keep`` each processed slot's output goes,
     and whether it is written (filler outputs are not).
+    ``states`` [B, N, D] or None: incoming hidden states to use instead of the layer's input (a
+    step that rewrites the states of the tokens it keeps: recycling).
     """
 
     take: Tensor | None
@@ -50,6 +52,7 @@ class Cut:
     keep: Tensor | None = None
     put: Tensor | None = None
     write: Tensor | None = None
+    states: Tensor | None = None
 
 
 Planner = Callable[[int, Tensor, bool], "Cut | None"]  # (layer, hidden states, a mask was passed) -> cut
@@ -154,6 +157,7 @@ class Shortener:
             cut = self.planner(i, hidden, kwargs.get(compat.ATTENTION_MASK) is not None)
             if cut is None:
                 return None
+            hidden = hidden if cut.states is None else cut.states
             new_kwargs = {**kwargs, **self._sliced(cut, kwargs, hidden.dtype)}
             new_hidden = hidden if cut.take is None else gather_seq(hidden, cut.take, 1)
             self._pending[i] = (cut, hidden)

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -36,12 +38,14 @@ STEPS = {
     "input_divprune": [{"op": "prune_visual", "layer": 0, "keep": 0.5, "by": "divprune"}],  # before the LLM
     "input_cls": [{"op": "prune_visual", "layer": 0, "keep": 0.4, "by": "cls"}],  # VisionZip's dominant tokens
     "input_visionzip": [{"op": "prune_visual", "layer": 0, "keep": 0.6, "by": "cls", "merge": True}],  # + contextual
+    "recycle": [{"op": "prune_visual", "layer": 1, "keep": 0.3, "by": "text", "recycle": True}],  # SparseVLM's
+    "input_recycle": [{"op": "prune_visual", "layer": 0, "keep": 0.3, "by": "random", "seed": 1, "recycle": True}],
     "input_then_prune": [{"op": "prune_visual", "layer": 0, "keep": 0.6, "by": "pool"},
                          {"op": "prune_visual", "layer": 2, "keep": 0.3}],
 }
-FIELD = ["random", "pool", "divprune", "dart", "text", "input_divprune", "input_cls", "input_visionzip",
-         "input_then_prune"]  # beside FastV's last row
-MERGING = {"input_visionzip"}  # rewrites input states: held to its own oracle, not to plain masking
+FIELD = ["random", "pool", "divprune", "dart", "text", "recycle", "input_divprune", "input_cls", "input_visionzip",
+         "input_recycle", "input_then_prune"]  # beside FastV's last row
+MERGING = {"input_visionzip", "recycle", "input_recycle"}  # rewrite states: held to their own oracles, not to plain masking
 
 
 @pytest.fixture(scope="module")
@@ -347,16 +351,116 @@ def test_visionzip_keeps_dominant_tokens_and_merges_the_rest_into_contextual_one
             if mine:
                 want[b, t] = states["e"][b, t] + states["e"][b, mine].mean(0)
 
-    def merged(module, args, kwargs):
-        return args, dict(kwargs, inputs_embeds=want)
+    assert_equals_oracle_fed(eager, batch, planner, logits, 0, want)
 
-    handle = language_model(eager).register_forward_pre_hook(merged, with_kwargs=True)
+
+def assert_equals_oracle_fed(eager, batch, planner, logits, layer, states):
+    """The reduced ``logits`` equal the masking oracle whose input to decoder layer ``layer`` (0: the
+    language model's input embeddings) is replaced by ``states``."""
+    from attnflow.reducers.inputcut import language_model
+
+    def fed(module, args, kwargs):
+        if layer == 0:
+            return args, dict(kwargs, inputs_embeds=states)
+        return (states, *args[1:]), kwargs
+
+    target = language_model(eager) if layer == 0 else adapters.decoder_layers(eager)[layer]
+    handle = target.register_forward_pre_hook(fed, with_kwargs=True)
     try:
         oracle = masked_oracle(eager, batch, planner).logits
     finally:
         handle.remove()
+    kept = planner.original(planner.positions)
     oracle = oracle.gather(1, kept[..., None].expand(-1, -1, oracle.shape[-1]))
     torch.testing.assert_close(logits[planner.real], oracle[planner.real], atol=1e-5, rtol=1e-5)
+
+
+def _density_peaks_by_hand(x: torch.Tensor, clusters: int) -> tuple[list[int], list[int]]:
+    """DPC-kNN written out with loops: density from the ``clusters`` nearest rows (itself included),
+    separation to the nearest denser row (ties: the earlier row is denser), centres by the product."""
+    n, d = x.shape
+    dist = [[float((x[i] - x[j]).norm()) / d ** 0.5 for j in range(n)] for i in range(n)]
+    k = min(clusters, n)
+    density = [math.exp(-sum(v * v for v in sorted(row)[:k]) / k) for row in dist]
+    top = max(max(row) for row in dist)
+    separation = [min([dist[i][j] for j in range(n) if density[j] > density[i] or (density[j] == density[i] and j < i)],
+                      default=top) for i in range(n)]
+    centres = sorted(range(n), key=lambda i: -separation[i] * density[i])[:k]
+    assign = [centres.index(i) if i in centres else min(range(k), key=lambda c: dist[i][centres[c]]) for i in range(n)]
+    return centres, assign
+
+
+def test_density_peaks_and_recycling_counts_by_hand():
+    """Three tight blobs: the three centres are one per blob and every point joins its own blob's;
+    the recycling counts are the smallest consistent ones (SparseVLM's 300-of-576 stage by hand)."""
+    from attnflow.reducers.scores import density_peaks, recycle_counts
+
+    g = torch.Generator().manual_seed(0)
+    blobs = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    x = (blobs.repeat_interleave(5, 0) + 0.3 * torch.randn(15, 2, generator=g))[torch.randperm(15, generator=g)]
+    blob = ((x[:, None] - blobs[None]).norm(dim=-1)).argmin(1)
+    centres, assign = density_peaks(x, 3)
+    assert sorted(blob[centres].tolist()) == [0, 1, 2]
+    assert torch.equal(blob[centres][assign], blob)
+    want = _density_peaks_by_hand(x, 3)
+    assert (centres.tolist(), assign.tolist()) == want
+    # 576 candidates, keep 300: 9 clusters -> 291 selected, 285 deleted, int(0.3 * 285) + 1 = 86 pooled, 86 // 10 + 1 = 9
+    assert recycle_counts(576, 300) == (291, 86, 9)
+    assert recycle_counts(100, 100) == (100, 0, 0)  # nothing deleted, nothing recycled
+    assert recycle_counts(100, 0) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["recycle", "input_recycle"])
+def test_recycling_keeps_cluster_centres_holding_their_clusters_mean(models, backend, op):
+    """SparseVLM's recycling (keep 30%): per sample the top candidates by the step's score, and of the
+    ones it deletes the 30% best (plus one) clustered by density peaks (written out here with loops)
+    on the states entering the step's layer (an unreduced eager run's); each centre is kept with its
+    cluster's mean state. The kept tokens equal that by hand, and the reduced logits equal the masking
+    oracle fed those states."""
+    from attnflow.reducers.plan import kept_count
+    from attnflow.reducers.scores import random_scores
+
+    model, processor = models[backend]
+    eager = models["eager"][0]
+    step = STEPS[op][0]
+    k = step["layer"]
+    batch = encode(processor, prompts())
+    logits, planner = reduced(model, STEPS[op], batch)
+    with torch.no_grad():
+        states = eager(**batch, position_ids=positions(batch), output_hidden_states=True).hidden_states[k]
+    visual = batch["input_ids"] == adapters.image_token_id(model)
+    index = torch.where(visual, visual.long().cumsum(1) - 1, -1)
+    if k == 0:
+        scores = random_scores(index, visual, step["seed"])
+    else:
+        rows, _ = planner.layer_tokens[k - 1]
+        scores = torch.full(visual.shape, float("-inf")).scatter(1, rows, planner.scores[k])
+    want = states.clone()
+    kept = planner.original(planner.positions)
+    recycled = 0
+    for b in range(visual.shape[0]):
+        slots = visual[b].nonzero()[:, 0]
+        n_keep = int(kept_count(0.3, torch.tensor(len(slots))))
+        order = slots[scores[b, slots].argsort(descending=True, stable=True)]
+        counts = []
+        for clusters in range(n_keep + 1):  # the smallest consistent count, by search
+            deleted = len(slots) - (n_keep - clusters)
+            pooled = int(0.3 * deleted) + 1
+            if clusters == pooled // 10 + 1:
+                counts = [n_keep - clusters, pooled, clusters]
+                break
+        selected, pooled, clusters = counts
+        pool = order[selected:selected + pooled]
+        centres, assign = _density_peaks_by_hand(states[b, pool].float(), clusters)
+        for c, centre in enumerate(centres):
+            want[b, pool[centre]] = states[b, pool[[i for i, a in enumerate(assign) if a == c]]].mean(0)
+        recycled += len(centres)
+        got = {p for p in kept[b][planner.real[b]].tolist() if visual[b, p]}
+        assert got == set(order[:selected].tolist()) | set(pool[centres].tolist())
+    assert recycled >= visual.shape[0]
+
+    assert_equals_oracle_fed(eager, batch, planner, logits, k, want)
 
 
 def test_hooks_are_removed_on_exit_and_on_error(models):

@@ -60,6 +60,8 @@ def test_malformed_json_names_the_file_and_the_problem(tmp_path):
     ([{"op": "prune_visual", "layer": 1, "keep": 0.5, "seed": 3}], "seed applies to by='random' only"),
     ([{"op": "prune_visual", "layer": 0, "keep": 0.5, "by": "divprune", "merge": True}], "for by='cls' only"),
     ([{"op": "prune_visual", "layer": 0, "keep": 0.5, "by": "cls", "merge": "yes"}], "merge must be true or false"),
+    ([{"op": "prune_visual", "layer": 1, "keep": 0.5, "recycle": 1}], "recycle must be true or false"),
+    ([{"op": "prune_visual", "layer": 0, "keep": 0.5, "by": "cls", "merge": True, "recycle": True}], "a step takes one"),
     ([{"op": "prune_visual", "layer": 1, "keep": 0.5, "by": "random", "seed": -1}], "seed must be an integer"),
     ([{"op": "visual_exit", "layer": 0}], r"layer must be an integer in \[1, 2\]"),
     ([{"op": "visual_exit", "layer": 3}], r"layer must be an integer in \[1, 2\]"),
