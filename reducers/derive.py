@@ -17,7 +17,9 @@ position's attention after the image is read, PyramidDrop arXiv 2410.17247 for l
   decoder layer (layer 0; DART at layer 1, as it needs a layer's keys), and the
   cheapest of all within budget wins, because attention ranking is a poor score where the
   last row is dominated by sinks or position (arXiv 2508.17807, 2502.11501); then a second,
-  smaller stage with the winning score is tried at every later layer (PyramidDrop-style);
+  smaller stage with the winning score is tried at every later layer (PyramidDrop-style); before
+  it, the winning stage recycling what it drops (SparseVLM's recycling, arXiv 2410.04417: a few
+  kept tokens hold the mean of clusters of the dropped ones), which may keep fewer within budget;
 - layers to skip: ``redundancy.candidates`` (most redundant first), tried one at a time;
 - protected visual sinks: ``sinks.visual`` positions, mapped to visual-token indices.
 
@@ -33,9 +35,9 @@ edge, up to ``max_examples``; a trial still close on all of them is judged by it
 observed share and drop. Clearly-over trials (random and pooling cuts, deep cuts) cost one block,
 so the search can afford the hundreds of prompts that telling a 0.4% from a 0.8% drop takes for
 the close ones. The result must then keep its bounds within budget on the validation prompts,
-which the search never saw; while it does not, the next-best candidates the search found (the
-cheapest within budget per first-stage layer and score, cheapest first) are tried, then it backs
-off (drop the last skip, raise keep, move the exit later), ``max_backoffs`` tries in all.
+which the search never saw; while it does not, the next-best candidates the search found are
+tried, cheapest first (skipping any that cuts no more than a rejected one, the same way), then it
+backs off (drop the last skip, raise keep, move the exit later), ``max_backoffs`` tries in all.
 Every choice and trial (with its part and the prompts it was judged on) is written to
 ``derived_from``; ``fidelity`` holds the search part's figures (in-sample), ``validation`` the
 held-out ones it was accepted on. Nothing here times or verifies: callers verify the result once,
@@ -48,7 +50,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -253,17 +255,30 @@ class Settings:
     max_backoffs: int = 20  # validation tries after the first: the search's next-best, then back-off steps
 
 
+class Stage(NamedTuple):
+    """A prune stage of a candidate: its layer, keep share, score (reducers.scores.SCORES) and
+    whether it recycles (SparseVLM's recycling, reducers.scores.recycle)."""
+
+    layer: int
+    keep: float
+    by: str = "last_row"
+    recycle: bool = False
+
+    def step(self) -> dict[str, Any]:
+        return {"op": "prune_visual", "layer": self.layer, "keep": round(self.keep, 4), "by": self.by,
+                **({"recycle": True} if self.recycle else {})}
+
+
 @dataclass(frozen=True)
 class Candidate:
-    """One point of the search: an exit layer, prune stages (layer, keep) and skipped layers."""
+    """One point of the search: an exit layer, prune stages and skipped layers."""
 
     exit: int | None
-    prunes: tuple[tuple[int, float, str], ...] = ()  # (layer, keep, score: reducers.scores.SCORES)
+    prunes: tuple[Stage, ...] = ()
     skips: tuple[tuple[int, str], ...] = ()
 
     def steps(self) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = [{"op": "prune_visual", "layer": layer, "keep": round(keep, 4), "by": by}
-                                     for layer, keep, by in self.prunes]
+        out: list[dict[str, Any]] = [stage.step() for stage in self.prunes]
         if self.exit is not None:
             out.append({"op": "visual_exit", "layer": self.exit})
         out += [{"op": "skip_layers", "layers": [layer], "tokens": tokens} for layer, tokens in self.skips]
@@ -465,16 +480,18 @@ def _bisect(search: _Search, at: Callable[[float], Candidate], within: float, ov
     return within
 
 
-def _smallest_keep(search: _Search, cand: Candidate, layer: int, keep: float, by: str = "last_row") -> Candidate | None:
-    """``cand`` plus a prune stage at ``layer`` with the smallest keep within budget: from
+def _smallest_keep(search: _Search, cand: Candidate, layer: int, keep: float, by: str = "last_row",
+                   recycle: bool = False) -> Candidate | None:
+    """``cand`` plus a prune stage at ``layer`` ranked by ``by`` (recycling with ``recycle``) with
+    the smallest keep within budget: from
     ``keep``, shrinking x2/3 while within budget, or else dropping a third fewer tokens at a time
     until it is (as ``_relax``: up to the previous stage's keep, or 1, less MIN_DROP), then
     refined between the last keep within budget and the one over it (``_bisect``: the x2/3 grid
     alone lands where its start puts it); None when none fits."""
-    ceiling = cand.prunes[-1][1] if cand.prunes else 1.0
+    ceiling = cand.prunes[-1].keep if cand.prunes else 1.0
 
     def at(k: float) -> Candidate:
-        return replace(cand, prunes=cand.prunes + ((layer, k, by),))
+        return replace(cand, prunes=cand.prunes + (Stage(layer, k, by, recycle),))
 
     if search.ok(at(keep)):
         while keep > 0.01 and search.ok(at(keep * 2 / 3)):
@@ -493,8 +510,9 @@ def _cheapest(search: _Search, found: list[Candidate], what: str) -> Candidate |
         search.reasons.append(f"{what}: none stays within budget")
         return None
     best = min(found, key=search.flops)
-    layer, keep, by = best.prunes[-1]
-    search.reasons.append(f"{what}: keep {keep:.3f} at layer {layer} ranked by {by} has the lowest predicted FLOPs "
+    stage = best.prunes[-1]
+    search.reasons.append(f"{what}: keep {stage.keep:.3f} at layer {stage.layer} ranked by {stage.by}"
+                          f"{' with recycling' if stage.recycle else ''} has the lowest predicted FLOPs "
                           f"({search.flops(best):.3f}) of those within budget")
     return best
 
@@ -526,9 +544,12 @@ def _greedy(search: _Search, start: Candidate, first_prune: int, num_layers: int
               if by != "last_row" for at in sorted({0} if by == "cls" else {layer, 0 if by in INPUT_SCORES else 1})]
     cand = _cheapest(search, [*([best] if best else []), *(c for c in others if c is not None)],
                      "prune_visual (first stage, every score)") or cand
-    if cand.prunes:
-        layer, keep, by = cand.prunes[0]
-        second = [_smallest_keep(search, cand, later, keep * 2 / 3, by) for later in range(layer + 1, limit)]
+    if cand.prunes:  # the winner recycling what it drops (SparseVLM): the same tokens' content in fewer
+        layer, keep, by, _ = cand.prunes[0]
+        recycled = _smallest_keep(search, replace(cand, prunes=()), layer, keep, by, recycle=True)
+        cand = _cheapest(search, [cand, *([recycled] if recycled else [])], "prune_visual (first stage, recycling)")
+        layer, keep, by, recycle = cand.prunes[0]
+        second = [_smallest_keep(search, cand, later, keep * 2 / 3, by, recycle) for later in range(layer + 1, limit)]
         cand = _cheapest(search, [c for c in second if c is not None], "prune_visual (second stage)") or cand
     for layer in skips:
         for tokens in ("all", "visual"):
@@ -551,43 +572,47 @@ def _relax(cand: Candidate, num_layers: int) -> Candidate | None:
     if cand.skips:
         return replace(cand, skips=cand.skips[:-1])
     if cand.prunes:
-        layer, keep, by = cand.prunes[-1]
-        ceiling = cand.prunes[-2][1] if len(cand.prunes) > 1 else 1.0
-        raised = ceiling - (ceiling - keep) / 1.5
+        last = cand.prunes[-1]
+        ceiling = cand.prunes[-2].keep if len(cand.prunes) > 1 else 1.0
+        raised = ceiling - (ceiling - last.keep) / 1.5
         rest = cand.prunes[:-1]
-        return replace(cand, prunes=rest + (((layer, raised, by),) if ceiling - raised >= MIN_DROP else ()))
+        return replace(cand, prunes=rest + ((last._replace(keep=raised),) if ceiling - raised >= MIN_DROP else ()))
     if cand.exit is not None:
         return replace(cand, exit=cand.exit + 1 if cand.exit + 1 < num_layers else None)
     return None
 
 
-def _next_best(search: _Search, rejected: Candidate) -> list[Candidate]:
-    """The search's other results: of the candidates it found within budget whose first prune stage
-    ranks by another score or at another layer than ``rejected``'s, the cheapest per (layer, score),
-    cheapest first."""
-    def family(cand: Candidate) -> tuple[int, str] | None:
-        return (cand.prunes[0][0], cand.prunes[0][2]) if cand.prunes else None
+def _dominated(cand: Candidate, rejected: Candidate) -> bool:
+    """Whether ``cand`` cuts at least what ``rejected`` does, the same way: the same exit, skips and
+    stages (layer, score, recycling), no stage keeping more. Fidelity falls as keep does, so
+    validation that rejected the one would reject the other: not worth a try (each costs some of the
+    bound's confidence)."""
+    return (cand.exit == rejected.exit and cand.skips == rejected.skips and len(cand.prunes) == len(rejected.prunes)
+            and all(a._replace(keep=0.0) == b._replace(keep=0.0) and a.keep <= b.keep
+                    for a, b in zip(cand.prunes, rejected.prunes)))
 
-    best: dict[tuple[int, str] | None, Candidate] = {}
-    for cand in search.passed:
-        key = family(cand)
-        if key != family(rejected) and (key not in best or search.flops(cand) < search.flops(best[key])):
-            best[key] = cand
-    return sorted(best.values(), key=search.flops)
+
+def _next_best(search: _Search, rejected: list[Candidate]) -> Candidate | None:
+    """The search's next-best result: the cheapest candidate it found within budget that validation
+    has not rejected, nor one that cuts no more the same way (``_dominated``); None when none is left."""
+    left = [c for c in search.passed if not any(_dominated(c, r) for r in rejected)]
+    return min(left, key=search.flops, default=None)
 
 
 def _validated(search: _Search, checker: _Probe, cand: Candidate, num_layers: int, tries: int) -> Candidate:
     """The first candidate within budget on ``checker``'s (validation) prompts, of ``cand`` and then,
-    at most ``tries`` more: the search's next-best (``_next_best``), then steps back from ``cand``
-    (``_relax``); the last one tried when none is. Validation only accepts or rejects: the
-    alternatives are what the search found before it saw any validation result. Each try is a
-    one-sided test at the bound's confidence, so every further try adds to the chance of accepting a
-    schedule over budget: ``tries`` caps it."""
-    alternatives, path = iter(_next_best(search, cand)), cand
+    at most ``tries`` more: the search's next-best (``_next_best``: its other results within budget,
+    cheapest first, so a stage that keeps a little more of the same score comes before a dearer
+    score), then steps back from ``cand`` (``_relax``); the last one tried when none is. Validation
+    only accepts or rejects: the alternatives are what the search found before it saw any validation
+    result. Each try is a one-sided test at the bound's confidence, so every further try adds to the
+    chance of accepting a schedule over budget: ``tries`` caps it."""
+    rejected, path = [], cand
     for left in range(tries, -1, -1):
         if search.ok(cand, checker, "validation"):
             break
-        following = next(alternatives, None)
+        rejected.append(cand)
+        following = _next_best(search, rejected)
         if following is None:
             following = path = _relax(path, num_layers)
             step = "backing off"

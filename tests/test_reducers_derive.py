@@ -46,6 +46,9 @@ def test_derive_finds_the_planted_exit_whatever_the_findings_claim(exit_vlm, cla
     tried = {json.dumps(t["steps"]): t["within_budget"] for t in derived["trials"]}
     assert tried[json.dumps([{"op": "visual_exit", "layer": PLANTED_EXIT - 1}])] is False
     assert tried[json.dumps([{"op": "visual_exit", "layer": PLANTED_EXIT}])] is True
+    first = [s for t in derived["trials"] for s in t["steps"][:1] if s["op"] == "prune_visual"]
+    recycled = [s for s in first if s.get("recycle")]  # the first stage's winner, tried recycling
+    assert recycled and {(s["layer"], s["by"]) for s in recycled} < {(s["layer"], s["by"]) for s in first}
     Schedule.from_dict(json.loads(json.dumps(schedule.to_dict())))  # a valid, JSON-clean schedule
 
 
@@ -139,9 +142,9 @@ def test_back_off_order():
     """Drop the last skip, then let the last prune stage drop a third fewer tokens (of what the
     previous stage keeps) until it would drop under MIN_DROP and remove it, then the same for the
     stage before, then move the exit later until there is none."""
-    from attnflow.reducers.derive import MIN_DROP, Candidate, _relax
+    from attnflow.reducers.derive import MIN_DROP, Candidate, Stage, _relax
 
-    cand = Candidate(exit=4, prunes=((1, 0.5, "last_row"), (2, 0.3, "last_row")), skips=((3, "all"),))
+    cand = Candidate(exit=4, prunes=(Stage(1, 0.5), Stage(2, 0.3, "last_row", True)), skips=((3, "all"),))
     seen = []
     while cand is not None:
         seen.append(cand.steps())
@@ -212,22 +215,27 @@ def test_the_search_judges_close_trials_on_more_prompts(toy_vlm):
 
 
 def test_validation_falls_back_on_the_searchs_next_best_cheapest_first():
-    """After a rejection: the cheapest search pass of each other first stage (layer, score), cheapest
-    first; then the back-off from the rejected result; at most ``tries`` more."""
-    from attnflow.reducers.derive import Candidate, _relax, _validated
+    """After a rejection: the search's other passes, cheapest first, but none that cuts no more than a
+    rejected one the same way (same stages, no keep larger); then the back-off from the rejected
+    result; at most ``tries`` more."""
+    from attnflow.reducers.derive import Candidate, Stage, _relax, _validated
 
-    greedy = Candidate(None, ((3, 0.38, "last_row"), (4, 0.3, "last_row")))
-    alone = Candidate(None, ((3, 0.38, "last_row"),))  # the greedy's first stage: left to the back-off
-    div, dearer_div = Candidate(None, ((0, 0.72, "divprune"),)), Candidate(None, ((0, 0.8, "divprune"),))
-    dart1, dart3 = Candidate(None, ((1, 0.82, "dart"),)), Candidate(None, ((3, 0.38, "dart"),))
-    flops = {greedy: 0.67, alone: 0.695, div: 0.715, dearer_div: 0.8, dart1: 0.844, dart3: 0.7}
+    greedy = Candidate(None, (Stage(3, 0.38), Stage(4, 0.3)))
+    alone = Candidate(None, (Stage(3, 0.38),))  # the greedy's first stage: cuts less, tried
+    div, dearer_div = Candidate(None, (Stage(0, 0.72, "divprune"),)), Candidate(None, (Stage(0, 0.8, "divprune"),))
+    fewer_div = Candidate(None, (Stage(0, 0.7, "divprune"),))  # cuts more than div: skipped once div is rejected
+    recycled_div = Candidate(None, (Stage(0, 0.7, "divprune", True),))  # another way: tried
+    dart1, dart3 = Candidate(None, (Stage(1, 0.82, "dart"),)), Candidate(None, (Stage(3, 0.38, "dart"),))
+    flops = {greedy: 0.67, alone: 0.695, div: 0.715, fewer_div: 0.72, recycled_div: 0.73, dearer_div: 0.8,
+             dart1: 0.844, dart3: 0.7}
     step = _relax(greedy, 6)
 
     class Search:  # what _validated reads of a derivation
         confidence = 0.95
 
         def __init__(self, accepts):
-            self.passed, self.accepts = [alone, dearer_div, dart3, div, dart1, greedy], accepts
+            self.passed = [alone, dearer_div, dart3, div, fewer_div, recycled_div, dart1, greedy]
+            self.accepts = accepts
             self.tried, self.reasons = [], []
 
         def flops(self, cand):
@@ -240,13 +248,14 @@ def test_validation_falls_back_on_the_searchs_next_best_cheapest_first():
 
     checker = SimpleNamespace(examples=[None] * 1600)
     search = Search({div, dart1})
-    assert _validated(search, checker, greedy, 6, tries=20) == div and search.tried == [greedy, dart3, div]
-    assert search.reasons[0].endswith("validation prompts: trying the search's next-best (predicted FLOPs 0.700)")
+    assert _validated(search, checker, greedy, 6, tries=20) == div and search.tried == [greedy, alone, dart3, div]
+    assert search.reasons[0].endswith("validation prompts: trying the search's next-best (predicted FLOPs 0.695)")
     search = Search({step})
     assert _validated(search, checker, greedy, 6, tries=20) == step
-    assert search.tried == [greedy, dart3, div, dart1, step] and search.reasons[-1].endswith("backing off")
+    assert search.tried == [greedy, alone, dart3, div, recycled_div, dearer_div, dart1, step]
+    assert search.reasons[-1].endswith("backing off")
     search = Search(set())
-    assert _validated(search, checker, greedy, 6, tries=1) == dart3 and search.tried == [greedy, dart3]
+    assert _validated(search, checker, greedy, 6, tries=1) == alone and search.tried == [greedy, alone]
 
 
 def test_the_smallest_keep_is_refined_between_the_last_step_within_budget_and_the_first_over():
@@ -265,9 +274,9 @@ def test_the_smallest_keep_is_refined_between_the_last_step_within_budget_and_th
 
     assert REFINE == 2
     search = Search()
-    assert _smallest_keep(search, Candidate(None), 1, 0.9).prunes == ((1, pytest.approx(0.45), "last_row"),)
+    assert _smallest_keep(search, Candidate(None), 1, 0.9).prunes == ((1, pytest.approx(0.45), "last_row", False),)
     assert search.tried == [0.9, 0.6, 0.4, 0.5, 0.45]
     search = Search()
     refined = _smallest_keep(search, Candidate(None), 1, 0.3, "divprune")
-    assert refined.prunes == ((1, pytest.approx(0.475), "divprune"),)
+    assert refined.prunes == ((1, pytest.approx(0.475), "divprune", False),)
     assert search.tried == [0.3, 0.5333, 0.4167, 0.475]
