@@ -534,6 +534,42 @@ def test_misuse_gets_a_clear_error(models):
                 model(**batch)
 
 
+def test_farthest_point_order_against_a_plain_reference():
+    """DivPrune's and pooling's greedy max-min order (arXiv 2503.02175) against loops over lists: first
+    the candidate farthest from its nearest other candidate, then the one farthest from all chosen,
+    ties to the earlier slot; the first ``limit`` chosen, then every other slot in slot order. Random
+    points with duplicates (exact ties), uneven candidates, a lone candidate and none."""
+    from attnflow.reducers.scores import farthest_point
+
+    def reference(dist, cand, limit):
+        slots = [s for s in range(len(cand)) if cand[s]]
+        if len(slots) == 1:
+            score = {slots[0]: 0.0}
+        else:
+            score = {s: min(dist[s][t] for t in slots if t != s) for s in slots}
+        chosen = []
+        while len(chosen) < min(limit, len(slots)):
+            pick = max((s for s in slots if s not in chosen), key=lambda s: (score[s], -s))
+            chosen.append(pick)
+            score = {s: min(dist[c][s] for c in chosen) for s in slots}
+        return chosen + [s for s in range(len(cand)) if s not in chosen]
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(6):
+        b, r = 4, 30
+        points = torch.randn(b, r, 3, generator=gen)
+        points[:, 12:16] = points[:, 4:8]  # duplicates: exact ties
+        cand = torch.rand(b, r, generator=gen) < 0.7
+        cand[2] = False
+        cand[2, 9] = True  # a lone candidate
+        cand[3] = False  # none
+        limit = [3, 10, 30][trial % 3]
+        dist = torch.cdist(points, points)
+        got = farthest_point(dist, cand, limit)
+        for i in range(b):
+            assert got[i].tolist() == reference(dist[i].tolist(), cand[i].tolist(), limit)
+
+
 def test_dart_keeps_what_its_pivots_find_least_duplicated():
     """DART (arXiv 2502.11494) against a plain reference: pivots are the candidates (and text tokens)
     with the largest key L1 norm; round robin over the pivots, each keeps the remaining candidate
