@@ -109,11 +109,24 @@ def reduced(model, steps, batch, **kw):
     return logits, planner
 
 
+KEEP_ALL = {  # every score, merging and recycling, at keep 1.0 (layer 0: before the LLM)
+    "last_row": {"layer": 1}, "random": {"layer": 1, "by": "random"}, "pool": {"layer": 1, "by": "pool"},
+    "divprune": {"layer": 1, "by": "divprune"}, "dart": {"layer": 2, "by": "dart"}, "text": {"layer": 1, "by": "text"},
+    "recycle": {"layer": 1, "by": "text", "recycle": True}, "input_divprune": {"layer": 0, "by": "divprune"},
+    "input_random": {"layer": 0, "by": "random"}, "input_pool": {"layer": 0, "by": "pool"},
+    "input_cls": {"layer": 0, "by": "cls"}, "input_visionzip": {"layer": 0, "by": "cls", "merge": True},
+    "input_recycle": {"layer": 0, "by": "divprune", "recycle": True},
+}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_keeping_everything_before_the_llm_reproduces_the_model(models, backend):
+@pytest.mark.parametrize("op", sorted(KEEP_ALL))
+def test_keeping_every_token_reproduces_the_model(models, backend, op):
+    """A prune step that keeps every token, whatever its score (and merging or recycling nothing),
+    reproduces the unreduced logits and greedy generation."""
     model, processor = models[backend]
     batch = encode(processor, prompts())
-    steps = [{"op": "prune_visual", "layer": 0, "keep": 1.0, "by": "divprune"}]
+    steps = [{"op": "prune_visual", "keep": 1.0, **KEEP_ALL[op]}]
     real = batch["attention_mask"].bool()
     with torch.no_grad():
         full = model(**batch).logits
