@@ -257,16 +257,18 @@ class Settings:
 
 class Stage(NamedTuple):
     """A prune stage of a candidate: its layer, keep share, score (reducers.scores.SCORES) and
-    whether it recycles (SparseVLM's recycling, reducers.scores.recycle)."""
+    whether it recycles (SparseVLM's recycling, reducers.scores.recycle) or merges (VisionZip's
+    contextual tokens, ``cls`` only)."""
 
     layer: int
     keep: float
     by: str = "last_row"
     recycle: bool = False
+    merge: bool = False
 
     def step(self) -> dict[str, Any]:
-        return {"op": "prune_visual", "layer": self.layer, "keep": round(self.keep, 4), "by": self.by,
-                **({"recycle": True} if self.recycle else {})}
+        flags = {key: True for key, on in (("recycle", self.recycle), ("merge", self.merge)) if on}
+        return {"op": "prune_visual", "layer": self.layer, "keep": round(self.keep, 4), "by": self.by, **flags}
 
 
 @dataclass(frozen=True)
@@ -480,18 +482,17 @@ def _bisect(search: _Search, at: Callable[[float], Candidate], within: float, ov
     return within
 
 
-def _smallest_keep(search: _Search, cand: Candidate, layer: int, keep: float, by: str = "last_row",
-                   recycle: bool = False) -> Candidate | None:
-    """``cand`` plus a prune stage at ``layer`` ranked by ``by`` (recycling with ``recycle``) with
-    the smallest keep within budget: from
+def _smallest_keep(search: _Search, cand: Candidate, start: Stage) -> Candidate | None:
+    """``cand`` plus the prune stage ``start`` with the smallest keep within budget: from
     ``keep``, shrinking x2/3 while within budget, or else dropping a third fewer tokens at a time
     until it is (as ``_relax``: up to the previous stage's keep, or 1, less MIN_DROP), then
     refined between the last keep within budget and the one over it (``_bisect``: the x2/3 grid
     alone lands where its start puts it); None when none fits."""
     ceiling = cand.prunes[-1].keep if cand.prunes else 1.0
+    keep = start.keep
 
     def at(k: float) -> Candidate:
-        return replace(cand, prunes=cand.prunes + (Stage(layer, k, by, recycle),))
+        return replace(cand, prunes=cand.prunes + (start._replace(keep=k),))
 
     if search.ok(at(keep)):
         while keep > 0.01 and search.ok(at(keep * 2 / 3)):
@@ -512,7 +513,8 @@ def _cheapest(search: _Search, found: list[Candidate], what: str) -> Candidate |
     best = min(found, key=search.flops)
     stage = best.prunes[-1]
     search.reasons.append(f"{what}: keep {stage.keep:.3f} at layer {stage.layer} ranked by {stage.by}"
-                          f"{' with recycling' if stage.recycle else ''} has the lowest predicted FLOPs "
+                          f"{' with recycling' if stage.recycle else ''}{' merging context' if stage.merge else ''}"
+                          f" has the lowest predicted FLOPs "
                           f"({search.flops(best):.3f}) of those within budget")
     return best
 
@@ -535,21 +537,24 @@ def _greedy(search: _Search, start: Candidate, first_prune: int, num_layers: int
     for layer in range(min(first_prune, limit - 1), 0, -1):
         keep, why = keep_share(search, layer, coverage)
         search.reasons.append(why)
-        first.append(_smallest_keep(search, cand, layer, keep))
+        first.append(_smallest_keep(search, cand, Stage(layer, keep)))
     best = _cheapest(search, [c for c in first if c is not None], "prune_visual (first stage, last-row attention)")
     # the other scores, at that layer (the evidence layer when last-row attention found none, from half
     # the tokens) and before the LLM where they need no attention: attention may be a poor score there
     layer, keep = best.prunes[0][:2] if best is not None else (max(1, min(first_prune, limit - 1)), 0.5)
-    others = [_smallest_keep(search, cand, at, keep, by) for by in available_scores(search.model)
-              if by != "last_row" for at in sorted({0} if by == "cls" else {layer, 0 if by in INPUT_SCORES else 1})]
+    others = [_smallest_keep(search, cand, Stage(at, keep, by, merge=merge)) for by in available_scores(search.model)
+              if by != "last_row" for at in sorted({0} if by == "cls" else {layer, 0 if by in INPUT_SCORES else 1})
+              for merge in ((False, True) if by == "cls" else (False,))]  # VisionZip: dominant only, and merged
     cand = _cheapest(search, [*([best] if best else []), *(c for c in others if c is not None)],
                      "prune_visual (first stage, every score)") or cand
     if cand.prunes:  # the winner recycling what it drops (SparseVLM): the same tokens' content in fewer
-        layer, keep, by, _ = cand.prunes[0]
-        recycled = _smallest_keep(search, replace(cand, prunes=()), layer, keep, by, recycle=True)
-        cand = _cheapest(search, [cand, *([recycled] if recycled else [])], "prune_visual (first stage, recycling)")
-        layer, keep, by, recycle = cand.prunes[0]
-        second = [_smallest_keep(search, cand, later, keep * 2 / 3, by, recycle) for later in range(layer + 1, limit)]
+        winner = cand.prunes[0]
+        if not winner.merge:
+            recycled = _smallest_keep(search, replace(cand, prunes=()), winner._replace(recycle=True))
+            cand = _cheapest(search, [cand, *([recycled] if recycled else [])], "prune_visual (first stage, recycling)")
+        first_stage = cand.prunes[0]
+        second = [_smallest_keep(search, cand, Stage(later, first_stage.keep * 2 / 3, first_stage.by, first_stage.recycle))
+                  for later in range(first_stage.layer + 1, limit) if first_stage.by != "cls"]
         cand = _cheapest(search, [c for c in second if c is not None], "prune_visual (second stage)") or cand
     for layer in skips:
         for tokens in ("all", "visual"):

@@ -49,6 +49,7 @@ def test_derive_finds_the_planted_exit_whatever_the_findings_claim(exit_vlm, cla
     first = [s for t in derived["trials"] for s in t["steps"][:1] if s["op"] == "prune_visual"]
     recycled = [s for s in first if s.get("recycle")]  # the first stage's winner, tried recycling
     assert recycled and {(s["layer"], s["by"]) for s in recycled} < {(s["layer"], s["by"]) for s in first}
+    assert any(s["by"] == "cls" and s.get("merge") for s in first)  # VisionZip: [CLS] with its contextual merge
     Schedule.from_dict(json.loads(json.dumps(schedule.to_dict())))  # a valid, JSON-clean schedule
 
 
@@ -186,7 +187,7 @@ def test_the_search_judges_close_trials_on_more_prompts(toy_vlm):
     budget, exit3 = Budget(max_accuracy_drop=0.2), [{"op": "visual_exit", "layer": 3}]
 
     def trials(search, first_block):
-        schedule = derive(findings_claiming(3, 6), model, search, processor, budget, validation=late[16:48],
+        schedule = derive(findings_claiming(3, 6), model, search, processor, budget, validation=late[48:80],
                           settings=Settings(first_block=first_block))
         return schedule, [t for t in schedule.derived_from["trials"] if t["part"] == "search"]
 
@@ -262,7 +263,7 @@ def test_the_smallest_keep_is_refined_between_the_last_step_within_budget_and_th
     """Within budget while keep >= 0.44 (REFINE = 2 halvings): from 0.9, x2/3 steps pass 0.9 and 0.6
     and not 0.4; halving [0.4, 0.6]: 0.5 passes, 0.45 passes. From 0.3 (over), dropping a third
     fewer tokens: 1 - 0.7/1.5 = 0.5333 passes; halving [0.3, 0.5333]: 0.4167 fails, 0.475 passes."""
-    from attnflow.reducers.derive import REFINE, Candidate, _smallest_keep
+    from attnflow.reducers.derive import REFINE, Candidate, Stage, _smallest_keep
 
     class Search:
         def __init__(self):
@@ -274,9 +275,9 @@ def test_the_smallest_keep_is_refined_between_the_last_step_within_budget_and_th
 
     assert REFINE == 2
     search = Search()
-    assert _smallest_keep(search, Candidate(None), 1, 0.9).prunes == ((1, pytest.approx(0.45), "last_row", False),)
+    assert _smallest_keep(search, Candidate(None), Stage(1, 0.9)).prunes == ((1, pytest.approx(0.45), "last_row", False, False),)
     assert search.tried == [0.9, 0.6, 0.4, 0.5, 0.45]
     search = Search()
-    refined = _smallest_keep(search, Candidate(None), 1, 0.3, "divprune")
-    assert refined.prunes == ((1, pytest.approx(0.475), "divprune", False),)
+    refined = _smallest_keep(search, Candidate(None), Stage(1, 0.3, "divprune", recycle=True))
+    assert refined.prunes == ((1, pytest.approx(0.475), "divprune", True, False),)
     assert search.tried == [0.3, 0.5333, 0.4167, 0.475]
