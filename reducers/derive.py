@@ -36,7 +36,8 @@ observed share and drop. Clearly-over trials (random and pooling cuts, deep cuts
 so the search can afford the hundreds of prompts that telling a 0.4% from a 0.8% drop takes for
 the close ones. The result must then keep its bounds within budget on the validation prompts,
 which the search never saw; while it does not, the next-best candidates the search found are
-tried, cheapest first (skipping any that cuts no more than a rejected one, the same way), then it
+tried: a rejected multi-stage candidate's first stage (if that fails, all built on it do), else
+the cheapest, skipping any that cuts at least what a rejected one cuts, the same way; then it
 backs off (drop the last skip, raise keep, move the exit later), ``max_backoffs`` tries in all.
 Every choice and trial (with its part and the prompts it was judged on) is written to
 ``derived_from``; ``fidelity`` holds the search part's figures (in-sample), ``validation`` the
@@ -588,38 +589,62 @@ def _relax(cand: Candidate, num_layers: int) -> Candidate | None:
 
 
 def _dominated(cand: Candidate, rejected: Candidate) -> bool:
-    """Whether ``cand`` cuts at least what ``rejected`` does, the same way: the same exit, skips and
-    stages (layer, score, recycling), no stage keeping more. Fidelity falls as keep does, so
-    validation that rejected the one would reject the other: not worth a try (each costs some of the
-    bound's confidence)."""
-    return (cand.exit == rejected.exit and cand.skips == rejected.skips and len(cand.prunes) == len(rejected.prunes)
-            and all(a._replace(keep=0.0) == b._replace(keep=0.0) and a.keep <= b.keep
-                    for a, b in zip(cand.prunes, rejected.prunes)))
+    """Whether ``cand`` cuts at least what ``rejected`` does, the same way: an exit no later, every
+    skip of it, and for each of its stages one of the same kind (layer, score, recycling, merging)
+    keeping no more; anything more only cuts more. Fidelity falls as the cut grows, so validation
+    that rejected the one would reject the other: not worth a try (each costs some of the bound's
+    confidence)."""
+    def kind(stage: Stage) -> Stage:
+        return stage._replace(keep=0.0)
+
+    exit_ok = rejected.exit is None or (cand.exit is not None and cand.exit <= rejected.exit)
+    return (exit_ok and set(rejected.skips) <= set(cand.skips)
+            and all(any(kind(c) == kind(r) and c.keep <= r.keep for c in cand.prunes) for r in rejected.prunes))
+
+
+def _trunk(cand: Candidate) -> Candidate | None:
+    """What the search built ``cand`` on: ``cand`` without its last skip, else without its last prune
+    stage (the search builds stages on its exit); None when nothing is left under it."""
+    if cand.skips:
+        return replace(cand, skips=cand.skips[:-1])
+    if len(cand.prunes) > 1 or (cand.prunes and cand.exit is not None):
+        return replace(cand, prunes=cand.prunes[:-1])
+    return None
 
 
 def _next_best(search: _Search, rejected: list[Candidate]) -> Candidate | None:
-    """The search's next-best result: the cheapest candidate it found within budget that validation
-    has not rejected, nor one that cuts no more the same way (``_dominated``); None when none is left."""
+    """The search's next-best result after ``rejected`` (the last one last): its trunk (``_trunk``)
+    when the search passed it, since if that fails every candidate built on it does too; else the
+    cheapest candidate the search found within budget that cuts more than no rejected one the same
+    way (``_dominated``); None when none is left."""
     left = [c for c in search.passed if not any(_dominated(c, r) for r in rejected)]
+    trunk = _trunk(rejected[-1])
+    if trunk in left:
+        return trunk
     return min(left, key=search.flops, default=None)
 
 
 def _validated(search: _Search, checker: _Probe, cand: Candidate, num_layers: int, tries: int) -> Candidate:
     """The first candidate within budget on ``checker``'s (validation) prompts, of ``cand`` and then,
-    at most ``tries`` more: the search's next-best (``_next_best``: its other results within budget,
-    cheapest first, so a stage that keeps a little more of the same score comes before a dearer
-    score), then steps back from ``cand`` (``_relax``); the last one tried when none is. Validation
-    only accepts or rejects: the alternatives are what the search found before it saw any validation
+    at most ``tries`` more: the search's next-best (``_next_best``: a rejected candidate's trunk, else
+    its other results within budget cheapest first, so a stage that keeps a little more of the same
+    score comes before a dearer score), for at most half the tries, then steps back from ``cand``
+    (``_relax``). When none holds, no reduction at all (the unreduced model is within any budget
+    validation can certify): derive never returns a schedule validation rejected. Validation only
+    accepts or rejects: the alternatives are what the search found before it saw any validation
     result. Each try is a one-sided test at the bound's confidence, so every further try adds to the
     chance of accepting a schedule over budget: ``tries`` caps it."""
-    rejected, path = [], cand
+    rejected: list[Candidate] = []
+    path = cand
     for left in range(tries, -1, -1):
         if search.ok(cand, checker, "validation"):
-            break
+            return cand
         rejected.append(cand)
-        following = _next_best(search, rejected)
-        if following is None:
+        following = _next_best(search, rejected) if len(rejected) <= (tries + 1) // 2 else None
+        if following is None:  # back off, past the steps a rejection already rules out
             following = path = _relax(path, num_layers)
+            while following is not None and any(_dominated(following, r) for r in rejected):
+                following = path = _relax(path, num_layers)
             step = "backing off"
         else:
             step = f"trying the search's next-best (predicted FLOPs {search.flops(following):.3f})"
@@ -628,7 +653,11 @@ def _validated(search: _Search, checker: _Probe, cand: Candidate, num_layers: in
         search.reasons.append(f"{cand.steps()} is outside the budget's {search.confidence:.0%} bound on the "
                               f"{len(checker.examples)} validation prompts: {step}")
         cand = following
-    return cand
+    search.reasons.append(f"{cand.steps()} is outside the budget's {search.confidence:.0%} bound on the "
+                          f"{len(checker.examples)} validation prompts, and no try is left: no reduction")
+    unreduced = Candidate(None)
+    search.ok(unreduced, checker, "validation")
+    return unreduced
 
 
 def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,

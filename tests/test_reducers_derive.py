@@ -216,9 +216,11 @@ def test_the_search_judges_close_trials_on_more_prompts(toy_vlm):
 
 
 def test_validation_falls_back_on_the_searchs_next_best_cheapest_first():
-    """After a rejection: the search's other passes, cheapest first, but none that cuts no more than a
-    rejected one the same way (same stages, no keep larger); then the back-off from the rejected
-    result; at most ``tries`` more."""
+    """After a rejection: a rejected multi-stage candidate's trunk (its first stage) if the search passed
+    it, else the search's other passes cheapest first, but none that cuts at least what a rejected one
+    cuts the same way (its stages or more, no keep larger); then the back-off from the rejected
+    result (once half the tries are spent on next-best), past the steps a rejection rules out; at most
+    ``tries`` more, else no reduction."""
     from attnflow.reducers.derive import Candidate, Stage, _relax, _validated
 
     greedy = Candidate(None, (Stage(3, 0.38), Stage(4, 0.3)))
@@ -227,15 +229,18 @@ def test_validation_falls_back_on_the_searchs_next_best_cheapest_first():
     fewer_div = Candidate(None, (Stage(0, 0.7, "divprune"),))  # cuts more than div: skipped once div is rejected
     recycled_div = Candidate(None, (Stage(0, 0.7, "divprune", True),))  # another way: tried
     dart1, dart3 = Candidate(None, (Stage(1, 0.82, "dart"),)), Candidate(None, (Stage(3, 0.38, "dart"),))
+    deeper = Candidate(None, (Stage(3, 0.38), Stage(4, 0.2)))  # cuts more than the greedy: never tried
+    branch = Candidate(None, (Stage(3, 0.38), Stage(5, 0.25)))  # built on the trunk, which is tried first and fails
     flops = {greedy: 0.67, alone: 0.695, div: 0.715, fewer_div: 0.72, recycled_div: 0.73, dearer_div: 0.8,
-             dart1: 0.844, dart3: 0.7}
-    step = _relax(greedy, 6)
+             dart1: 0.844, dart3: 0.7, deeper: 0.68, branch: 0.69}
+    assert _relax(greedy, 6).prunes[0] == alone.prunes[0]  # the back-off keeps the rejected trunk's stage a while:
+    raised = Candidate(None, (Stage(3, 1.0 - (1.0 - 0.38) / 1.5),))  # its first step that alone's rejection allows
 
     class Search:  # what _validated reads of a derivation
         confidence = 0.95
 
         def __init__(self, accepts):
-            self.passed = [alone, dearer_div, dart3, div, fewer_div, recycled_div, dart1, greedy]
+            self.passed = [alone, dearer_div, dart3, div, fewer_div, recycled_div, dart1, greedy, deeper, branch]
             self.accepts = accepts
             self.tried, self.reasons = [], []
 
@@ -251,12 +256,15 @@ def test_validation_falls_back_on_the_searchs_next_best_cheapest_first():
     search = Search({div, dart1})
     assert _validated(search, checker, greedy, 6, tries=20) == div and search.tried == [greedy, alone, dart3, div]
     assert search.reasons[0].endswith("validation prompts: trying the search's next-best (predicted FLOPs 0.695)")
-    search = Search({step})
-    assert _validated(search, checker, greedy, 6, tries=20) == step
-    assert search.tried == [greedy, alone, dart3, div, recycled_div, dearer_div, dart1, step]
+    search = Search({raised})
+    assert _validated(search, checker, greedy, 6, tries=20) == raised
+    assert search.tried == [greedy, alone, dart3, div, recycled_div, dearer_div, dart1, raised]
     assert search.reasons[-1].endswith("backing off")
-    search = Search(set())
-    assert _validated(search, checker, greedy, 6, tries=1) == alone and search.tried == [greedy, alone]
+    search = Search(set())  # nothing holds: no reduction rather than a rejected schedule
+    assert _validated(search, checker, greedy, 6, tries=1) == Candidate(None)
+    assert search.tried == [greedy, alone, Candidate(None)] and search.reasons[-1].endswith("no reduction")
+    search = Search({raised})  # half the tries for next-best, then the back-off
+    assert _validated(search, checker, greedy, 6, tries=4) == raised and search.tried == [greedy, alone, dart3, raised]
 
 
 def test_the_smallest_keep_is_refined_between_the_last_step_within_budget_and_the_first_over():
