@@ -18,7 +18,7 @@ keeping the top ``n`` scores is the set the rule picks for ``n``:
 - ``cls`` (VisionZip's dominant tokens, arXiv 2412.04467; VisPruner, arXiv 2412.01818): the
   attention the vision tower's [CLS] query pays each patch, summed over heads, at the layer the
   model takes its image features from; before the LLM only, for towers with a [CLS] (VisionZip's
-  contextual tokens, merged from the rest, are not built: the shortening mechanism only selects);
+  contextual tokens, merged from the rest: ``contextual_merge``);
 - ``dart`` (DART, arXiv 2502.11494; defaults K = 2, 4 visual + 4 text pivots): layer K-1's
   keys (before RoPE); pivots are the visual and the text tokens of largest key L1 norm, and each
   pivot in turn keeps the remaining visual token least cosine-similar to it (the most duplicated

@@ -43,6 +43,12 @@ MUTATIONS = [
      "return self.decoding and self.decode_steps > 0", ["tests/test_reducers_apply.py", "-x", "-k", "change_nothing"]),
     ("reducers/validation.py", "q = (root - big_b) / (4 * n)", "q = (root + big_b) / (4 * n)",
      ["tests/test_reducers_validation.py", "-k", "paired_net_drop or sequential or net_drop_certifies"]),
+    ("reducers/scores.py", "pick = int(score.argmax())", "pick = int(len(score) - 1 - score[::-1].argmax())",
+     ["tests/test_reducers_apply.py", "-k", "farthest_point"]),
+    ("reducers/derive.py", "left = [c for c in search.passed if not any(_dominated(c, r) for r in rejected)]",
+     "left = [c for c in search.passed if c not in rejected]", ["tests/test_reducers_derive.py", "-k", "falls_back"]),
+    ("reducers/speed.py", "for i, w in enumerate(ws))", "for i, w in enumerate(ws[1:]))",
+     ["tests/test_benchmarks.py", "-k", "attainable"]),
 ]
 
 
