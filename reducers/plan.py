@@ -265,7 +265,7 @@ class Planner:
 
     def _recycle(self, layer: int, hidden: Tensor) -> Tensor:
         """Settle the recycling prune step at ``layer`` from its scores and the states entering the
-        layer (``hidden`` [B, R] over ``pos``): the tokens it drops leave here; returns the states
+        layer (``hidden`` [B, R, D] over ``pos``): the tokens it drops leave here; returns the states
         with the recycled cluster centres' rows replaced (reducers.scores.recycle)."""
         scores, candidates = (t.gather(1, self.pos) for t in self.recycling.pop(layer))
         drop, states = score_fns.recycle(scores, candidates, self.n_keep[layer], hidden)

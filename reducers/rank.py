@@ -160,12 +160,12 @@ def _last_row(attn: nn.Module, adapter: adapters.Adapter, planner: Planner, laye
 def _score(by: str, seed: int, planner: Planner, layer: int, candidates: Tensor, captured: dict[str, Tensor]) -> Tensor:
     """Scores [B, R] of reducers.scores' ``by`` over the tokens layer ``layer`` processed."""
     rows, _ = planner.layer_tokens[layer]
-    n_keep = score_fns.rank_depth(candidates.sum(1), planner.n_keep[layer + 1], layer + 1 in planner.recycles)
-    limit = int(n_keep.max()) if n_keep.numel() else 0
+    depth = score_fns.rank_depth(candidates.sum(1), planner.n_keep[layer + 1], layer + 1 in planner.recycles)
+    limit = int(depth.max()) if depth.numel() else 0
     if by != "dart":
         return score_fns.selection_scores(by, candidates, limit, seed=seed,
                                           visual_index=planner.visual_index.gather(1, rows),
                                           patch_row=planner.patch_row.gather(1, rows),
                                           patch_col=planner.patch_col.gather(1, rows), states=captured.get("states"))
     prompt_text = planner.text.gather(1, rows) & (rows <= planner.query_position)  # not generated tokens
-    return score_fns.dart_scores(captured["k"], candidates, prompt_text, n_keep)
+    return score_fns.dart_scores(captured["k"], candidates, prompt_text, depth)

@@ -29,8 +29,8 @@ keeping the top ``n`` scores is the set the rule picks for ``n``:
   token's softmax over the text tokens of v·t, averaged over the visual tokens, and the text
   tokens above that average's mean.
 
-Any step may *recycle* (``recycle``, SparseVLM's token recycling): of its kept share, some tokens
-stand for clusters of the tokens it drops (``recycle``): see that function.
+Any step may also recycle (SparseVLM's token recycling): of its kept share, a few tokens stand for
+clusters of the tokens it drops (the function ``recycle``).
 """
 
 from __future__ import annotations
