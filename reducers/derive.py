@@ -36,8 +36,8 @@ observed share and drop. Clearly-over trials (random and pooling cuts, deep cuts
 so the search can afford the hundreds of prompts that telling a 0.4% from a 0.8% drop takes for
 the close ones. The result must then keep its bounds within budget on the validation prompts,
 which the search never saw; while it does not, the next-best candidates the search found are
-tried: a rejected multi-stage candidate's first stage (if that fails, all built on it do), else
-the cheapest, skipping any that cuts at least what a rejected one cuts, the same way; then it
+tried: a rejected candidate's trunk, without its last skip or stage (if that fails, all built on it
+do), else the cheapest, skipping any that cuts at least what a rejected one cuts, the same way; then it
 backs off (drop the last skip, raise keep, move the exit later), ``max_backoffs`` tries in all.
 Every choice and trial (with its part and the prompts it was judged on) is written to
 ``derived_from``; ``fidelity`` holds the search part's figures (in-sample), ``validation`` the
@@ -615,8 +615,8 @@ def _trunk(cand: Candidate) -> Candidate | None:
 def _next_best(search: _Search, rejected: list[Candidate]) -> Candidate | None:
     """The search's next-best result after ``rejected`` (the last one last): its trunk (``_trunk``)
     when the search passed it, since if that fails every candidate built on it does too; else the
-    cheapest candidate the search found within budget that cuts more than no rejected one the same
-    way (``_dominated``); None when none is left."""
+    cheapest candidate the search found within budget that no rejected one rules out
+    (``_dominated``); None when none is left."""
     left = [c for c in search.passed if not any(_dominated(c, r) for r in rejected)]
     trunk = _trunk(rejected[-1])
     if trunk in left:
