@@ -20,6 +20,7 @@ from __future__ import annotations
 from functools import reduce
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -127,8 +128,9 @@ class InputCut:
         self.last_position = positions.reshape(-1, b, n)[0, :, -1] if positions.dim() == 3 else positions[..., -1]
         out = {**kwargs, INPUTS_EMBEDS: gather_seq(embeds, take, 1), compat.POSITION_IDS: gather_seq(positions, take, -1),
                compat.ATTENTION_MASK: self._lm_mask(take.shape[1], 0, embeds.dtype)}
+        modality = np.where(filler.cpu().numpy(), "pad", np.take_along_axis(spans.modality, take.cpu().numpy(), 1))
         planner.begin(ids.to(dev).gather(1, take), self.valid.long(), False,
-                      labels={"visual_index": index.gather(1, take), "patch_row": rows.gather(1, take),
+                      labels={"modality": modality, "visual_index": index.gather(1, take), "patch_row": rows.gather(1, take),
                               "patch_col": cols.gather(1, take), "origin": take}, shortened=n - take.shape[1])
         return out
 

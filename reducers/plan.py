@@ -119,9 +119,9 @@ class Planner:
     def begin(self, input_ids: Tensor, attention_mask: Tensor | None, decoding: bool,
               labels: dict[str, Tensor] | None = None, shortened: int = 0) -> None:
         """Start a forward: a prefill labels the prompt's tokens; a decode step extends it.
-        ``labels`` overrides the per-position ``visual_index``, ``patch_row``, ``patch_col`` and
-        ``origin`` of a prompt shortened by ``shortened`` tokens before the first layer (it keeps
-        its tokens' original ones)."""
+        ``labels`` gives the per-position ``modality`` (read from the ids otherwise), ``visual_index``,
+        ``patch_row``, ``patch_col`` and ``origin`` of a prompt shortened by ``shortened`` tokens before
+        the first layer (it keeps its tokens' original ones, and spares a second reading of the ids)."""
         if decoding:
             if self.removed_at is None:
                 raise ScheduleError("a decode step arrived without a prefill under this schedule: "
@@ -145,15 +145,18 @@ class Planner:
         if self.prompt_length is not None and not 0 < self.prompt_length <= n:
             raise ScheduleError(f"prompt_length {self.prompt_length} does not fit a sequence of {n} tokens")
         dev = input_ids.device
-        spans = token_spans(input_ids, attention_mask, image_token_id=self.image_token_id, bos_ids=self.bos_ids)
-        modality = spans.modality
+        labels = dict(labels or {})
+        modality = labels.pop("modality", None)
+        if modality is None:
+            spans = token_spans(input_ids, attention_mask, image_token_id=self.image_token_id, bos_ids=self.bos_ids)
+            modality = spans.modality
+            labels = {"patch_row": torch.as_tensor(spans.patch_row, device=dev),
+                      "patch_col": torch.as_tensor(spans.patch_col, device=dev), **labels}
         self.pad = torch.as_tensor(modality == "pad", device=dev)
         visual = torch.as_tensor(modality == "visual", device=dev)
         self.visual_index = torch.where(visual, visual.long().cumsum(1) - 1, -1)  # among the sample's visual tokens
-        self.patch_row = torch.as_tensor(spans.patch_row, device=dev)
-        self.patch_col = torch.as_tensor(spans.patch_col, device=dev)
         self.origin = None
-        for name, value in (labels or {}).items():
+        for name, value in labels.items():
             setattr(self, name, value)
         index = self.visual_index
         self.text = torch.as_tensor(modality == "text", device=dev)
