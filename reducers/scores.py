@@ -182,11 +182,16 @@ def contextual_merge(scores: Tensor, candidates: Tensor, n_keep: Tensor, keys: T
         best = similarity.max(1)
         chosen = best.values > float("-inf")
         assign = best.indices[chosen]
-        sums = torch.zeros(contextual, states.shape[-1], dtype=states.dtype, device=states.device)
-        sums.index_add_(0, assign, states[b, others[chosen]])
-        counts = torch.bincount(assign, minlength=contextual).clamp_min(1).to(states.dtype)
-        merged[b, targets] = states[b, targets] + sums / counts[:, None]
+        merged[b, targets] = states[b, targets] + group_means(states[b, others[chosen]], assign, contextual)
     return kept, merged
+
+
+def group_means(x: Tensor, assign: Tensor, groups: int) -> Tensor:
+    """The mean [groups, D] of the rows of ``x`` [N, D] assigned to each group by ``assign`` [N]
+    (accumulated in float32; zero for a group no row joined), in ``x``'s dtype."""
+    sums = torch.zeros(groups, x.shape[-1], dtype=torch.float32, device=x.device).index_add_(0, assign, x.float())
+    counts = torch.bincount(assign, minlength=groups).clamp_min(1)
+    return (sums / counts[:, None]).to(x.dtype)
 
 
 def dart_scores(keys: Tensor, candidates: Tensor, text: Tensor, n_keep: Tensor,
@@ -319,8 +324,6 @@ def recycle(scores: Tensor, candidates: Tensor, n_keep: Tensor, states: Tensor) 
             continue
         pool = deleted[:pooled]
         centres, assign = density_peaks(states[b, pool], clusters)
-        sums = torch.zeros(clusters, states.shape[-1], dtype=torch.float32, device=states.device)
-        sums.index_add_(0, assign, states[b, pool].float())
-        merged[b, pool[centres]] = (sums / torch.bincount(assign, minlength=clusters)[:, None]).to(states.dtype)
+        merged[b, pool[centres]] = group_means(states[b, pool], assign, clusters)
         drop[b, pool[centres]] = False
     return drop, merged
