@@ -5,11 +5,12 @@ For each model, 2,400 calibration prompts are drawn from its task with a seed of
 a training seed nor the held-out seed). Record and analyze the first FINDINGS_PROMPTS of them, and
 derive under a one-point accuracy budget: the search runs on a third of them (800), each trial judged
 by a sequential test (on 64 prompts, then twice as many while it is close to the budget's edge), and
-the result is accepted on the other 1,600 by the one-sided 95% upper bound on the net accuracy drop
+the result is validated on the other 1,600 by the one-sided 95% upper bound on the net accuracy drop
 (answers broken less answers fixed; Tango's paired score bound, 1998: at 1,600 prompts
 with every answer right and none fixed a one-point budget tolerates nine broken answers, more when
-the reduction also fixes some), else the search's next-best candidates are tried, then back-off
-steps. Then verify on the held-out set, which derivation never saw, with FastV, PyramidDrop, DART, DivPrune, VisionZip
+the reduction also fixes some), in a fixed sequence: the search's result cut to 40% ... 100% of its
+cut, safest first, keeping the last accepted before the first rejected (Learn then Test, arXiv
+2110.01052: at most a 5% chance of accepting a schedule over budget, however many are tested). Then verify on the held-out set, which derivation never saw, with FastV, PyramidDrop, DART, DivPrune, VisionZip
 and SparseVLM at their defaults and FastV, DART, DivPrune, random, pooling, VisionZip, SparseVLM and
 the per-prompt dynamic exit at the schedule's FLOPs, timed at batch 1 and at batch 16, beside the
 schedule's attainable prefill speedup (``reducers.speed.attainable``: its decoder layers timed alone

@@ -35,11 +35,11 @@ edge, up to ``max_examples``; a trial still close on all of them is judged by it
 observed share and drop. Clearly-over trials (random and pooling cuts, deep cuts) cost one block,
 so the search can afford the hundreds of prompts that telling a 0.4% from a 0.8% drop takes for
 the close ones. The result must then keep its bounds within budget on the validation prompts,
-which the search never saw; while it does not, the next-best candidates the search found are
-tried: a rejected candidate's trunk, without its last skip or stage (if that fails, all built on it
-do), else the cheapest, skipping any that cuts at least what a rejected one cuts, the same way; then it
-backs off (drop the last skip, raise keep, move the exit later), ``max_backoffs`` tries in all.
-Every choice and trial (with its part and the prompts it was judged on) is written to
+which the search never saw, by fixed-sequence testing (Learn then Test, arXiv 2110.01052): the search's
+result scaled to a rising share of its cut (``Settings.shares``), safest first, then with its skips, each
+accepted while its bounds lie within budget, stopping at the first rejected; the last accepted is the
+schedule (no reduction if the first is rejected), and the chance that it is over budget is at most
+one minus the bounds' confidence however many were tested. Every choice and trial (with its part and the prompts it was judged on) is written to
 ``derived_from``; ``fidelity`` holds the search part's figures (in-sample), ``validation`` the
 held-out ones it was accepted on. Nothing here times or verifies: callers verify the result once,
 on prompts neither part saw (``reducers.verify.verify_schedule``).
@@ -242,6 +242,9 @@ class Losses:
                 "accuracy_delta": float(self.fixed.mean() - self.broken.mean()) if scored else None}
 
 
+SHARES = (0.4, 0.55, 0.65, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)  # finer near the search's result, where validation's edge lies
+
+
 @dataclass
 class Settings:
     """Knobs of the derivation (coverage and fade: the shares the search starts from)."""
@@ -253,7 +256,12 @@ class Settings:
     max_examples: int = 256  # search prompts a trial close to the budget is judged on, at most
     first_block: int = 64  # search prompts every trial is first judged on (doubled while close)
     batch_size: int = 16
-    max_backoffs: int = 20  # validation tries after the first: the search's next-best, then back-off steps
+    shares: tuple[float, ...] = SHARES  # of the search's cut, the schedules validation tests in turn (``_sequence``)
+
+    def __post_init__(self) -> None:
+        if not self.shares or list(self.shares) != sorted(set(self.shares)) or not 0 < self.shares[0] \
+                or self.shares[-1] != 1:
+            raise ScheduleError(f"shares must rise from above 0 to 1 (the search's result), got {self.shares}")
 
 
 class Stage(NamedTuple):
@@ -340,7 +348,6 @@ class _Search:
     n_validation: int = 1
     reasons: list[str] = field(default_factory=list)
     trials: list[dict[str, Any]] = field(default_factory=list)
-    passed: list[Candidate] = field(default_factory=list)  # within budget on the search part, in trial order
 
     def schedule(self, cand: Candidate) -> Schedule:
         return Schedule.for_model(self.model, cand.steps(), protect=self.protect)
@@ -353,7 +360,7 @@ class _Search:
         """Whether ``cand`` is a valid schedule within budget on ``probe``'s prompts (logged once per
         part, with the number of prompts it was judged on): on the search part by the sequential
         ``Budget.searched``, block by block while it is close; on validation by the confidence
-        bounds on all its prompts. Search-part passes are kept (``passed``) for validation to fall back on."""
+        bounds on all its prompts."""
         try:
             schedule = self.schedule(cand)
         except ScheduleError:
@@ -374,8 +381,6 @@ class _Search:
                 passed = self.budget.certified(bounds)
             if passed is not None:
                 break
-        if passed and part == "search":
-            self.passed.append(cand)
         self.trials.append({"steps": cand.steps(), "part": part, **losses.figures(), **bounds,
                             "judged_on": int(losses.kl.size), "flops_ratio": self.flops(cand),
                             "within_budget": passed})
@@ -470,7 +475,7 @@ def keep_share(search: _Search, layer: int, coverage: float) -> tuple[float, str
                    f"of the last position's visual attention at layer {layer - 1}")
 
 
-MIN_DROP = 0.02  # a prune stage that would drop less than this share of the visual tokens is dropped itself
+MIN_DROP = 0.02  # the search raises a keep no closer than this to the previous stage's (or 1)
 REFINE = 2  # halvings of the gap between the smallest keep found within budget and the largest over it
 
 
@@ -486,7 +491,7 @@ def _bisect(search: _Search, at: Callable[[float], Candidate], within: float, ov
 def _smallest_keep(search: _Search, cand: Candidate, start: Stage) -> Candidate | None:
     """``cand`` plus the prune stage ``start`` with the smallest keep within budget: from
     ``keep``, shrinking x2/3 while within budget, or else dropping a third fewer tokens at a time
-    until it is (as ``_relax``: up to the previous stage's keep, or 1, less MIN_DROP), then
+    until it is (up to the previous stage's keep, or 1, less MIN_DROP), then
     refined between the last keep within budget and the one over it (``_bisect``: the x2/3 grid
     alone lands where its start puts it); None when none fits."""
     ceiling = cand.prunes[-1].keep if cand.prunes else 1.0
@@ -570,94 +575,63 @@ def _greedy(search: _Search, start: Candidate, first_prune: int, num_layers: int
     return cand
 
 
-def _relax(cand: Candidate, num_layers: int) -> Candidate | None:
-    """The next more conservative candidate: drop the last skip; else let the last prune stage drop
-    a third fewer tokens than it does (of what the previous stage, or the input, keeps), removing
-    the stage once it would drop under MIN_DROP (small steps near the budget's edge, where a
-    large validation set certifies only what is just inside it); else move the exit later."""
-    if cand.skips:
-        return replace(cand, skips=cand.skips[:-1])
-    if cand.prunes:
-        last = cand.prunes[-1]
-        ceiling = cand.prunes[-2].keep if len(cand.prunes) > 1 else 1.0
-        raised = ceiling - (ceiling - last.keep) / 1.5
-        rest = cand.prunes[:-1]
-        return replace(cand, prunes=rest + ((last._replace(keep=raised),) if ceiling - raised >= MIN_DROP else ()))
-    if cand.exit is not None:
-        return replace(cand, exit=cand.exit + 1 if cand.exit + 1 < num_layers else None)
-    return None
+def _scaled(cand: Candidate, share: float, num_layers: int) -> Candidate:
+    """``cand`` cutting ``share`` of what it cuts, without its skips: each prune stage drops ``share``
+    of the visual tokens it drops (keep 1 - share·(1 - keep)), the exit moves ``1 - share`` of the way
+    from its layer to the last (past it: no exit). Share 1 is ``cand`` less its skips; every share
+    cuts less than any larger one, in every step."""
+    if share == 1:
+        return replace(cand, skips=())
+    exit_ = None if cand.exit is None else cand.exit + round((1 - share) * (num_layers - cand.exit))
+    return Candidate(None if exit_ is None or exit_ >= num_layers else exit_,
+                     tuple(s._replace(keep=1 - share * (1 - s.keep)) for s in cand.prunes))
 
 
-def _dominated(cand: Candidate, rejected: Candidate) -> bool:
-    """Whether ``cand`` cuts at least what ``rejected`` does, the same way: an exit no later, every
-    skip of it, and for each of its stages one of the same kind (layer, score, recycling, merging)
-    keeping no more; anything more only cuts more. Fidelity falls as the cut grows, so validation
-    that rejected the one would reject the other: not worth a try (each costs some of the bound's
-    confidence)."""
-    def kind(stage: Stage) -> Stage:
-        return stage._replace(keep=0.0)
-
-    exit_ok = rejected.exit is None or (cand.exit is not None and cand.exit <= rejected.exit)
-    return (exit_ok and set(rejected.skips) <= set(cand.skips)
-            and all(any(kind(c) == kind(r) and c.keep <= r.keep for c in cand.prunes) for r in rejected.prunes))
-
-
-def _trunk(cand: Candidate) -> Candidate | None:
-    """What the search built ``cand`` on: ``cand`` without its last skip, else without its last prune
-    stage (the search builds stages on its exit); None when nothing is left under it."""
-    if cand.skips:
-        return replace(cand, skips=cand.skips[:-1])
-    if len(cand.prunes) > 1 or (cand.prunes and cand.exit is not None):
-        return replace(cand, prunes=cand.prunes[:-1])
-    return None
+def _sequence(cand: Candidate, num_layers: int, shares: tuple[float, ...]) -> list[Candidate]:
+    """The schedules validation tests, safest first, ending with ``cand``: ``cand`` scaled to each of
+    ``shares`` of its cut (``_scaled``), then its skips added one at a time in the search's order;
+    duplicates (keeps equal after rounding) and steps that cut nothing left out. Built from the
+    search's result alone, before any validation prompt is seen, as fixed-sequence testing needs."""
+    out: list[Candidate] = []
+    for c in [_scaled(cand, share, num_layers) for share in shares] + [
+            replace(cand, skips=cand.skips[:i]) for i in range(1, len(cand.skips) + 1)]:
+        if c.steps() and all(c.steps() != o.steps() for o in out):
+            out.append(c)
+    return out
 
 
-def _next_best(search: _Search, rejected: list[Candidate]) -> Candidate | None:
-    """The search's next-best result after ``rejected`` (the last one last): its trunk (``_trunk``)
-    when the search passed it, since if that fails every candidate built on it does too; else the
-    cheapest candidate the search found within budget that no rejected one rules out
-    (``_dominated``); None when none is left."""
-    left = [c for c in search.passed if not any(_dominated(c, r) for r in rejected)]
-    trunk = _trunk(rejected[-1])
-    if trunk in left:
-        return trunk
-    return min(left, key=search.flops, default=None)
+def _validated(search: _Search, checker: _Probe, cand: Candidate, num_layers: int,
+               shares: tuple[float, ...]) -> Candidate:
+    """The most cutting schedule of ``_sequence(cand)`` that validation certifies by fixed-sequence
+    testing (Learn then Test, arXiv 2110.01052): each schedule, safest first, is accepted when its
+    one-sided bounds on ``checker``'s (validation) prompts lie within budget, and testing stops at the
+    first one rejected; no reduction when the first is. Because the order is fixed before validation
+    and testing stops at the first rejection, the chance that any accepted schedule is over budget is
+    at most one minus the bounds' confidence, however long the sequence (trying candidates until one
+    passes would spend that chance once per try). Schedules that do not apply to the model (a keep
+    rounding to no drop) are left out of the sequence."""
+    def applies(c: Candidate) -> bool:
+        try:
+            search.schedule(c)
+        except ScheduleError:
+            return False
+        return True
 
-
-def _validated(search: _Search, checker: _Probe, cand: Candidate, num_layers: int, tries: int) -> Candidate:
-    """The first candidate within budget on ``checker``'s (validation) prompts, of ``cand`` and then,
-    at most ``tries`` more: the search's next-best (``_next_best``: a rejected candidate's trunk, else
-    its other results within budget cheapest first, so a stage that keeps a little more of the same
-    score comes before a dearer score), for at most half the tries, then steps back from ``cand``
-    (``_relax``). When none holds, no reduction at all (the unreduced model is within any budget
-    validation can certify): derive never returns a schedule validation rejected. Validation only
-    accepts or rejects: the alternatives are what the search found before it saw any validation
-    result. Each try is a one-sided test at the bound's confidence, so every further try adds to the
-    chance of accepting a schedule over budget: ``tries`` caps it."""
-    rejected: list[Candidate] = []
-    path = cand
-    for left in range(tries, -1, -1):
-        if search.ok(cand, checker, "validation"):
-            return cand
-        rejected.append(cand)
-        following = _next_best(search, rejected) if len(rejected) <= (tries + 1) // 2 else None
-        if following is None:  # back off, past the steps a rejection already rules out
-            following = path = _relax(path, num_layers)
-            while following is not None and any(_dominated(following, r) for r in rejected):
-                following = path = _relax(path, num_layers)
-            step = "backing off"
-        else:
-            step = f"trying the search's next-best (predicted FLOPs {search.flops(following):.3f})"
-        if following is None or left == 0:
+    sequence = [c for c in _sequence(cand, num_layers, shares) if applies(c)]
+    search.reasons.append(f"validation: fixed-sequence test of {len(sequence)} schedules, the search's result cut to "
+                          f"{', '.join(f'{s:g}' for s in shares)} of its cut, then with its skips, safest first, each "
+                          f"by its {search.confidence:.0%} bounds on the {len(checker.examples)} validation prompts; "
+                          "the last accepted before the first rejected is kept")
+    accepted = Candidate(None)
+    for c in sequence:
+        if not search.ok(c, checker, "validation"):
+            search.reasons.append(f"{c.steps()} is outside the budget's {search.confidence:.0%} bound on the validation "
+                                  f"prompts: the sequence stops at {accepted.steps() or 'no reduction'}")
             break
-        search.reasons.append(f"{cand.steps()} is outside the budget's {search.confidence:.0%} bound on the "
-                              f"{len(checker.examples)} validation prompts: {step}")
-        cand = following
-    search.reasons.append(f"{cand.steps()} is outside the budget's {search.confidence:.0%} bound on the "
-                          f"{len(checker.examples)} validation prompts, and no try is left: no reduction")
-    unreduced = Candidate(None)
-    search.ok(unreduced, checker, "validation")
-    return unreduced
+        accepted = c
+    if accepted == Candidate(None):
+        search.ok(accepted, checker, "validation")
+    return accepted
 
 
 def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
@@ -704,7 +678,8 @@ def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
         search.reasons.append("one input only: nothing to hold out, so the validation figures are in-sample")
     cand = _greedy(search, Candidate(exit_layer), prune_layer, num_layers, cfg.coverage, candidates)
     checker = _Probe(model, processor, held, cfg.batch_size)
-    cand = _validated(search, checker, cand, num_layers, cfg.max_backoffs)
+    searched = cand.steps()
+    cand = _validated(search, checker, cand, num_layers, cfg.shares)
     schedule = search.schedule(cand)
     search.ok(cand)  # its search-part figures (logged already unless a back-off step made a new candidate)
     trial = {part: next(t for t in search.trials if t["steps"] == cand.steps() and t["part"] == part)
@@ -715,7 +690,7 @@ def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
                              "evidence": {"exit_layer": exit_layer, "first_prune_layer": prune_layer,
                                           "coverage": cfg.coverage, "fade": cfg.fade,
                                           "visual_sinks": sinks, "skip_candidates": candidates},
-                             "fidelity": {**figures["search"], "n_examples": len(probe.examples)},
+                             "searched": searched, "fidelity": {**figures["search"], "n_examples": len(probe.examples)},
                              "validation": {**figures["validation"], "n_examples": len(held), "in_sample": in_sample,
                                             "confidence": cfg.confidence, "bounds": BOUNDS_METHOD},
                              "trials": search.trials}

@@ -45,8 +45,10 @@ MUTATIONS = [
      ["tests/test_reducers_validation.py", "-k", "paired_net_drop or sequential or net_drop_certifies"]),
     ("reducers/scores.py", "pick = int(score.argmax())", "pick = int(len(score) - 1 - score[::-1].argmax())",
      ["tests/test_reducers_apply.py", "-k", "farthest_point"]),
-    ("reducers/derive.py", "left = [c for c in search.passed if not any(_dominated(c, r) for r in rejected)]",
-     "left = [c for c in search.passed if c not in rejected]", ["tests/test_reducers_derive.py", "-k", "falls_back"]),
+    ("reducers/derive.py", "            break\n        accepted = c", "            continue\n        accepted = c",
+     ["tests/test_reducers_derive.py", "-k", "last_of_the_sequence"]),
+    ("reducers/derive.py", "keep=1 - share * (1 - s.keep)", "keep=share * s.keep",
+     ["tests/test_reducers_derive.py", "-k", "scales_the_searchs_result"]),
     ("reducers/speed.py", "for i, w in enumerate(ws))", "for i, w in enumerate(ws[1:]))",
      ["tests/test_benchmarks.py", "-k", "attainable"]),
 ]

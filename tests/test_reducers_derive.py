@@ -1,10 +1,11 @@
 """derive() and verify(): a planted visual exit is found and verified whatever exit the
-findings claim; the search's sequential test, keep refinement and validation's fall-back on the
-search's next-best; the Verdict's fidelity and cost are self-consistent; evidence helpers."""
+findings claim; the search's sequential test, keep refinement and validation's fixed-sequence
+test of the search's result scaled down; the Verdict's fidelity and cost are self-consistent; evidence helpers."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -139,31 +140,66 @@ def test_verdict_is_self_consistent():
     assert set(verdict.verified()) >= {"agreement", "kl", "accuracy_delta", "prefill_speedup", "device"}
 
 
-def test_back_off_order():
-    """Drop the last skip, then let the last prune stage drop a third fewer tokens (of what the
-    previous stage keeps) until it would drop under MIN_DROP and remove it, then the same for the
-    stage before, then move the exit later until there is none."""
-    from attnflow.reducers.derive import MIN_DROP, Candidate, Stage, _relax
+def test_the_validation_sequence_scales_the_searchs_result_safest_first():
+    """Each share of the result's cut scales every stage's drop (keep 1 - share·(1 - keep)) and moves
+    the exit that share of the way from the last layer; skips come after the full cut, one at a time;
+    each schedule cuts at least what the one before it cuts, in every step; equal ones appear once."""
+    from attnflow.reducers.derive import Candidate, Stage, _sequence
 
-    cand = Candidate(exit=4, prunes=(Stage(1, 0.5), Stage(2, 0.3, "last_row", True)), skips=((3, "all"),))
-    seen = []
-    while cand is not None:
-        seen.append(cand.steps())
-        cand = _relax(cand, num_layers=6)
-    keeps = [[(s["layer"], s["keep"]) for s in steps if s["op"] == "prune_visual"] for steps in seen]
-    assert [s["op"] for s in seen[0]] == ["prune_visual", "prune_visual", "visual_exit", "skip_layers"]
-    assert "skip_layers" not in [s["op"] for s in seen[1]] and keeps[1] == keeps[0]
-    second = [k[1][1] for k in keeps if len(k) == 2][1:]  # stage 2 backing off towards stage 1's 0.5
-    gaps = [0.5 - k for k in second]
-    assert gaps[0] == pytest.approx(0.2) and all(b == pytest.approx(a / 1.5, abs=1e-4) for a, b in zip(gaps, gaps[1:]))
-    assert gaps[-1] >= MIN_DROP > gaps[-1] / 1.5  # then the stage goes
-    first = [k[0][1] for k in keeps if len(k) == 1]
-    assert first[0] == 0.5 and 1 - first[-1] >= MIN_DROP > (1 - first[-1]) / 1.5
-    exits = [next((s["layer"] for s in steps if s["op"] == "visual_exit"), None) for steps in seen if not
-             any(s["op"] == "prune_visual" for s in steps)]
-    assert exits == [4, 5, None]
-    for steps in seen:
-        Schedule(model={"model_type": "llava", "fingerprint": "sha256:x", "num_layers": 6}, steps=steps)
+    cand = Candidate(exit=4, prunes=(Stage(1, 0.5), Stage(2, 0.3, "divprune", True)), skips=((3, "all"), (5, "visual")))
+    seq = _sequence(cand, num_layers=8, shares=(0.25, 0.5, 0.75, 1.0))
+    assert seq[-1] == cand and seq[-2] == replace(cand, skips=cand.skips[:1]) and seq[-3] == replace(cand, skips=())
+    quarter = seq[0]
+    assert quarter.exit == 7  # 4 + round(0.75·4)
+    assert [s.keep for s in quarter.prunes] == pytest.approx([0.875, 0.825])
+    assert [s[:1] + s[2:] for s in quarter.prunes] == [s[:1] + s[2:] for s in cand.prunes]  # layer, score, flags kept
+    assert seq[1].exit == 6 and seq[2].exit == 5  # 4 + round(0.5·4), 4 + round(0.25·4)
+    for before, after in zip(seq, seq[1:]):
+        assert all(a.keep <= b.keep for a, b in zip(after.prunes, before.prunes))
+        assert (after.exit or 8) <= (before.exit or 8) and set(before.skips) <= set(after.skips)
+    assert len(seq) == 6
+    exit_only = Candidate(exit=6)  # 6 + round(0.75·2) = 8 (none), 6 + round(0.5·2) = 7, then 6, 6
+    assert [c.exit for c in _sequence(exit_only, 8, (0.25, 0.5, 0.75, 1.0))] == [7, 6]
+    assert _sequence(Candidate(None), 8, (0.5, 1.0)) == []
+    for c in seq:
+        Schedule(model={"model_type": "llava", "fingerprint": "sha256:x", "num_layers": 8}, steps=c.steps())
+    with pytest.raises(ScheduleError, match="shares must rise"):
+        Settings(shares=(0.5, 0.9))
+
+
+def test_validation_accepts_the_last_of_the_sequence_before_the_first_rejection():
+    """Fixed-sequence testing: safest first, stop at the first rejection even when a later, larger cut
+    would pass (accepting it would spend the bound's confidence again); the first rejected: no
+    reduction; every one accepted: the search's result."""
+    from attnflow.reducers.derive import Candidate, Stage, _sequence, _validated
+
+    cand = Candidate(None, (Stage(0, 0.3, "divprune"), Stage(3, 0.1)))
+    shares = (0.5, 0.8, 0.9, 1.0)
+    seq = _sequence(cand, 6, shares)
+
+    class Search:  # what _validated reads of a derivation
+        confidence = 0.95
+
+        def __init__(self, accepts):
+            self.accepts, self.tried, self.reasons = accepts, [], []
+
+        def schedule(self, c):
+            return Schedule(model={"model_type": "llava", "fingerprint": "sha256:x", "num_layers": 6}, steps=c.steps())
+
+        def ok(self, c, probe, part):
+            assert part == "validation" and probe is checker
+            self.tried.append(c)
+            return c in self.accepts
+
+    checker = SimpleNamespace(examples=[None] * 1600)
+    search = Search({seq[0], seq[1], seq[3]})  # the full cut would pass, after a rejection
+    assert _validated(search, checker, cand, 6, shares) == seq[1] and search.tried == seq[:3]
+    assert search.reasons[-1].endswith(f"the sequence stops at {seq[1].steps()}")
+    search = Search(set(seq[1:]))
+    assert _validated(search, checker, cand, 6, shares) == Candidate(None)
+    assert search.tried == [seq[0], Candidate(None)] and search.reasons[-1].endswith("stops at no reduction")
+    search = Search(set(seq))
+    assert _validated(search, checker, cand, 6, shares) == cand and search.tried == seq
 
 
 @pytest.fixture(scope="module")
@@ -204,67 +240,18 @@ def test_the_search_judges_close_trials_on_more_prompts(toy_vlm):
     assert alone["within_budget"] is True and alone["drop_share"] == 0 and alone["judged_on"] == 16
     assert alone["drop_upper"] == pytest.approx(2.7055 / 18.7055, abs=1e-4)  # z²/(16 + z²): close
     assert alone["drop_lower"] == pytest.approx(-alone["drop_upper"])
-    # validation rejects the search's cheapest and takes the next-best it found, cheapest first
-    validated = [t for t in schedule.derived_from["trials"] if t["part"] == "validation"]
-    assert [t["within_budget"] for t in validated] == [False] * (len(validated) - 1) + [True]
-    assert all(t["accuracy_drop_upper"] > 0.2 for t in validated[:-1]) and validated[-1]["accuracy_drop_upper"] <= 0.2
+    # validation tests the search's result scaled down, safest first, and stops at its first rejection,
+    # short of what the search accepted
+    validated = [t for t in schedule.derived_from["trials"] if t["part"] == "validation" and t["steps"]]
+    verdicts = [t["within_budget"] for t in validated]
+    assert False in verdicts and verdicts == [True] * verdicts.index(False) + [False]
+    assert all(t["accuracy_drop_upper"] <= 0.2 for t in validated[:-1]) and validated[-1]["accuracy_drop_upper"] > 0.2
     assert all(t["broken_share"] == -t["accuracy_delta"] for t in validated)  # nothing fixed on these prompts
-    assert [t["flops_ratio"] for t in validated] == sorted(t["flops_ratio"] for t in validated)
-    assert schedule.steps == validated[-1]["steps"] and len(validated) > 1
-    assert any(t["steps"] == schedule.steps and t["within_budget"] for t in searched)
-    assert any("trying the search's next-best" in r for r in schedule.derived_from["reasons"])
-
-
-def test_validation_falls_back_on_the_searchs_next_best_cheapest_first():
-    """After a rejection: a rejected multi-stage candidate's trunk (its first stage) if the search passed
-    it, else the search's other passes cheapest first, but none that cuts at least what a rejected one
-    cuts the same way (its stages or more, no keep larger); then the back-off from the rejected
-    result (once half the tries are spent on next-best), past the steps a rejection rules out; at most
-    ``tries`` more, else no reduction."""
-    from attnflow.reducers.derive import Candidate, Stage, _relax, _validated
-
-    greedy = Candidate(None, (Stage(3, 0.38), Stage(4, 0.3)))
-    alone = Candidate(None, (Stage(3, 0.38),))  # the greedy's first stage: cuts less, tried
-    div, dearer_div = Candidate(None, (Stage(0, 0.72, "divprune"),)), Candidate(None, (Stage(0, 0.8, "divprune"),))
-    fewer_div = Candidate(None, (Stage(0, 0.7, "divprune"),))  # cuts more than div: skipped once div is rejected
-    recycled_div = Candidate(None, (Stage(0, 0.7, "divprune", True),))  # another way: tried
-    dart1, dart3 = Candidate(None, (Stage(1, 0.82, "dart"),)), Candidate(None, (Stage(3, 0.38, "dart"),))
-    deeper = Candidate(None, (Stage(3, 0.38), Stage(4, 0.2)))  # cuts more than the greedy: never tried
-    branch = Candidate(None, (Stage(3, 0.38), Stage(5, 0.25)))  # built on the trunk, which is tried first and fails
-    flops = {greedy: 0.67, alone: 0.695, div: 0.715, fewer_div: 0.72, recycled_div: 0.73, dearer_div: 0.8,
-             dart1: 0.844, dart3: 0.7, deeper: 0.68, branch: 0.69}
-    assert _relax(greedy, 6).prunes[0] == alone.prunes[0]  # the back-off keeps the rejected trunk's stage a while:
-    raised = Candidate(None, (Stage(3, 1.0 - (1.0 - 0.38) / 1.5),))  # its first step that alone's rejection allows
-
-    class Search:  # what _validated reads of a derivation
-        confidence = 0.95
-
-        def __init__(self, accepts):
-            self.passed = [alone, dearer_div, dart3, div, fewer_div, recycled_div, dart1, greedy, deeper, branch]
-            self.accepts = accepts
-            self.tried, self.reasons = [], []
-
-        def flops(self, cand):
-            return flops.get(cand, 0.9)
-
-        def ok(self, cand, probe, part):
-            assert part == "validation" and probe is checker
-            self.tried.append(cand)
-            return cand in self.accepts
-
-    checker = SimpleNamespace(examples=[None] * 1600)
-    search = Search({div, dart1})
-    assert _validated(search, checker, greedy, 6, tries=20) == div and search.tried == [greedy, alone, dart3, div]
-    assert search.reasons[0].endswith("validation prompts: trying the search's next-best (predicted FLOPs 0.695)")
-    search = Search({raised})
-    assert _validated(search, checker, greedy, 6, tries=20) == raised
-    assert search.tried == [greedy, alone, dart3, div, recycled_div, dearer_div, dart1, raised]
-    assert search.reasons[-1].endswith("backing off")
-    search = Search(set())  # nothing holds: no reduction rather than a rejected schedule
-    assert _validated(search, checker, greedy, 6, tries=1) == Candidate(None)
-    assert search.tried == [greedy, alone, Candidate(None)] and search.reasons[-1].endswith("no reduction")
-    search = Search({raised})  # half the tries for next-best, then the back-off
-    assert _validated(search, checker, greedy, 6, tries=4) == raised and search.tried == [greedy, alone, dart3, raised]
+    assert [t["flops_ratio"] for t in validated] == sorted((t["flops_ratio"] for t in validated), reverse=True)
+    assert schedule.steps == (validated[-2]["steps"] if len(validated) > 1 else [])
+    result = schedule.derived_from["searched"]
+    assert any(t["steps"] == result and t["within_budget"] for t in searched) and schedule.steps != result
+    assert any("fixed-sequence test" in r for r in schedule.derived_from["reasons"])
 
 
 def test_the_smallest_keep_is_refined_between_the_last_step_within_budget_and_the_first_over():
