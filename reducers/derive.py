@@ -638,11 +638,11 @@ def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
            budget: "Budget | dict[str, float] | None" = None, *, settings: Settings | None = None,
            validation: Any = None) -> Schedule:
     """A schedule for ``model`` from ``findings`` (a Findings, its dict or a JSON path), searched on
-    part of ``inputs`` and accepted only when the one-sided confidence bounds of its losses on the
-    other part (``settings.validation_share`` of them, drawn per question type; or the ``validation`` prompts
-    when given) lie within ``budget``: a search fits its prompts, so its own measurement flatters
-    it; when they do not, the search's next-best, then back-off steps (``_validated``).
-    ``derived_from`` says why each step was chosen and what was measured on each part;
+    part of ``inputs`` and validated on the other part (``settings.validation_share`` of them, drawn
+    per question type; or the ``validation`` prompts when given): a search fits its prompts, so its
+    own measurement flatters it. The search's result, scaled down to a rising share of its cut, is
+    tested safest first, each by whether its one-sided confidence bounds lie within ``budget``, up to
+    the first rejected (``_validated``). ``derived_from`` says why each step was chosen and what was measured on each part;
     ``predicted`` holds its cost-model figures."""
     cfg = settings or Settings()
     budget = Budget.of(budget or Budget())
@@ -681,7 +681,7 @@ def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
     searched = cand.steps()
     cand = _validated(search, checker, cand, num_layers, cfg.shares)
     schedule = search.schedule(cand)
-    search.ok(cand)  # its search-part figures (logged already unless a back-off step made a new candidate)
+    search.ok(cand)  # its search-part figures (logged already unless it is a scaled-down one)
     trial = {part: next(t for t in search.trials if t["steps"] == cand.steps() and t["part"] == part)
              for part in ("search", "validation")}
     figures = {part: {k: v for k, v in t.items() if k not in ("steps", "part", "flops_ratio")}
