@@ -27,17 +27,18 @@ class Samples:
     cpu: dict[str, list[float]] = field(default_factory=dict)
 
 
-def _sync(device: str) -> None:
+def sync(device: str) -> None:
+    """Wait for the device's queued work (CUDA), so that a clock read after it counts that work."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
 def clock(fn: Callable[[], Any], device: str = "cpu") -> tuple[float, float]:
     """(wall, CPU) seconds of one call of ``fn``, the device synchronised before and after."""
-    _sync(device)
+    sync(device)
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - wall, time.process_time() - cpu
 
 

@@ -2,10 +2,12 @@
 benchmarks share.
 
 Each configuration (a Schedule, or None for the unreduced model) is timed on one batch as a
-prefill (one forward) and as greedy ``generate`` of 1 and of N+1 tokens, all configurations
-alternated within every round (attnflow.timing.interleaved), so a slow spell of a shared
-machine falls on all of them alike. Decode time per token is (generate N+1 − generate 1) / N,
-taken within each round.
+prefill (one forward) and as greedy ``generate`` of N+1 tokens, all configurations alternated
+within every round (attnflow.timing.interleaved), so a slow spell of a shared machine falls on all
+of them alike. Decode time per token is read inside the generation: a logits processor stamps the
+clock as each new token's logits arrive, and the N steps between the first stamp and the last are
+the decode steps alone, the prefill before them left out. (The difference of two generations, of
+N+1 and of 1 tokens, carried the noise of both and was at times negative on a few-millisecond step.)
 
 ``attainable`` is the reference a shortening mechanism is judged against on a given machine: the
 prefill speedup if dropping tokens cost nothing. FLOPs predict time only where every layer's time
@@ -20,10 +22,12 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 from contextlib import nullcontext
+from time import perf_counter, process_time
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from attnflow import compat, timing
 from attnflow.probes import adapters
@@ -31,10 +35,28 @@ from attnflow.reducers.apply import apply
 from attnflow.reducers.schedule import Schedule
 from attnflow.reducers.shorten import Cut, gather_seq, sliced_kwargs
 
+WARMUP = 1  # untimed rounds before the timed ones
 
-def _calls(model: nn.Module, schedule: Schedule | None, batch: dict[str, Any], new_tokens: int,
-           pad: int) -> dict[str, Callable[[], Any]]:
-    """Prefill, generate-1 and generate-(N+1) of ``model`` under ``schedule`` (None: unreduced)."""
+
+class _Stamps(LogitsProcessor):
+    """Wall and CPU clock at each generation step, as its logits arrive (the device synchronised):
+    the span from the first stamp to the last is the decode steps' time, without the prefill."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.wall, self.cpu = device, [], []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        timing.sync(self.device)
+        self.wall.append(perf_counter())
+        self.cpu.append(process_time())
+        return scores
+
+
+def _calls(model: nn.Module, schedule: Schedule | None, batch: dict[str, Any], new_tokens: int, pad: int,
+           decode: dict[str, list[float]]) -> dict[str, Callable[[], Any]]:
+    """Prefill and generate-(N+1) of ``model`` under ``schedule`` (None: unreduced); each generation
+    appends its decode seconds per token, wall and CPU, to ``decode``."""
+    device = str(batch["input_ids"].device)
 
     def under(fn: Callable[[], Any]) -> Callable[[], Any]:
         def call() -> Any:
@@ -42,10 +64,13 @@ def _calls(model: nn.Module, schedule: Schedule | None, batch: dict[str, Any], n
                 return fn()
         return call
 
-    def gen(n: int) -> Callable[[], Any]:
-        return under(lambda: model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                            pad_token_id=pad))
-    return {"prefill": under(lambda: model(**batch)), "gen1": gen(1), "genN": gen(new_tokens + 1)}
+    def generate() -> None:
+        stamps = _Stamps(device)
+        model.generate(**batch, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, do_sample=False,
+                       pad_token_id=pad, logits_processor=LogitsProcessorList([stamps]))
+        for clock, times in (("wall", stamps.wall), ("cpu", stamps.cpu)):
+            decode[clock].append((times[-1] - times[0]) / new_tokens)
+    return {"prefill": under(lambda: model(**batch)), "generate": under(generate)}
 
 
 def speed(model: nn.Module, configs: dict[str, Schedule | None], batch: dict[str, Any], *, new_tokens: int,
@@ -55,17 +80,13 @@ def speed(model: nn.Module, configs: dict[str, Schedule | None], batch: dict[str
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be at least 1, not {new_tokens}")
     device = str(batch["input_ids"].device)
+    decode = {name: {"wall": [], "cpu": []} for name in configs}
     fns = {f"{name}/{part}": fn for name, s in configs.items()
-           for part, fn in _calls(model, s, batch, new_tokens, pad).items()}
-    samples = timing.interleaved(fns, repeats, device=device)
-    out: dict[str, dict[str, list[float]]] = {}
-    for name in configs:
-        out[name] = {}
-        for tag, times in (("", samples.wall), ("cpu_", samples.cpu)):
-            out[name][f"{tag}prefill"] = times[f"{name}/prefill"]
-            out[name][f"{tag}decode"] = [(n - one) / new_tokens
-                                         for n, one in zip(times[f"{name}/genN"], times[f"{name}/gen1"])]
-    return out
+           for part, fn in _calls(model, s, batch, new_tokens, pad, decode[name]).items()}
+    samples = timing.interleaved(fns, repeats, device=device, warmup=WARMUP)
+    return {name: {"prefill": samples.wall[f"{name}/prefill"], "cpu_prefill": samples.cpu[f"{name}/prefill"],
+                   "decode": decode[name]["wall"][WARMUP:], "cpu_decode": decode[name]["cpu"][WARMUP:]}
+            for name in configs}
 
 
 def medians(times: dict[str, list[float]]) -> dict[str, float]:

@@ -41,7 +41,7 @@ DYNAMIC_EXIT = {"op": "visual_exit_dynamic", "from": 1, "threshold": 0.0}
 
 
 def _ratio(reference: float, reduced: float) -> float | None:
-    """reference / reduced, None when noise left a non-positive time (decode = difference of two runs)."""
+    """reference / reduced, None when either time is not positive (a verdict row keeps None then)."""
     return reference / reduced if reference > 0 and reduced > 0 else None
 
 

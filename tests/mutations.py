@@ -49,6 +49,8 @@ MUTATIONS = [
      ["tests/test_reducers_derive.py", "-k", "last_of_the_sequence"]),
     ("reducers/derive.py", "keep=1 - share * (1 - s.keep)", "keep=share * s.keep",
      ["tests/test_reducers_derive.py", "-k", "scales_the_searchs_result"]),
+    ("reducers/speed.py", "decode[clock].append((times[-1] - times[0]) / new_tokens)",
+     "decode[clock].append((times[-1] - times[0]) / (new_tokens + 1))", ["tests/test_reducers_speed.py"]),
     ("reducers/speed.py", "for i, w in enumerate(ws))", "for i, w in enumerate(ws[1:]))",
      ["tests/test_benchmarks.py", "-k", "attainable"]),
 ]

@@ -74,13 +74,16 @@ def test_smoke_run_writes_consistent_results(tmp_path):
     # the headline figure is the median per-round ratio of summary recording to a plain SDPA forward
     assert row["summary_ratio"] == m["summary_sdpa"]["ratio_median"] and m["plain_sdpa"]["ratio_median"] == 1.0
     (red,) = saved["reducers"]
-    assert red["visual_tokens"] == 36 and set(red["configs"]) == {"unreduced", "fastv", "pdrop"}
+    assert red["visual_tokens"] == 36 and set(red["configs"]) == {"unreduced", "fastv", "pdrop", "divprune"}
     flops = {name: c["predicted_flops_ratio"] for name, c in red["configs"].items()}
-    assert flops["unreduced"] == 1.0 and flops["pdrop"] < flops["fastv"] < 1.0
+    assert flops["unreduced"] == 1.0 and flops["divprune"] < flops["pdrop"] < flops["fastv"] < 1.0
     assert all(math.isfinite(red["configs"][n]["attainable_speedup"]) and red["configs"][n]["attainable_speedup"] > 0
-               for n in ("fastv", "pdrop"))  # timed: its size is the benchmark's to report, not a test's
+               for n in ("fastv", "pdrop", "divprune"))  # timed: its size is the benchmark's to report, not a test's
+    decode = {n: red["configs"][n]["predicted_decode_speedup"] for n in ("fastv", "pdrop", "divprune")}
+    assert 1 < decode["fastv"] < decode["pdrop"] < decode["divprune"]  # a shorter cache from an earlier cut
     assert saved["soak"]["recordings"] == run.SMOKE.soak_recordings
-    assert len(saved["targets"]) == len(results["targets"]) == 4  # summary ratio, fastv, pdrop, soak
+    # summary ratio, prefill and decode of fastv, pdrop and divprune, soak
+    assert len(saved["targets"]) == len(results["targets"]) == 8
     page = (tmp_path / "latest.md").read_text()
     assert saved["machine"]["cpu"] in page and "## Targets" in page
     assert ("Skipped: no CUDA device" in page) != torch.cuda.is_available()
