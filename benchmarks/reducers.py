@@ -32,6 +32,9 @@ from attnflow.benchmarks.machine import describe, gpu_name
 
 SPEEDUP_TARGET = 0.85  # measured prefill speedup >= 0.85 x the predicted FLOPs speedup; decode the same
 DECODE_FLOOR = 1.0  # a decode step under a schedule is no slower than the unreduced model's
+# decode steps timed per generation: a schedule's first decode step carries its layer hooks and one sync
+# (later ones run without them when nothing is cut), a one-off that 8 tokens would weigh four times as much
+DECODE_TOKENS = 32
 
 
 def _configs(schedule: Schedule | None, model: nn.Module) -> dict[str, Schedule | None]:
@@ -43,7 +46,7 @@ def _configs(schedule: Schedule | None, model: nn.Module) -> dict[str, Schedule 
 
 
 def run_model(model: nn.Module, batch: dict[str, torch.Tensor], *, pad_token_id: int,
-              schedule: Schedule | None = None, repeats: int = 5, new_tokens: int = 8,
+              schedule: Schedule | None = None, repeats: int = 5, new_tokens: int = DECODE_TOKENS,
               device: str = "cpu") -> dict[str, Any]:
     """Measured prefill and decode speedups of each configuration next to its predicted ratios."""
     configs = _configs(schedule, model)
@@ -86,7 +89,7 @@ def run_model(model: nn.Module, batch: dict[str, torch.Tensor], *, pad_token_id:
 
 
 def run_llava_shaped(*, tokens: int = 600, shape: shapes.Shape = shapes.CPU_SHAPE, device: str = "cpu",
-                     dtype: torch.dtype = torch.float32, repeats: int = 5, new_tokens: int = 8,
+                     dtype: torch.dtype = torch.float32, repeats: int = 5, new_tokens: int = DECODE_TOKENS,
                      batch_size: int = 1) -> dict[str, Any]:
     """The reducer benchmark on a LLaVA-shaped random model (576 visual tokens at 600 tokens), the
     prompt repeated ``batch_size`` times in one batch."""
@@ -98,7 +101,7 @@ def run_llava_shaped(*, tokens: int = 600, shape: shapes.Shape = shapes.CPU_SHAP
     return {"model": label, "batch_size": batch_size, "device": gpu_name() if device != "cpu" else "cpu", **out}
 
 
-def run_toy_vlm(*, repeats: int = 5, new_tokens: int = 8, schedule_path: Path | None = None) -> dict[str, Any]:
+def run_toy_vlm(*, repeats: int = 5, new_tokens: int = DECODE_TOKENS, schedule_path: Path | None = None) -> dict[str, Any]:
     """The reducer benchmark on the trained toy VLM and one held-out prompt; with its derived
     schedule when ``schedule_path`` names one."""
     from attnflow.models import default_inputs, load_model
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=600)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=DECODE_TOKENS)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--toy-vlm", action="store_true", help="the trained toy VLM instead of the LLaVA shape")
     parser.add_argument("--schedule", type=Path, help="the toy VLM's derived schedule (JSON)")
