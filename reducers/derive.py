@@ -356,6 +356,10 @@ class _Search:
         """Predicted FLOPs ratio of ``cand`` on the probe prompts."""
         return predict(self.schedule(cand), Shape.of(self.model), self.probe.layouts)["flops_ratio"]
 
+    def searched_kl(self, cand: Candidate) -> float:
+        """The mean next-token KL ``cand`` had on the search prompts it was judged on (``ok`` ran it)."""
+        return next(t["kl"] for t in self.trials if t["steps"] == cand.steps() and t["part"] == "search")
+
     def ok(self, cand: Candidate, probe: _Probe | None = None, part: str = "search") -> bool:
         """Whether ``cand`` is a valid schedule within budget on ``probe``'s prompts (logged once per
         part, with the number of prompts it was judged on): on the search part by the sequential
@@ -512,16 +516,22 @@ def _smallest_keep(search: _Search, cand: Candidate, start: Stage) -> Candidate 
 
 
 def _cheapest(search: _Search, found: list[Candidate], what: str) -> Candidate | None:
-    """The candidate of ``found`` with the lowest predicted FLOPs (logged), None if empty."""
+    """The candidate of ``found`` with the lowest predicted FLOPs, ties (a stage recycling what it drops
+    costs what the plain one costs) to the lower mean next-token KL on the search prompts, the finer
+    measure where the accuracy of both is within budget (logged); None if empty."""
     if not found:
         search.reasons.append(f"{what}: none stays within budget")
         return None
-    best = min(found, key=search.flops)
+    def cost(c: Candidate) -> float:
+        return round(search.flops(c), 9)
+
+    best = min(found, key=lambda c: (cost(c), search.searched_kl(c)))
     stage = best.prunes[-1]
     search.reasons.append(f"{what}: keep {stage.keep:.3f} at layer {stage.layer} ranked by {stage.by}"
                           f"{' with recycling' if stage.recycle else ''}{' merging context' if stage.merge else ''}"
                           f" has the lowest predicted FLOPs "
-                          f"({search.flops(best):.3f}) of those within budget")
+                          f"({search.flops(best):.3f}) of those within budget"
+                          f"{', the lowest KL of those as cheap' if sum(cost(c) == cost(best) for c in found) > 1 else ''}")
     return best
 
 

@@ -48,6 +48,8 @@ MUTATIONS = [
      ["tests/test_reducers_apply.py", "-k", "farthest_point"]),
     ("reducers/derive.py", "            break\n        accepted = c", "            continue\n        accepted = c",
      ["tests/test_reducers_derive.py", "-k", "last_of_the_sequence"]),
+    ("reducers/derive.py", "best = min(found, key=lambda c: (cost(c), search.searched_kl(c)))",
+     "best = min(found, key=cost)", ["tests/test_reducers_derive.py", "-k", "lower_search_kl"]),
     ("reducers/derive.py", "keep=1 - share * (1 - s.keep)", "keep=share * s.keep",
      ["tests/test_reducers_derive.py", "-k", "scales_the_searchs_result"]),
     ("reducers/speed.py", "decode[clock].append((times[-1] - times[0]) / new_tokens)",

@@ -276,3 +276,30 @@ def test_the_smallest_keep_is_refined_between_the_last_step_within_budget_and_th
     refined = _smallest_keep(search, Candidate(None), Stage(1, 0.3, "divprune", recycle=True))
     assert refined.prunes == ((1, pytest.approx(0.475), "divprune", True, False),)
     assert search.tried == [0.3, 0.5333, 0.4167, 0.475]
+
+
+def test_the_cheapest_candidate_ties_to_the_lower_search_kl():
+    """A stage recycling what it drops costs the FLOPs of the plain one: of equally cheap candidates
+    within budget the one with the lower mean KL on the search prompts wins; a cheaper one wins
+    whatever its KL."""
+    from attnflow.reducers.derive import Candidate, Stage, _cheapest
+
+    plain, recycled = Candidate(None, (Stage(0, 0.32, "divprune"),)), Candidate(None, (Stage(0, 0.32, "divprune", True),))
+    dearer = Candidate(None, (Stage(0, 0.4, "divprune"),))
+
+    class Search:  # what _cheapest reads of a derivation
+        def __init__(self, kl):
+            self.kl, self.reasons = kl, []
+
+        def flops(self, cand):
+            return 0.4 if cand == dearer else 0.333
+
+        def searched_kl(self, cand):
+            return self.kl[cand]
+
+    search = Search({plain: 0.028, recycled: 0.0246, dearer: 0.001})
+    assert _cheapest(search, [plain, recycled, dearer], "first stage") == recycled
+    assert search.reasons[-1].endswith("the lowest KL of those as cheap") and "with recycling" in search.reasons[-1]
+    search = Search({plain: 0.02, recycled: 0.0246, dearer: 0.001})
+    assert _cheapest(search, [recycled, plain, dearer], "first stage") == plain
+    assert _cheapest(search, [dearer], "first stage") == dearer and not search.reasons[-1].endswith("as cheap")
