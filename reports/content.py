@@ -252,8 +252,9 @@ def actions(run: Run) -> list[str]:
         out.append(f"Let visual tokens leave at layer {ex['layer']}, not earlier: {why}.")
     verified = (schedule or {}).get("verified") or {}
     if verified.get("within_budget") is False:
-        out.append("The derived schedule is outside its fidelity budget even after backing off: use it only "
-                   "after checking the verification tables, or derive again with a looser budget.")
+        out.append("The derived schedule passed validation but is outside its fidelity budget on the verification "
+                   "prompts: use it only after checking the verification tables, or derive again on more prompts "
+                   "or with a looser budget.")
     if not _has_visual(run):
         out.append("This model saw no visual tokens: the visual-token reductions do not apply; layer skipping "
                    "of redundant layers is the reduction to try.")

@@ -193,3 +193,17 @@ def test_the_readme_quotes_the_committed_model_runs(monkeypatch):
     rows = json.loads((root / "docs" / "models" / "models.json").read_text())
     assert [r["name"] for r in rows] == list(BUNDLED)
     assert all(r["accuracy"] >= 0.95 and f"**`{r['name']}`**" in text for r in rows)
+
+
+def test_a_schedule_over_budget_on_verification_gets_a_warning(vlm):
+    """The actions warn when the schedule passed validation but missed its budget on the verification
+    prompts, and only then."""
+    from dataclasses import replace
+
+    from attnflow.reports.content import actions
+    from attnflow.reports.rundir import load_run
+
+    run = load_run(vlm[0])
+    assert not any("outside its fidelity budget" in a for a in actions(run))
+    over = {**run.schedule, "verified": {**run.schedule["verified"], "within_budget": False}}
+    assert any("passed validation but is outside its fidelity budget" in a for a in actions(replace(run, schedule=over)))
