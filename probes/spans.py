@@ -46,27 +46,25 @@ class Spans:
 
 def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
     """Contiguous True runs as (start, length)."""
-    runs, start = [], None
-    for i, f in enumerate(flags.tolist() + [False]):
-        if f and start is None:
-            start = i
-        elif not f and start is not None:
-            runs.append((start, i - start))
-            start = None
-    return runs
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], flags.astype(np.int8), [0]))))
+    return list(zip(edges[::2].tolist(), (edges[1::2] - edges[::2]).tolist()))
 
 
-def _square_cells(n: int, base_side: int | None) -> list[tuple[int, int]]:
+def _square_cells(n: int, base_side: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of a run of ``n`` visual tokens (NO_PATCH where a token has no cell)."""
+    rows, cols = np.full(n, NO_PATCH, dtype=np.int64), np.full(n, NO_PATCH, dtype=np.int64)
     side = math.isqrt(n)
     if side * side == n:
-        return [(j // side, j % side) for j in range(n)]
-    side = math.isqrt(n - 1)
-    if n > 1 and side * side == n - 1:
-        return [(NO_PATCH, NO_PATCH)] + [(j // side, j % side) for j in range(n - 1)]
-    if base_side and n > base_side * base_side:
-        base = base_side * base_side
-        return [(j // base_side, j % base_side) for j in range(base)] + [(NO_PATCH, NO_PATCH)] * (n - base)
-    return [(NO_PATCH, NO_PATCH)] * n
+        start, count = 0, n
+    elif n > 1 and math.isqrt(n - 1) ** 2 == n - 1:
+        start, count, side = 1, n - 1, math.isqrt(n - 1)
+    elif base_side and n > base_side * base_side:
+        start, count, side = 0, base_side * base_side, base_side
+    else:
+        return rows, cols
+    j = np.arange(count)
+    rows[start:start + count], cols[start:start + count] = j // side, j % side
+    return rows, cols
 
 
 def token_spans(
@@ -116,12 +114,11 @@ def token_spans(
                     t, h, w = grids[grid_cursor]
                     grid_cursor, img, h, w = grid_cursor + 1, img + 1, h // merge_size, w // merge_size
                 j = np.arange(placed, placed + length)
-                cells = list(zip((j // w) % h, j % w))
+                cells = ((j // w) % h, j % w)
                 placed = (placed + length) % (h * w) if h * w else 0
                 image[b, start:start + length] = img
             else:
                 cells = _square_cells(length, base_side)
                 image[b, start:start + length] = r // per_image
-            rows[b, start:start + length] = [c[0] for c in cells]
-            cols[b, start:start + length] = [c[1] for c in cells]
+            rows[b, start:start + length], cols[b, start:start + length] = cells
     return Spans(modality, image, rows, cols)

@@ -412,11 +412,20 @@ def test_density_peaks_and_recycling_counts_by_hand():
     blobs = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
     x = (blobs.repeat_interleave(5, 0) + 0.3 * torch.randn(15, 2, generator=g))[torch.randperm(15, generator=g)]
     blob = ((x[:, None] - blobs[None]).norm(dim=-1)).argmin(1)
-    centres, assign = density_peaks(x, 3)
+    centres, assign = (t[0] for t in density_peaks(x[None], torch.ones(1, 15, dtype=torch.bool), torch.tensor([3])))
     assert sorted(blob[centres].tolist()) == [0, 1, 2]
     assert torch.equal(blob[centres][assign], blob)
     want = _density_peaks_by_hand(x, 3)
     assert (centres.tolist(), assign.tolist()) == want
+    # a padded batch: each sample's rows (its first n; the rest are filler) clustered alone, by hand
+    sizes, counts = [15, 9, 4, 1], [3, 2, 4, 1]
+    rows = torch.randn(4, 15, 6, generator=g)
+    rows[0] = torch.nn.functional.pad(x, (0, 4))
+    valid = torch.arange(15) < torch.tensor(sizes)[:, None]
+    centres, assign = density_peaks(rows, valid, torch.tensor(counts))
+    for b, (n, k) in enumerate(zip(sizes, counts)):
+        want_centres, want_assign = _density_peaks_by_hand(rows[b, :n], k)
+        assert centres[b, :min(k, n)].tolist() == want_centres and assign[b, :n].tolist() == want_assign
     # 576 candidates, keep 300: 9 clusters -> 291 selected, 285 deleted, int(0.3 * 285) + 1 = 86 pooled, 86 // 10 + 1 = 9
     assert recycle_counts(576, 300) == (291, 86, 9)
     assert recycle_counts(100, 100) == (100, 0, 0)  # nothing deleted, nothing recycled
