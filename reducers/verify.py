@@ -29,9 +29,17 @@ from attnflow.reducers.apply import apply
 from attnflow.reducers.baselines import matched, published
 from attnflow.reducers.cost import Shape, predict
 from attnflow.reducers.dynamic import at_flops, realised
-from attnflow.reducers.fidelity import answer_accuracy, encode_batches, generate_greedy, next_token_fidelity
+from attnflow.reducers.fidelity import (
+    Generated,
+    answer_accuracy,
+    answers_right,
+    encode_batches,
+    generate_greedy,
+    next_token_fidelity,
+)
 from attnflow.reducers.schedule import Schedule, load_schedule
 from attnflow.reducers.speed import medians, speed
+from attnflow.reducers.validation import paired_drop_bounds
 from attnflow.reducers.verdict import Row, Verdict, mark_pareto
 
 
@@ -107,7 +115,8 @@ def verify(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path",
             decode_speedup=_ratio(t0["decode_ms_per_token"], t["decode_ms_per_token"]),
             prefill_ms_b1=u["prefill_ms"], decode_ms_per_token_b1=u["decode_ms_per_token"],
             prefill_speedup_b1=_ratio(u0["prefill_ms"], u["prefill_ms"]),
-            decode_speedup_b1=_ratio(u0["decode_ms_per_token"], u["decode_ms_per_token"])))
+            decode_speedup_b1=_ratio(u0["decode_ms_per_token"], u["decode_ms_per_token"]),
+            versus_schedule=gap_bounds(run, runs["schedule"], examples)))
     mark_pareto(rows)
     return Verdict(model=sched.model, device=str(device), backend=adapters.attn_implementation(model),
                    dtype=str(next(model.parameters()).dtype).removeprefix("torch."), n_examples=len(examples),
@@ -119,6 +128,17 @@ def verify(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path",
                               "decode_ms_per_token_b1": times_b1["unreduced"]["decode_ms_per_token"],
                               "visual_tokens": costs["schedule"]["visual_tokens"]},
                    rows=rows)
+
+
+def gap_bounds(run: Generated, reference: Generated, examples: list[Any]) -> list[float] | None:
+    """One-sided 95% (lower, upper) bounds on ``run``'s accuracy minus ``reference``'s over the same
+    ``examples``, paired prompt by prompt (Tango's interval: only the prompts one gets right and the
+    other wrong count); None without answers."""
+    pairs = [(a, b) for a, b in zip(answers_right(run, examples), answers_right(reference, examples)) if a is not None]
+    if not pairs:
+        return None
+    ahead, behind = sum(a and not b for a, b in pairs), sum(b and not a for a, b in pairs)
+    return list(paired_drop_bounds(ahead, behind, len(pairs)))
 
 
 def _cost(model: nn.Module, schedule: Schedule, shape: Shape, layouts: list[tuple[int, int]],

@@ -33,6 +33,11 @@ def times(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
+def gap(bounds: list[float] | None) -> str:
+    """Bounds on an accuracy gap in points: [-0.006, 0.011] -> '-0.6 to +1.1'; None -> 'n/a'."""
+    return "n/a" if bounds is None else f"{100 * bounds[0]:+.1f} to {100 * bounds[1]:+.1f}"
+
+
 def layer_list(layers: list[int]) -> str:
     """[1, 2, 3, 5] -> '1–3, 5'."""
     out, run = [], []

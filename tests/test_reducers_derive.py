@@ -16,7 +16,9 @@ from attnflow.probes.inputs import Example, load_examples
 from attnflow.reducers import Schedule, ScheduleError
 from attnflow.reducers.derive import Budget, Settings, derive, first_prune_layer, visual_sink_indices
 from attnflow.reducers.verdict import Row, mark_pareto
-from attnflow.reducers.verify import verify, verify_schedule
+from attnflow.reducers.fidelity import Generated
+from attnflow.reducers.validation import paired_drop_bounds
+from attnflow.reducers.verify import gap_bounds, verify, verify_schedule
 from attnflow.toys import planted, tiny
 from tests.claims import findings_claiming
 
@@ -105,6 +107,21 @@ def test_pareto_front_by_hand():
     assert [r.name for r in rows if r.pareto] == ["a", "c", "d", "e"]  # b: a is cheaper at the same fidelity
 
 
+def test_accuracy_gap_bounds_pair_the_prompts():
+    """Each row's gap to the schedule is bounded over the prompts both answered, paired: here the row
+    gets two right that the schedule gets wrong and one the reverse (a prompt without an answer does not
+    count), so the bounds are Tango's for 2 against 1 of 5 with the gap (2 - 1) / 5 between them."""
+    def run(texts):
+        return Generated(torch.zeros(len(texts), 1), torch.zeros(len(texts), 1, dtype=torch.long), texts)
+
+    examples = [Example("q", [], answer=a) for a in ("red", "blue", "two", "left", "yes")] + [Example("q", [])]
+    row = run(["red", "blue", "three", "left", "no", "x"])
+    schedule = run(["red", "green", "two", "right", "no", "y"])
+    lower, upper = gap_bounds(row, schedule, examples)
+    assert (lower, upper) == paired_drop_bounds(2, 1, 5) and lower < 0.2 < upper
+    assert gap_bounds(row, schedule, [Example("q", [])] * 6) is None
+
+
 def test_verdict_is_self_consistent():
     model, processor = tiny.build("llava")
     prompts = tiny.sample_prompts("llava")
@@ -121,6 +138,10 @@ def test_verdict_is_self_consistent():
     assert empty.agreement == 1.0 and empty.kl == 0.0 and empty.generation_agreement == 1.0
     assert empty.flops_ratio == 1.0 and empty.accuracy == verdict.unreduced["accuracy"] == 1.0
     assert empty.accuracy_delta == 0.0
+    assert empty.versus_schedule == list(paired_drop_bounds(0, 0, 1))  # against itself: nothing discordant
+    for r in verdict.rows:
+        lower, upper = r.versus_schedule
+        assert lower <= r.accuracy - empty.accuracy <= upper
     assert [r.name for r in verdict.rows] == ["schedule", "fastv", "pdrop", "dart", "divprune", "visionzip",
                                               "sparsevlm", "fastv_equal_flops", "dart_equal_flops",
                                               "divprune_equal_flops", "random_equal_flops", "pool_equal_flops",
