@@ -131,7 +131,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
             out.append(f"| {r['name']} | {steps_short(r['steps'])} | {r['flops_ratio']:.3f} | {100 * r['accuracy']:.2f}% | "
                        f"{100 * r['accuracy_delta']:+.2f} | {versus} | {_x(r['prefill_speedup'])} | "
                        f"{_x(r['prefill_speedup_b1'])} | {_x(r['decode_speedup'])} |")
-        out += ["", f"Targets: FLOPs cut {100 * t['flops_cut']:.1f}% ({'met' if t['flops_cut_ok'] else 'MISSED'}), "
+        out += ["", *by_type(v), "", f"Targets: FLOPs cut {100 * t['flops_cut']:.1f}% ({'met' if t['flops_cut_ok'] else 'MISSED'}), "
                 f"accuracy loss {t['accuracy_loss_points']:.2f} points ({'met' if t['loss_ok'] else 'MISSED'}), "
                 f"more accurate at equal FLOPs: {', '.join(t['more_accurate_at_equal_flops']) or 'none'} "
                 f"(by more than the paired 95% bound allows: "
@@ -144,6 +144,21 @@ def markdown(results: list[dict[str, Any]]) -> str:
                 f"proportional to their tokens); measured / that: {t['prefill_vs_attainable_b1']:.2f} (B=1), "
                 f"{t['prefill_vs_attainable_b16']:.2f} (B=16).", ""]
     return "\n".join(out)
+
+
+def by_type(verdict: dict[str, Any]) -> list[str]:
+    """The accuracy change of every configuration per question type, in points (where a reducer loses)."""
+    full = verdict["unreduced"].get("accuracy_by_type") or {}
+    types = sorted(full)
+    if not types:
+        return []
+    lines = ["Accuracy change by question type (points):", "", "| configuration | " + " | ".join(types) + " |",
+             "|---|" + "---|" * len(types)]
+    for r in verdict["rows"]:
+        cells = [f"{100 * (r['accuracy_by_type'][q] - full[q]):+.1f}" if q in r["accuracy_by_type"] else "n/a"
+                 for q in types]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _x(value: float | None) -> str:

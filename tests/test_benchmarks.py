@@ -132,12 +132,13 @@ def test_schedule_targets_tell_a_gap_of_a_few_answers_from_a_significant_one():
 
     def row(name, accuracy, bounds):
         return {"name": name, "steps": [], "flops_ratio": 0.5, "accuracy": accuracy, "accuracy_delta": accuracy - 0.9,
-                "versus_schedule": bounds, "prefill_speedup": 1.5, "prefill_speedup_b1": 1.1, "decode_speedup": 1.0}
+                "versus_schedule": bounds, "prefill_speedup": 1.5, "prefill_speedup_b1": 1.1, "decode_speedup": 1.0,
+                "accuracy_by_type": {"count": accuracy - 0.1, "where": 1.0}}
 
     rows = [row("schedule", 0.9, [-0.01, 0.01]), row("a_equal_flops", 0.9025, [-0.004, 0.012]),
             row("b_equal_flops", 0.95, [0.02, 0.08]), row("c_equal_flops", 0.8, [-0.14, -0.06])]
     result = {"model": "m", "calibration": 10, "heldout": 400, "seconds": {"derive": 1.0},
-              "verdict": {"rows": rows, "unreduced": {"accuracy": 0.9}}, "attainable": {"b16": 2.0, "b1": 1.2},
+              "verdict": {"rows": rows, "unreduced": {"accuracy": 0.9, "accuracy_by_type": {"count": 0.8, "where": 1.0}}}, "attainable": {"b16": 2.0, "b1": 1.2},
               "schedule": {"derived_from": {"fidelity": {"n_examples": 4},
                                             "validation": {"n_examples": 6, "accuracy_drop_upper": 0.009}}}}
     result["targets"] = t = schedules.targets(result, 0.6, 1.0)
@@ -146,3 +147,4 @@ def test_schedule_targets_tell_a_gap_of_a_few_answers_from_a_significant_one():
     table = schedules.markdown([result])
     assert "| a_equal_flops | nothing removed | 0.500 | 90.25% | +0.25 | -0.4 to +1.2 |" in table
     assert "(by more than the paired 95% bound allows: b_equal_flops)" in table
+    assert "| configuration | count | where |" in table and "| c_equal_flops | -10.0 | +0.0 |" in table
