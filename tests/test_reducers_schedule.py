@@ -94,6 +94,18 @@ def test_bad_protect_is_refused(llava):
         load_schedule(data)
 
 
+def test_a_config_changed_in_place_changes_the_fingerprint(llava):
+    """The fingerprint is kept per model, but not past a change to its config (nested ones included)."""
+    first = adapters.fingerprint(llava)
+    eps = llava.config.text_config.rms_norm_eps
+    llava.config.text_config.rms_norm_eps = 1e-3
+    try:
+        assert adapters.fingerprint(llava) != first
+    finally:
+        llava.config.text_config.rms_norm_eps = eps
+    assert adapters.fingerprint(llava) == first
+
+
 def test_schedule_for_another_model_is_refused(llava):
     other, _ = tiny.build("llava", seed=1)
     other.config.text_config.rms_norm_eps = 1e-3  # same family and depth, another config
