@@ -104,6 +104,14 @@ def test_a_config_changed_in_place_changes_the_fingerprint(llava):
     finally:
         llava.config.text_config.rms_norm_eps = eps
     assert adapters.fingerprint(llava) == first
+    llava.config.text_config.extra = torch.zeros(3)  # a tensor attribute: == cannot say, so it is recomputed
+    try:
+        assert adapters.fingerprint(llava) != first
+        llava.config.text_config.extra = torch.zeros(3)
+        assert adapters.fingerprint(llava) == adapters.fingerprint(llava)
+    finally:
+        del llava.config.text_config.extra
+    assert adapters.fingerprint(llava) == first
 
 
 def test_schedule_for_another_model_is_refused(llava):
