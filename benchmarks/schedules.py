@@ -97,10 +97,11 @@ def targets(result: dict[str, Any], cut: float, loss: float) -> dict[str, Any]:
     rows = {r["name"]: r for r in result["verdict"]["rows"]}
     ours = rows["schedule"]
     predicted = 1 / ours["flops_ratio"]
+    lost = 0.0 - 100 * ours["accuracy_delta"]  # points (0.0 - : no "-0.00")
     equal = {n: r for n, r in rows.items() if n.endswith("_equal_flops")}
     better = [n for n, r in equal.items() if r["accuracy"] > ours["accuracy"] + 1e-9]
     return {"flops_cut": 1 - ours["flops_ratio"], "flops_cut_ok": 1 - ours["flops_ratio"] >= cut,
-            "accuracy_loss_points": 0.0 - 100 * ours["accuracy_delta"], "loss_ok": -100 * ours["accuracy_delta"] <= loss + 1e-9,
+            "accuracy_loss_points": lost, "loss_ok": lost <= loss + 1e-9,
             "more_accurate_at_equal_flops": better,
             "significantly_more_accurate_at_equal_flops": [n for n, r in equal.items() if r["versus_schedule"][0] > 0],
             "prefill_vs_predicted_b16": (ours["prefill_speedup"] or 0) / predicted,

@@ -30,7 +30,6 @@ from attnflow.reducers.baselines import matched, published
 from attnflow.reducers.cost import Shape, predict
 from attnflow.reducers.dynamic import at_flops, realised
 from attnflow.reducers.fidelity import (
-    Generated,
     answer_accuracy,
     answers_right,
     encode_batches,
@@ -97,6 +96,7 @@ def verify(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path",
         times, times_b1 = timed[0], timed[-1]  # a timing batch of one prompt is timed once
     full_accuracy, full_by_type = answer_accuracy(full, examples)
     rows = []
+    reference = answers_right(runs["schedule"], examples)
     for name, s in schedules.items():
         run = runs[name]
         fidelity = next_token_fidelity(full.first_logits, run.first_logits)
@@ -116,7 +116,7 @@ def verify(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path",
             prefill_ms_b1=u["prefill_ms"], decode_ms_per_token_b1=u["decode_ms_per_token"],
             prefill_speedup_b1=_ratio(u0["prefill_ms"], u["prefill_ms"]),
             decode_speedup_b1=_ratio(u0["decode_ms_per_token"], u["decode_ms_per_token"]),
-            versus_schedule=gap_bounds(run, runs["schedule"], examples)))
+            versus_schedule=gap_bounds(answers_right(run, examples), reference)))
     mark_pareto(rows)
     return Verdict(model=sched.model, device=str(device), backend=adapters.attn_implementation(model),
                    dtype=str(next(model.parameters()).dtype).removeprefix("torch."), n_examples=len(examples),
@@ -130,11 +130,11 @@ def verify(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path",
                    rows=rows)
 
 
-def gap_bounds(run: Generated, reference: Generated, examples: list[Any]) -> list[float] | None:
-    """One-sided 95% (lower, upper) bounds on ``run``'s accuracy minus ``reference``'s over the same
-    ``examples``, paired prompt by prompt (Tango's interval: only the prompts one gets right and the
-    other wrong count); None without answers."""
-    pairs = [(a, b) for a, b in zip(answers_right(run, examples), answers_right(reference, examples)) if a is not None]
+def gap_bounds(right: list[bool | None], reference: list[bool | None]) -> list[float] | None:
+    """One-sided 95% (lower, upper) bounds on the accuracy of the answers ``right`` minus that of
+    ``reference`` on the same prompts (``answers_right``; None: no answer), paired prompt by prompt
+    (Tango's interval: only the prompts one gets right and the other wrong count); None without answers."""
+    pairs = [(a, b) for a, b in zip(right, reference) if a is not None]
     if not pairs:
         return None
     ahead, behind = sum(a and not b for a, b in pairs), sum(b and not a for a, b in pairs)

@@ -16,7 +16,7 @@ from attnflow.probes.inputs import Example, load_examples
 from attnflow.reducers import Schedule, ScheduleError
 from attnflow.reducers.derive import Budget, Settings, derive, first_prune_layer, visual_sink_indices
 from attnflow.reducers.verdict import Row, mark_pareto
-from attnflow.reducers.fidelity import Generated
+from attnflow.reducers.fidelity import Generated, answers_right
 from attnflow.reducers.validation import paired_drop_bounds
 from attnflow.reducers.verify import gap_bounds, verify, verify_schedule
 from attnflow.toys import planted, tiny
@@ -117,9 +117,10 @@ def test_accuracy_gap_bounds_pair_the_prompts():
     examples = [Example("q", [], answer=a) for a in ("red", "blue", "two", "left", "yes")] + [Example("q", [])]
     row = run(["red", "blue", "three", "left", "no", "x"])
     schedule = run(["red", "green", "two", "right", "no", "y"])
-    lower, upper = gap_bounds(row, schedule, examples)
+    lower, upper = gap_bounds(answers_right(row, examples), answers_right(schedule, examples))
     assert (lower, upper) == paired_drop_bounds(2, 1, 5) and lower < 0.2 < upper
-    assert gap_bounds(row, schedule, [Example("q", [])] * 6) is None
+    unanswered = [Example("q", [])] * 6
+    assert gap_bounds(answers_right(row, unanswered), answers_right(schedule, unanswered)) is None
 
 
 def test_verdict_is_self_consistent():
