@@ -266,17 +266,20 @@ class Settings:
 
 class Stage(NamedTuple):
     """A prune stage of a candidate: its layer, keep share, score (reducers.scores.SCORES) and
-    whether it recycles (SparseVLM's recycling, reducers.scores.recycle) or merges (VisionZip's
-    contextual tokens, ``cls`` only)."""
+    whether it recycles (SparseVLM's recycling, reducers.scores.recycle), merges (VisionZip's
+    contextual tokens, ``cls`` only) or weighs the kept tokens by what they stand for (ToMe's
+    proportional attention, layer 0 only)."""
 
     layer: int
     keep: float
     by: str = "last_row"
     recycle: bool = False
     merge: bool = False
+    proportional: bool = False
 
     def step(self) -> dict[str, Any]:
-        flags = {key: True for key, on in (("recycle", self.recycle), ("merge", self.merge)) if on}
+        flags = {key: True for key, on in (("recycle", self.recycle), ("merge", self.merge),
+                                           ("proportional", self.proportional)) if on}
         return {"op": "prune_visual", "layer": self.layer, "keep": round(self.keep, 4), "by": self.by, **flags}
 
 
@@ -529,6 +532,7 @@ def _cheapest(search: _Search, found: list[Candidate], what: str) -> Candidate |
     stage = best.prunes[-1]
     search.reasons.append(f"{what}: keep {stage.keep:.3f} at layer {stage.layer} ranked by {stage.by}"
                           f"{' with recycling' if stage.recycle else ''}{' merging context' if stage.merge else ''}"
+                          f"{' with proportional attention' if stage.proportional else ''}"
                           f" has the lowest predicted FLOPs "
                           f"({search.flops(best):.3f}) of those within budget"
                           f"{', the lowest KL of those as cheap' if sum(cost(c) == cost(best) for c in found) > 1 else ''}")
@@ -563,11 +567,13 @@ def _greedy(search: _Search, start: Candidate, first_prune: int, num_layers: int
               for merge in ((False, True) if by == "cls" else (False,))]  # VisionZip: dominant only, and merged
     cand = _cheapest(search, [*([best] if best else []), *(c for c in others if c is not None)],
                      "prune_visual (first stage, every score)") or cand
-    if cand.prunes:  # the winner recycling what it drops (SparseVLM): the same tokens' content in fewer
-        winner = cand.prunes[0]
-        if not winner.merge:
-            recycled = _smallest_keep(search, replace(cand, prunes=()), winner._replace(recycle=True))
-            cand = _cheapest(search, [cand, *([recycled] if recycled else [])], "prune_visual (first stage, recycling)")
+    if cand.prunes:  # the winner keeping what it drops: its content in fewer tokens (SparseVLM's recycling),
+        winner = cand.prunes[0]  # its share of attention (ToMe's proportional attention, before the LLM), or both
+        variants = [dict(recycle=r, proportional=p) for r in sorted({False, not winner.merge})
+                    for p in sorted({False, winner.layer == 0}) if r or p]
+        kept = [_smallest_keep(search, replace(cand, prunes=()), winner._replace(**v)) for v in variants]
+        cand = _cheapest(search, [cand, *(c for c in kept if c is not None)],
+                         "prune_visual (first stage, recycling or proportional attention)")
         first_stage = cand.prunes[0]
         second = [_smallest_keep(search, cand, Stage(later, first_stage.keep * 2 / 3, first_stage.by, first_stage.recycle))
                   for later in range(first_stage.layer + 1, limit) if first_stage.by != "cls"]

@@ -12,7 +12,9 @@ unreduced). Decode steps get the same mask over the shorter cache plus the new t
 (reducers.plan) then sees the shortened prompt, with each token's original visual-token index,
 so protected sinks and seeded random scores stay the same. VisionZip's contextual merge (``merge``)
 and SparseVLM's recycling (``recycle``) also rewrite the input states of some tokens they keep
-(reducers.scores.contextual_merge, reducers.scores.recycle).
+(reducers.scores.contextual_merge, reducers.scores.recycle). With ``proportional`` each kept visual
+token stands for the dropped ones nearest to it: log(size) is added to its column of the mask, in every
+layer and decode step (reducers.scores.proportional_sizes), so the mask is additive then, under SDPA too.
 """
 
 from __future__ import annotations
@@ -60,10 +62,12 @@ class InputCut:
     def __init__(self, step: dict[str, Any], planner: Planner, bool_mask: bool) -> None:
         self.keep, self.by, self.seed = step["keep"], step["by"], step.get("seed", 0)
         self.merge, self.recycle = step.get("merge", False), step.get("recycle", False)
+        self.proportional = step.get("proportional", False)
         self.planner, self.bool_mask = planner, bool_mask
         self.outer: dict[str, Tensor | None] = {}
         self.valid = torch.empty(0)  # [B, N'] kept (True) or filler, per reduced slot
-        self.plain = False  # no filler in this prompt's layout
+        self.plain = False  # no filler and no size bias in this prompt's layout: the model's own causal mask
+        self.bias: Tensor | None = None  # [B, N'] log size of each reduced slot (proportional), None: all zero
         self.cls: list[Tensor] = []  # per vision-tower call: [images, tokens] [CLS] attention
         self.keys: list[Tensor] = []  # per vision-tower call: [images, tokens, dh] unit head-mean keys (merge)
         self.last_position = torch.empty(0)  # [B] the prompt's last original position
@@ -106,6 +110,7 @@ class InputCut:
         else:
             scores = score_fns.selection_scores(self.by, candidates, limit, seed=self.seed, visual_index=index,
                                                 patch_row=rows, patch_col=cols, states=embeds)
+        states = embeds
         if self.merge:
             keys = torch.cat(self.keys).to(dev)
             self.keys = []
@@ -121,7 +126,11 @@ class InputCut:
             want = real & ~dropped(scores, candidates, n_keep)
         take, filler = rectangular(want, ~real)
         self.valid = ~filler
-        self.plain = bool(self.valid.all())  # no filler: the model's own causal mask is right
+        self.bias = None
+        if self.proportional and bool((gone := visual & real & ~want).any()):
+            sizes = score_fns.proportional_sizes(states, visual & want, gone)
+            self.bias = sizes.log().gather(1, take).to(embeds.dtype)  # 0 off the kept visual tokens, filler included
+        self.plain = bool(self.valid.all()) and self.bias is None  # the model's own causal mask is right
         positions = kwargs.get(compat.POSITION_IDS)
         if positions is None:
             positions = (real.long().cumsum(-1) - 1).clamp_min(0)
@@ -136,15 +145,19 @@ class InputCut:
 
     def _lm_mask(self, n_queries: int, cached: int, dtype: torch.dtype) -> Tensor:
         """The language model's mask for ``n_queries`` new tokens after ``cached`` ones: the 4-D one of
-        the module's ``_mask`` over the kept layout (and the tokens generated since); without filler a 2-D mask of
-        ones, from which the model builds its own causal mask at no extra cost (not None: transformers
-        would then read the gathered, gapped position ids as packed sequences)."""
+        the module's ``_mask`` over the kept layout (and the tokens generated since), additive with the
+        size bias added to its columns when there is one; without filler or bias a 2-D mask of ones,
+        from which the model builds its own causal mask at no extra cost (not None: transformers would
+        then read the gathered, gapped position ids as packed sequences)."""
         b, dev = self.valid.shape[0], self.valid.device
         generated = cached + n_queries - self.valid.shape[1]
         if self.plain:
             return torch.ones(b, cached + n_queries, dtype=torch.long, device=dev)
         keys = torch.cat([self.valid, torch.ones(b, generated, dtype=torch.bool, device=dev)], 1)
-        return _mask(keys, n_queries, cached, self.bool_mask, dtype)
+        if self.bias is None:
+            return _mask(keys, n_queries, cached, self.bool_mask, dtype)
+        bias = torch.nn.functional.pad(self.bias, (0, generated))
+        return _mask(keys, n_queries, cached, False, dtype) + bias[:, None, None, :]
 
     def _decode(self, kwargs: dict[str, Any], embeds: Tensor) -> dict[str, Any]:
         if self.valid.numel() == 0:

@@ -26,6 +26,10 @@ tokens, each the sum of a target token and the mean of the dropped tokens most l
 kept share, a few tokens (⌊n/10⌋+1 for the n = 30% best-scored of the dropped) are the centres of
 density-peaks clusters of those dropped tokens, their states (entering the step's layer) replaced
 by their cluster's mean; the rest are the top-scored (reducers.scores.recycle).
+``"proportional": true`` on a layer-0 step is ToMe's proportional attention (arXiv 2210.09461): each
+kept visual token stands for itself and the dropped ones whose nearest kept token (cosine of the LLM's
+input embeddings) it is, and log(that count) is added to its attention logits in every layer, so the
+softmax sees the image's share of attention as the unreduced model does (reducers.scores.proportional_sizes).
 ``visual_exit`` removes every unprotected visual token from ``layer`` on.
 ``visual_exit_dynamic`` (``{"op": "visual_exit_dynamic", "from": 2, "to": 6, "threshold": 0.05}``)
 is the same exit decided per prompt during the prefill: after each layer l with
@@ -72,7 +76,7 @@ SKIP_TOKENS: tuple[str, ...] = ("all", "visual")
 DEFAULT_PROTECT: dict[str, Any] = {"visual_sinks": []}
 _STEP_KEYS: dict[str, dict[str, Any]] = {  # op -> {key: default, or ... when required}
     "prune_visual": {"layer": ..., "keep": ..., "by": "last_row", "seed": None, "merge": False,
-                     "recycle": False},
+                     "recycle": False, "proportional": False},
     "visual_exit": {"layer": ...},
     "visual_exit_dynamic": {"from": ..., "to": None, "threshold": ...},
     "skip_layers": {"layers": ..., "tokens": "all"},
@@ -219,14 +223,17 @@ def _step(raw: Any, where: str, num_layers: int) -> dict[str, Any]:
             step["seed"] = _int(0 if step["seed"] is None else step["seed"], f"{where} (prune_visual) seed", 0, 2**63 - 1)
         elif step.pop("seed") is not None:
             raise ScheduleError(f"{where} (prune_visual): seed applies to by='random' only")
-        merge, recycle = step.pop("merge"), step.pop("recycle")
-        for key, value in (("merge", merge), ("recycle", recycle)):
+        merge, recycle, proportional = step.pop("merge"), step.pop("recycle"), step.pop("proportional")
+        for key, value in (("merge", merge), ("recycle", recycle), ("proportional", proportional)):
             if not isinstance(value, bool):
                 raise ScheduleError(f"{where} (prune_visual) {key} must be true or false, got {value!r}")
             if value:
                 step[key] = True
         if merge and step["by"] != "cls":
             raise ScheduleError(f"{where} (prune_visual): merge is VisionZip's contextual merge, for by='cls' only")
+        if proportional and step["layer"] != 0:
+            raise ScheduleError(f"{where} (prune_visual): proportional attention weighs the kept tokens before the "
+                                "first decoder layer, for every layer: layer 0 only")
         if merge and recycle:
             raise ScheduleError(f"{where} (prune_visual): merge and recycle are two ways to keep dropped tokens' "
                                 "content; a step takes one")

@@ -30,7 +30,9 @@ keeping the top ``n`` scores is the set the rule picks for ``n``:
   tokens above that average's mean.
 
 Any step may also recycle (SparseVLM's token recycling): of its kept share, a few tokens stand for
-clusters of the tokens it drops (the function ``recycle``).
+clusters of the tokens it drops (the function ``recycle``). A step before the LLM may also keep the
+dropped tokens' share of attention (ToMe's proportional attention): each kept token stands for
+itself and the dropped tokens nearest to it (the function ``proportional_sizes``).
 """
 
 from __future__ import annotations
@@ -186,6 +188,26 @@ def contextual_merge(scores: Tensor, candidates: Tensor, n_keep: Tensor, keys: T
         assign = best.indices[chosen]
         merged[b, targets] = states[b, targets] + group_means(states[b, others[chosen]], assign, contextual)
     return kept, merged
+
+
+def proportional_sizes(states: Tensor, kept: Tensor, gone: Tensor) -> Tensor:
+    """How many tokens each kept one stands for [B, N] (float32): itself plus the ``gone`` [B, N]
+    tokens whose nearest ``kept`` [B, N] token, by cosine similarity of ``states`` [B, N, D], it is
+    (ties: the earlier slot); 1 elsewhere. With log(size) added to its attention logits, a kept token
+    draws the attention its dropped near-duplicates drew (ToMe's proportional attention, arXiv
+    2210.09461, there for merged tokens): softmax normalisation over the shorter sequence then sees
+    the image's mass as the full one did, which dropping alone shifts towards the kept tokens."""
+    b, n = kept.shape
+    width = int(kept.sum(1).max()) if b else 0
+    sizes = torch.ones(b, n, dtype=torch.float32, device=kept.device)
+    if not width or not bool(gone.any()):
+        return sizes
+    slots = kept.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :width]  # kept first, in order
+    valid = kept.gather(1, slots)
+    unit = torch.nn.functional.normalize(states.float(), dim=-1)
+    similarity = (unit @ gather_seq(unit, slots, 1).transpose(1, 2)).masked_fill(~valid[:, None, :], float("-inf"))
+    nearest = slots.gather(1, similarity.argmax(2))
+    return sizes.scatter_add(1, nearest, gone.float())
 
 
 def group_means(x: Tensor, assign: Tensor, groups: int) -> Tensor:

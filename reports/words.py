@@ -245,7 +245,8 @@ def steps_short(steps: list[dict[str, Any]]) -> str:
             parts.append(f"prune@{s['layer']} keep {pct(s['keep'], 1 if 100 * s['keep'] % 1 else 0)}"
                          + ("" if s.get("by", "last_row") == "last_row" else f" {s['by']}")
                          + (" + contextual merge" if s.get("merge") else "")
-                         + (" + recycling" if s.get("recycle") else ""))
+                         + (" + recycling" if s.get("recycle") else "")
+                         + (" + proportional attention" if s.get("proportional") else ""))
         elif s["op"] == "visual_exit":
             parts.append(f"exit@{s['layer']}")
         elif s["op"] == "visual_exit_dynamic":

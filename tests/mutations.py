@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # (file, text to replace, replacement, pytest arguments that must then fail)
 MUTATIONS = [
+    ("reducers/scores.py", "nearest = slots.gather(1, similarity.argmax(2))", "nearest = slots.gather(1, similarity.argmin(2))",
+     ["tests/test_reducers_apply.py", "-x", "-k", "proportional_attention"]),
     ("probes/adapters.py", "if known is not None and known[0] == snapshot:", "if known is not None:",
      ["tests/test_reducers_schedule.py", "-k", "changed_in_place"]),
     ("reducers/cost.py", "2 * n * n * self.q_width", "6 * n * n * self.q_width",

@@ -42,10 +42,14 @@ STEPS = {
     "input_recycle": [{"op": "prune_visual", "layer": 0, "keep": 0.3, "by": "random", "seed": 1, "recycle": True}],
     "input_then_prune": [{"op": "prune_visual", "layer": 0, "keep": 0.6, "by": "pool"},
                          {"op": "prune_visual", "layer": 2, "keep": 0.3}],
+    "input_proportional": [{"op": "prune_visual", "layer": 0, "keep": 0.4, "by": "divprune", "proportional": True}],
+    "proportional_then_prune": [{"op": "prune_visual", "layer": 0, "keep": 0.6, "by": "random", "seed": 2,
+                                 "recycle": True, "proportional": True}, {"op": "prune_visual", "layer": 2, "keep": 0.3}],
 }
 FIELD = ["random", "pool", "divprune", "dart", "text", "recycle", "input_divprune", "input_cls", "input_visionzip",
-         "input_recycle", "input_then_prune"]  # beside FastV's last row
+         "input_recycle", "input_then_prune", "input_proportional", "proportional_then_prune"]  # beside FastV's last row
 MERGING = {"input_visionzip", "recycle", "input_recycle"}  # rewrite states: held to their own oracles, not to plain masking
+WEIGHING = {"input_proportional", "proportional_then_prune"}  # bias attention: held to masking with the size bias
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +77,10 @@ def positions(batch):
     return (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
 
 
-def masked_run(model, batch, planner, **call):
+def masked_run(model, batch, planner, bias=None, **call):
     """Unreduced run in which layer l's keys are only the tokens the reduced run processed at
-    l, and every other token's residual passes layer l unchanged (the masking oracle)."""
+    l, and every other token's residual passes layer l unchanged (the masking oracle); ``bias``
+    [B, N] (additive masks only) is added to every layer's attention logits of each key."""
     b, n = batch["input_ids"].shape
     processed = {layer: torch.zeros(b, n, dtype=torch.bool).scatter(1, planner.original(rows), real)
                  for layer, (rows, real) in planner.layer_tokens.items()}
@@ -84,6 +89,8 @@ def masked_run(model, batch, planner, **call):
         def pre(module, args, kwargs, i=i):
             m, keys = kwargs["attention_mask"], processed[i][:, None, None, :]
             m = m & keys if m.dtype == torch.bool else m.masked_fill(~keys, torch.finfo(m.dtype).min)
+            if bias is not None:
+                m = m + bias[:, None, None, :]
             return args, dict(kwargs, attention_mask=m)
 
         def post(module, args, output, i=i):
@@ -97,9 +104,9 @@ def masked_run(model, batch, planner, **call):
             h.remove()
 
 
-def masked_oracle(model, batch, planner):
+def masked_oracle(model, batch, planner, bias=None):
     """The masking oracle under eager attention, with generate's position ids and the weights."""
-    return masked_run(model, batch, planner, position_ids=positions(batch), output_attentions=True)
+    return masked_run(model, batch, planner, bias, position_ids=positions(batch), output_attentions=True)
 
 
 def reduced(model, steps, batch, **kw):
@@ -116,6 +123,7 @@ KEEP_ALL = {  # every score, merging and recycling, at keep 1.0 (layer 0: before
     "input_random": {"layer": 0, "by": "random"}, "input_pool": {"layer": 0, "by": "pool"},
     "input_cls": {"layer": 0, "by": "cls"}, "input_visionzip": {"layer": 0, "by": "cls", "merge": True},
     "input_recycle": {"layer": 0, "by": "divprune", "recycle": True},
+    "input_proportional": {"layer": 0, "by": "divprune", "proportional": True},
 }
 
 
@@ -153,7 +161,7 @@ def test_empty_schedule_reproduces_logits_and_generation(models, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op", sorted(set(STEPS) - MERGING))
+@pytest.mark.parametrize("op", sorted(set(STEPS) - MERGING - WEIGHING))
 def test_drop_equals_mask(models, backend, op):
     model, processor = models[backend]
     batch = encode(processor, prompts())
@@ -367,9 +375,48 @@ def test_visionzip_keeps_dominant_tokens_and_merges_the_rest_into_contextual_one
     assert_equals_oracle_fed(eager, batch, planner, logits, 0, want)
 
 
-def assert_equals_oracle_fed(eager, batch, planner, logits, layer, states):
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", sorted(WEIGHING))
+def test_proportional_attention_equals_masking_with_the_log_size_bias(models, backend, op):
+    """ToMe's proportional attention before the LLM: each kept visual token stands for itself and the
+    dropped visual tokens whose nearest kept one it is (cosine of the LLM's input embeddings, ties to
+    the earlier; written out with loops here), and the reduced logits equal the masking oracle with
+    log(size) added to that token's key in every layer (a later prune step carries the bias along).
+    Without the bias the oracle differs: the test sees it."""
+    model, processor = models[backend]
+    eager = models["eager"][0]
+    batch = encode(processor, prompts())
+    logits, planner = reduced(model, STEPS[op], batch)
+    with torch.no_grad():
+        states = eager(**batch, position_ids=positions(batch), output_hidden_states=True).hidden_states[0]
+    visual = (batch["input_ids"] == adapters.image_token_id(model)) & batch["attention_mask"].bool()
+    rows, real = planner.layer_tokens[0]
+    kept = torch.zeros_like(visual).scatter(1, planner.original(rows), real) & visual
+    size = torch.ones(visual.shape)
+    for b in range(visual.shape[0]):
+        targets = kept[b].nonzero()[:, 0].tolist()
+        for p in (visual[b] & ~kept[b]).nonzero()[:, 0].tolist():
+            sims = [float(torch.nn.functional.cosine_similarity(states[b, p], states[b, q], dim=0)) for q in targets]
+            size[b, targets[sims.index(max(sims))]] += 1
+    assert size.max() > 2  # some kept token stands for several
+    if op == "proportional_then_prune":  # recycled centres hold their clusters' mean: feed the oracle those states
+        fed = []
+        handle = adapters.decoder_layers(model)[0].register_forward_pre_hook(
+            lambda m, a, kw: fed.append(a[0] if a else kw[compat.HIDDEN_STATES]), with_kwargs=True)
+        try:
+            reduced(model, STEPS[op], batch)
+        finally:
+            handle.remove()
+        index = planner.original(rows)[..., None].expand(-1, -1, states.shape[-1])
+        states = states.scatter(1, index, fed[0])
+    assert_equals_oracle_fed(eager, batch, planner, logits, 0, states, bias=size.log())
+    with pytest.raises(AssertionError):
+        assert_equals_oracle_fed(eager, batch, planner, logits, 0, states)
+
+
+def assert_equals_oracle_fed(eager, batch, planner, logits, layer, states, bias=None):
     """The reduced ``logits`` equal the masking oracle whose input to decoder layer ``layer`` (0: the
-    language model's input embeddings) is replaced by ``states``."""
+    language model's input embeddings) is replaced by ``states`` (with ``bias``, masked_run's)."""
     from attnflow.reducers.inputcut import language_model
 
     def fed(module, args, kwargs):
@@ -380,7 +427,7 @@ def assert_equals_oracle_fed(eager, batch, planner, logits, layer, states):
     target = language_model(eager) if layer == 0 else adapters.decoder_layers(eager)[layer]
     handle = target.register_forward_pre_hook(fed, with_kwargs=True)
     try:
-        oracle = masked_oracle(eager, batch, planner).logits
+        oracle = masked_oracle(eager, batch, planner, bias).logits
     finally:
         handle.remove()
     kept = planner.original(planner.positions)

@@ -233,8 +233,8 @@ def toy_vlm():
 
 def test_the_search_judges_close_trials_on_more_prompts(toy_vlm):
     """The toy VLM reads colours early and places/counts late. Searched on 16 colour questions, then
-    16 where/count ones, in blocks of 16, under a 20-point budget whose 32 validation prompts (every
-    answer right unreduced, none fixed: the net drop's bound is the Wilson bound on broken answers)
+    16 where/count ones, in blocks of 16, under a 20-point budget whose 32 validation prompts (where
+    questions; every answer right unreduced, none fixed: the net drop's bound is the Wilson bound on broken answers)
     let a net drop of 2 answers through (6.25%): an exit at layer 3 breaks few colour answers, close
     to that (0 of 16: bounds -14.5% and 14.5%), so it is judged on the where/count block too and
     rejected there; judged on the colour block alone it passes. Trials clearly over on the first
@@ -242,10 +242,11 @@ def test_the_search_judges_close_trials_on_more_prompts(toy_vlm):
     model, processor, examples = toy_vlm
     colour = [e for e in examples if e.qtype == "color_of_shape"][:16]
     late = [e for e in examples if e.qtype in ("where", "count")]
+    where = [e for e in examples if e.qtype == "where"][-32:]  # after late[:16]
     budget, exit3 = Budget(max_accuracy_drop=0.2), [{"op": "visual_exit", "layer": 3}]
 
     def trials(search, first_block):
-        schedule = derive(findings_claiming(3, 6), model, search, processor, budget, validation=late[48:80],
+        schedule = derive(findings_claiming(3, 6), model, search, processor, budget, validation=where,
                           settings=Settings(first_block=first_block))
         return schedule, [t for t in schedule.derived_from["trials"] if t["part"] == "search"]
 
@@ -292,11 +293,11 @@ def test_the_smallest_keep_is_refined_between_the_last_step_within_budget_and_th
 
     assert REFINE == 2
     search = Search()
-    assert _smallest_keep(search, Candidate(None), Stage(1, 0.9)).prunes == ((1, pytest.approx(0.45), "last_row", False, False),)
+    assert _smallest_keep(search, Candidate(None), Stage(1, 0.9)).prunes == ((1, pytest.approx(0.45), "last_row", False, False, False),)
     assert search.tried == [0.9, 0.6, 0.4, 0.5, 0.45]
     search = Search()
     refined = _smallest_keep(search, Candidate(None), Stage(1, 0.3, "divprune", recycle=True))
-    assert refined.prunes == ((1, pytest.approx(0.475), "divprune", True, False),)
+    assert refined.prunes == ((1, pytest.approx(0.475), "divprune", True, False, False),)
     assert search.tried == [0.3, 0.5333, 0.4167, 0.475]
 
 
