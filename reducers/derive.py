@@ -562,18 +562,19 @@ def _greedy(search: _Search, start: Candidate, first_prune: int, num_layers: int
     # the other scores, at that layer (the evidence layer when last-row attention found none, from half
     # the tokens) and before the LLM where they need no attention: attention may be a poor score there
     layer, keep = best.prunes[0][:2] if best is not None else (max(1, min(first_prune, limit - 1)), 0.5)
-    others = [_smallest_keep(search, cand, Stage(at, keep, by, merge=merge)) for by in available_scores(search.model)
+    # (before the LLM, each also keeping the dropped tokens' share of attention: ToMe's proportional attention)
+    others = [_smallest_keep(search, cand, Stage(at, keep, by, merge=merge, proportional=weighed))
+              for by in available_scores(search.model)
               if by != "last_row" for at in sorted({0} if by == "cls" else {layer, 0 if by in INPUT_SCORES else 1})
-              for merge in ((False, True) if by == "cls" else (False,))]  # VisionZip: dominant only, and merged
+              for merge in ((False, True) if by == "cls" else (False,))  # VisionZip: dominant only, and merged
+              for weighed in ((False, True) if at == 0 else (False,))]
     cand = _cheapest(search, [*([best] if best else []), *(c for c in others if c is not None)],
                      "prune_visual (first stage, every score)") or cand
-    if cand.prunes:  # the winner keeping what it drops: its content in fewer tokens (SparseVLM's recycling),
-        winner = cand.prunes[0]  # its share of attention (ToMe's proportional attention, before the LLM), or both
-        variants = [dict(recycle=r, proportional=p) for r in sorted({False, not winner.merge})
-                    for p in sorted({False, winner.layer == 0}) if r or p]
-        kept = [_smallest_keep(search, replace(cand, prunes=()), winner._replace(**v)) for v in variants]
-        cand = _cheapest(search, [cand, *(c for c in kept if c is not None)],
-                         "prune_visual (first stage, recycling or proportional attention)")
+    if cand.prunes:  # the winner recycling what it drops (SparseVLM): the same tokens' content in fewer
+        winner = cand.prunes[0]
+        if not winner.merge:
+            recycled = _smallest_keep(search, replace(cand, prunes=()), winner._replace(recycle=True))
+            cand = _cheapest(search, [cand, *([recycled] if recycled else [])], "prune_visual (first stage, recycling)")
         first_stage = cand.prunes[0]
         second = [_smallest_keep(search, cand, Stage(later, first_stage.keep * 2 / 3, first_stage.by, first_stage.recycle))
                   for later in range(first_stage.layer + 1, limit) if first_stage.by != "cls"]
