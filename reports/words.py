@@ -137,13 +137,21 @@ RANKED_BY = {"last_row": "ranked by the last position's attention, FastV-style",
              "divprune": "the most diverse, DivPrune-style", "dart": "the least duplicated, DART-style",
              "cls": "most attended by the vision tower's [CLS], VisionZip-style",
              "text": "most attended by the prompt's relevant text tokens, SparseVLM-style"}
+STEP_FLAGS = {"merge": "contextual merge", "recycle": "recycling", "proportional": "proportional attention"}
+
+
+def flag_words(step: dict[str, Any]) -> list[str]:
+    """What a prune step does besides dropping: VisionZip's merge, SparseVLM's recycling, ToMe's proportional attention."""
+    return [words for key, words in STEP_FLAGS.items() if step.get(key)]
 
 
 def step_words(step: dict[str, Any]) -> str:
     """One schedule step in words."""
     if step["op"] == "prune_visual":
         where = "before the first decoder layer" if step["layer"] == 0 else f"at layer {step['layer']}"
-        return f"prune visual tokens {where}, keeping {pct(step['keep'])} ({RANKED_BY[step.get('by', 'last_row')]})"
+        flags = flag_words(step)
+        return (f"prune visual tokens {where}, keeping {pct(step['keep'])} ({RANKED_BY[step.get('by', 'last_row')]}"
+                f"{', with ' + ' and '.join(flags) if flags else ''})")
     if step["op"] == "visual_exit":
         return f"all visual tokens exit at layer {step['layer']}"
     if step["op"] == "visual_exit_dynamic":
@@ -244,9 +252,7 @@ def steps_short(steps: list[dict[str, Any]]) -> str:
         if s["op"] == "prune_visual":
             parts.append(f"prune@{s['layer']} keep {pct(s['keep'], 1 if 100 * s['keep'] % 1 else 0)}"
                          + ("" if s.get("by", "last_row") == "last_row" else f" {s['by']}")
-                         + (" + contextual merge" if s.get("merge") else "")
-                         + (" + recycling" if s.get("recycle") else "")
-                         + (" + proportional attention" if s.get("proportional") else ""))
+                         + "".join(f" + {w}" for w in flag_words(s)))
         elif s["op"] == "visual_exit":
             parts.append(f"exit@{s['layer']}")
         elif s["op"] == "visual_exit_dynamic":

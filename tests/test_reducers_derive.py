@@ -258,6 +258,8 @@ def test_the_search_judges_close_trials_on_more_prompts(toy_vlm):
     assert stopped and not any(t["within_budget"] for t in stopped)  # only clearly-over trials stop early
     assert all(t["drop_lower"] > 2 / 32 for t in stopped)
     assert {t["judged_on"] for t in searched} == {16, 32}
+    weighed = {s[0]["by"] for t in searched for s in [t["steps"]] if s and s[0].get("proportional")}
+    assert weighed == {"random", "pool", "divprune", "cls"}  # every score before the LLM, also by size
     _, colour_only = trials(colour, 16)
     alone = next(t for t in colour_only if t["steps"] == exit3)
     assert alone["within_budget"] is True and alone["drop_share"] == 0 and alone["judged_on"] == 16
