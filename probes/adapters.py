@@ -64,6 +64,9 @@ class Adapter:
     processor: str | None = None
     # why attnflow.reducers cannot shorten this family's sequence (None: they can)
     unshortenable: str | None = None
+    # why prune steps before the first decoder layer (which rebuild the language model's causal mask
+    # over the kept tokens) cannot serve this family (None: they can)
+    no_input_cut: str | None = None
     # the vision tower's encoder layers when their attention has a [CLS] query at position 0 and
     # every image's visual tokens are its patches in order (VisionZip's score); None: no [CLS]
     vision_cls_layers: tuple[str, ...] = ()
@@ -94,7 +97,10 @@ ADAPTERS: dict[str, Adapter] = {
                        unshortenable="its Gated DeltaNet (linear-attention) layers have no attention to shorten"),
     # image tokens attend bidirectionally within an image; local layers use a sliding window
     "gemma3": Adapter("gemma3", **_VLM_LM, qk_norms=("q_norm", "k_norm"),
-                      softcap_field="attn_logit_softcapping", sliding_window=True),
+                      softcap_field="attn_logit_softcapping", sliding_window=True,
+                      no_input_cut="its language model takes one mask per layer type, with an image's tokens "
+                                   "attending each other both ways, which a causal mask over the kept tokens "
+                                   "would replace"),
     # like Gemma3 (image tokens bidirectional in the sliding layers); q/k/v norms, scaling 1, no soft cap
     "gemma4": Adapter("gemma4", **_VLM_LM, qk_norms=("q_norm", "k_norm"), sliding_window=True,
                       processor="Gemma4ImageOnlyProcessor",

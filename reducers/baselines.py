@@ -26,7 +26,7 @@ from torch import nn
 
 from attnflow.probes import adapters
 from attnflow.reducers.cost import Shape, predict
-from attnflow.reducers.inputcut import available_scores
+from attnflow.reducers.inputcut import available_scores, input_cut_refused
 from attnflow.reducers.schedule import DEFAULT_PROTECT, Schedule
 
 PDROP_STAGES = ((0.25, 0.5), (0.5, 0.25), (0.75, 0.125))  # (boundary as a share of depth, keep)
@@ -99,9 +99,10 @@ def sparsevlm(model: nn.Module) -> Schedule:
 
 
 def _methods(model: nn.Module) -> dict[str, Method]:
-    """The methods that can serve ``model`` (VisionZip needs a [CLS] in its vision tower)."""
-    usable = available_scores(model)
-    return {name: m for name, m in METHODS.items() if m.by in usable}
+    """The methods that can serve ``model`` (VisionZip needs a [CLS] in its vision tower); those acting
+    before the first decoder layer act at layer 1 where a family refuses that (``input_cut_refused``)."""
+    usable, late = available_scores(model), input_cut_refused(model) is not None
+    return {name: m._replace(layer=max(m.layer, 1)) if late else m for name, m in METHODS.items() if m.by in usable}
 
 
 def published(model: nn.Module) -> dict[str, Schedule]:

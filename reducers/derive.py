@@ -69,7 +69,7 @@ from attnflow.reducers.fidelity import (
     per_prompt_fidelity,
 )
 from attnflow.reducers.schedule import Schedule, ScheduleError, model_info
-from attnflow.reducers.inputcut import available_scores
+from attnflow.reducers.inputcut import available_scores, input_cut_refused
 from attnflow.reducers.scores import INPUT_SCORES
 from attnflow.reducers.validation import (
     CONFIDENCE,
@@ -563,9 +563,10 @@ def _greedy(search: _Search, start: Candidate, first_prune: int, num_layers: int
     # the tokens) and before the LLM where they need no attention: attention may be a poor score there
     layer, keep = best.prunes[0][:2] if best is not None else (max(1, min(first_prune, limit - 1)), 0.5)
     # (before the LLM, each also keeping the dropped tokens' share of attention: ToMe's proportional attention)
+    earliest = 0 if input_cut_refused(search.model) is None else 1  # where a prune step may act first
     others = [_smallest_keep(search, cand, Stage(at, keep, by, merge=merge, proportional=weighed))
               for by in available_scores(search.model)
-              if by != "last_row" for at in sorted({0} if by == "cls" else {layer, 0 if by in INPUT_SCORES else 1})
+              if by != "last_row" for at in sorted({0} if by == "cls" else {layer, earliest if by in INPUT_SCORES else 1})
               for merge in ((False, True) if by == "cls" else (False,))  # VisionZip: dominant only, and merged
               for weighed in ((False, True) if at == 0 else (False,))]
     cand = _cheapest(search, [*([best] if best else []), *(c for c in others if c is not None)],

@@ -173,14 +173,29 @@ class InputCut:
         return out
 
 
+def input_cut_refused(model: nn.Module) -> str | None:
+    """Why prune steps at layer 0 cannot serve ``model``'s family (None: they can)."""
+    adapter = adapters.adapter_for(model)
+    if adapter.no_input_cut is None:
+        return None
+    return (f"prune steps before the first decoder layer (layer 0) cannot serve {adapter.family}: "
+            f"{adapter.no_input_cut}; prune from layer 1 on")
+
+
 def available_scores(model: nn.Module) -> tuple[str, ...]:
-    """The scores of reducers.scores this model can rank by (``cls`` needs a [CLS] in its vision tower)."""
-    return tuple(by for by in score_fns.SCORES if by != "cls" or adapters.vision_cls_attention(model) is not None)
+    """The scores of reducers.scores this model can rank by (``cls`` needs a [CLS] in its vision tower,
+    and prune steps before the first decoder layer)."""
+    return tuple(by for by in score_fns.SCORES if by != "cls" or (
+        adapters.vision_cls_attention(model) is not None and input_cut_refused(model) is None))
 
 
 def attach_input_cut(model: nn.Module, cut: InputCut) -> list[RemovableHandle]:
     """Run ``cut`` on every call of ``model``'s language model (and, for ``by='cls'``, keep the vision
-    tower's [CLS] attention); a family whose tower has no [CLS] is refused."""
+    tower's [CLS] attention); a family whose tower has no [CLS], or whose mask a cut before the first
+    layer cannot rebuild, is refused."""
+    refused = input_cut_refused(model)
+    if refused:
+        raise ScheduleError(refused)
     found = adapters.vision_cls_attention(model) if cut.by == "cls" else None
     if cut.by == "cls" and found is None:
         raise ScheduleError(f"by='cls' ranks patches by the vision tower's [CLS] attention (VisionZip, VisPruner); "

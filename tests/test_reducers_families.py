@@ -15,6 +15,7 @@ from attnflow.toys import tiny
 
 STEPS = [{"op": "prune_visual", "layer": 1, "keep": 0.5}, {"op": "visual_exit", "layer": 2}]
 INPUT = [{"op": "prune_visual", "layer": 0, "keep": 0.5, "by": "divprune"}]  # before the first decoder layer
+BY_SUFFIX = {"": STEPS, "input": INPUT, "prop": [{**INPUT[0], "proportional": True}]}  # the last: an additive mask
 
 
 def encode(processor, prompts):
@@ -27,7 +28,7 @@ def encode(processor, prompts):
                                     "mistral3", "gemma3", "qwen2_vl+input", "idefics3+input"])
 def test_drop_equals_mask_across_families(family):
     family, _, before = family.partition("+")
-    steps = INPUT if before else STEPS
+    steps = BY_SUFFIX[before]
     model, processor = tiny.build(family, attn_implementation="eager")
     batch = encode(processor, tiny.sample_prompts(family))
     with torch.no_grad():
@@ -43,12 +44,12 @@ def test_drop_equals_mask_across_families(family):
 
 
 @pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen3_vl", "idefics3", "smolvlm", "internvl",
-                                    "mistral3", "qwen2_vl+input", "idefics3+input"])
+                                    "mistral3", "qwen2_vl+input", "idefics3+input", "qwen2_vl+prop", "internvl+prop"])
 def test_cached_generation_equals_recomputing_across_families(family):
     family, _, before = family.partition("+")
     model, processor = tiny.build(family)
     batch = encode(processor, tiny.sample_prompts(family)[:1])
-    schedule = Schedule.for_model(model, INPUT if before else STEPS)
+    schedule = Schedule.for_model(model, BY_SUFFIX[before])
     steps, n = 4, batch["input_ids"].shape[1]
     with torch.no_grad():
         with apply(model, schedule):
@@ -62,6 +63,23 @@ def test_cached_generation_equals_recomputing_across_families(family):
                 last = model(**cur, use_cache=False).logits[:, -1]
             ids = torch.cat([ids, last.argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, ids)
+
+
+def test_gemma3_refuses_prune_steps_before_the_first_layer_and_its_baselines_prune_from_layer_1():
+    """Gemma3's language model takes a mask per layer type (an image's tokens attend each other both
+    ways), which a cut before the first layer would replace with a causal one: refused with the reason,
+    before any forward, and the baselines that act there act at layer 1 instead (derive likewise)."""
+    from attnflow.reducers.baselines import published
+
+    model, processor = tiny.build("gemma3")
+    batch = encode(processor, tiny.sample_prompts("gemma3")[:1])
+    with pytest.raises(ScheduleError, match="both ways.*prune from layer 1 on"):
+        with apply(model, Schedule.for_model(model, [{**INPUT[0], "proportional": True}])):
+            raise AssertionError("apply must refuse before the forward")
+    assert published(model)["divprune"].steps[0]["layer"] == 1
+    with torch.no_grad(), apply(model, published(model)["divprune"]) as planner:
+        model(**batch)
+    assert planner.real.sum() < batch["input_ids"].shape[1]
 
 
 def test_gemma3_refuses_cached_generation_under_a_schedule():
