@@ -70,7 +70,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
     out = ["# DivPrune with and without proportional attention", "", __doc__.split("\n\n")[1].replace("\n", " ")]
     for res in results:
         out += ["", f"## {res['model']} ({res['prompts']} prompts, unreduced accuracy {100 * res['unreduced_accuracy']:.2f}%)",
-                "", "| keep | proportional attention | net drop (points) | 95% bounds | broken / fixed | KL |",
+                "", "| keep | proportional attention | net drop (points) | one-sided 95% bounds | broken / fixed | KL |",
                 "|---|---|---|---|---|---|"]
         for r in res["rows"]:
             lo, hi = r["drop_bounds_points"]
