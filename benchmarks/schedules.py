@@ -8,7 +8,7 @@ by a sequential test (on 64 prompts, then twice as many while it is close to the
 the result is validated on the other 3,200 by the one-sided 95% upper bound on the net accuracy drop
 (answers broken less answers fixed; Tango's paired score bound, 1998: at 3,200 prompts
 with every answer right and none fixed a one-point budget tolerates 22 broken answers, more when
-the reduction also fixes some), in a fixed sequence: the search's result cut to 40% ... 100% of its
+the reduction also fixes some), in a fixed sequence: the search's result cut to 10% ... 100% of its
 cut, safest first, keeping the last accepted before the first rejected (Learn then Test, arXiv
 2110.01052: at most a 5% chance of accepting a schedule over budget, however many are tested). Then verify on the held-out set, which derivation never saw, with FastV, PyramidDrop, DART, DivPrune, VisionZip
 and SparseVLM at their defaults and FastV, DART, DivPrune, random, pooling, VisionZip, SparseVLM and
