@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from attnflow.fileio import write_json, write_text
 from attnflow.models import load_model
-from attnflow.reducers import Schedule, apply
-from attnflow.reducers.fidelity import answers_right, encode_batches, generate_greedy, per_prompt_fidelity
+from attnflow.reducers import Schedule
+from attnflow.reducers.derive import Probe
 from attnflow.reducers.validation import paired_drop_bounds
 from attnflow.toys import scene_task, vqa_task
 
@@ -42,27 +41,18 @@ def prompts(name: str, n: int) -> list[Any]:
 def run_model(name: str, n: int, keeps: tuple[float, ...] = KEEPS, batch_size: int = 16) -> dict[str, Any]:
     """Net accuracy drop (points, with 95% bounds) and mean KL of DivPrune at each keep, plain and proportional."""
     model, processor = load_model(name)
-    examples = prompts(name, n)
-    tok = getattr(processor, "tokenizer", processor)
-    batches = encode_batches(processor, examples, batch_size, next(model.parameters()).device)
-    new_tokens = 1 + max(len(tok(e.answer, add_special_tokens=False)["input_ids"]) for e in examples)
-    with torch.no_grad():
-        full = generate_greedy(model, batches, tok, new_tokens)
-    right = np.array(answers_right(full, examples), dtype=bool)
+    probe = Probe(model, processor, prompts(name, n), batch_size)
     rows = []
     for keep in keeps:
         for proportional in (False, True):
             step = {"op": "prune_visual", "layer": 0, "keep": keep, "by": "divprune", "proportional": proportional}
-            with torch.no_grad(), apply(model, Schedule.for_model(model, [step])):
-                run = generate_greedy(model, batches, tok, new_tokens)
-            now = np.array(answers_right(run, examples), dtype=bool)
-            broken, fixed = int((right & ~now).sum()), int((now & ~right).sum())
-            kl, _ = per_prompt_fidelity(full.first_logits, run.first_logits)
-            low, high = paired_drop_bounds(broken, fixed, len(examples))
+            losses = probe.losses(Schedule.for_model(model, [step]), 0, len(probe.batches))
+            broken, fixed = int(losses.broken.sum()), int(losses.fixed.sum())
+            low, high = paired_drop_bounds(broken, fixed, n)
             rows.append({"keep": keep, "proportional": proportional, "broken": broken, "fixed": fixed,
-                         "drop_points": 100 * (broken - fixed) / len(examples), "drop_bounds_points": [100 * low, 100 * high],
-                         "kl": float(kl.mean())})
-    return {"model": name, "prompts": n, "unreduced_accuracy": float(right.mean()), "rows": rows}
+                         "drop_points": 100 * (broken - fixed) / n, "drop_bounds_points": [100 * low, 100 * high],
+                         "kl": float(losses.kl.mean())})
+    return {"model": name, "prompts": n, "unreduced_accuracy": float(np.mean(probe.right)), "rows": rows}
 
 
 def markdown(results: list[dict[str, Any]]) -> str:

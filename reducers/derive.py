@@ -301,7 +301,7 @@ class Candidate:
         return out
 
 
-class _Probe:
+class Probe:
     """Prompts, encoded in left-padded batches, with the unreduced model's greedy answers, against
     which a schedule's fidelity is measured: on all of them, or block by block (``stops``: the
     batches a sequential test has seen after each block, from ``first_block`` prompts doubling)."""
@@ -346,7 +346,7 @@ class _Search:
     """The state of one derivation: the model, the probe prompts, the budget and the log."""
 
     model: nn.Module
-    probe: _Probe
+    probe: Probe
     budget: Budget
     protect: dict[str, Any]
     confidence: float = CONFIDENCE
@@ -365,7 +365,7 @@ class _Search:
         """The mean next-token KL ``cand`` had on the search prompts it was judged on (``ok`` ran it)."""
         return next(t["kl"] for t in self.trials if t["steps"] == cand.steps() and t["part"] == "search")
 
-    def ok(self, cand: Candidate, probe: _Probe | None = None, part: str = "search") -> bool:
+    def ok(self, cand: Candidate, probe: Probe | None = None, part: str = "search") -> bool:
         """Whether ``cand`` is a valid schedule within budget on ``probe``'s prompts (logged once per
         part, with the number of prompts it was judged on): on the search part by the sequential
         ``Budget.searched``, block by block while it is close; on validation by the confidence
@@ -620,7 +620,7 @@ def _sequence(cand: Candidate, num_layers: int, shares: tuple[float, ...]) -> li
     return out
 
 
-def _validated(search: _Search, checker: _Probe, cand: Candidate, num_layers: int,
+def _validated(search: _Search, checker: Probe, cand: Candidate, num_layers: int,
                shares: tuple[float, ...]) -> Candidate:
     """The most cutting schedule of ``_sequence(cand)`` that validation certifies by fixed-sequence
     testing (Learn then Test, arXiv 2110.01052): each schedule, safest first, is accepted when its
@@ -685,7 +685,7 @@ def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
                             f"{cfg.confidence:.0%} (got {len(held)} of {len(examples) + len(held)} inputs): give more "
                             "inputs, a larger budget, or a KL budget")
     num_layers = info["num_layers"]
-    probe = _Probe(model, processor, examples[:cfg.max_examples], cfg.batch_size, cfg.first_block)
+    probe = Probe(model, processor, examples[:cfg.max_examples], cfg.batch_size, cfg.first_block)
     sinks, sink_why = visual_sink_indices(data, probe.examples, processor, model)
     protect = {"visual_sinks": sinks}
     search = _Search(model, probe, budget, protect, cfg.confidence, len(held))
@@ -697,7 +697,7 @@ def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
     if in_sample:
         search.reasons.append("one input only: nothing to hold out, so the validation figures are in-sample")
     cand = _greedy(search, Candidate(exit_layer), prune_layer, num_layers, cfg.coverage, candidates)
-    checker = _Probe(model, processor, held, cfg.batch_size)
+    checker = Probe(model, processor, held, cfg.batch_size)
     searched = cand.steps()
     cand = _validated(search, checker, cand, num_layers, cfg.shares)
     schedule = search.schedule(cand)
