@@ -38,26 +38,27 @@ def cannot_shorten(model: nn.Module) -> str | None:
 
 
 class _LayerHooks:
-    """The decoder-layer hooks of one ``apply``: the shortener's, then the rankers' (which must see
-    cut inputs), attached or removed as a whole."""
+    """The decoder-layer hooks of one ``apply``: the shortener's, and the rankers' (attached after it:
+    they must see cut inputs), each attached only while a forward needs it: a hook's mere presence
+    sends every call of its module down PyTorch's slower path."""
 
     def __init__(self, shortener: Shortener, rankers: Callable[[], list[RemovableHandle]]) -> None:
         self.shortener, self.rankers = shortener, rankers
         self.handles: list[RemovableHandle] = []
-        self.attached = False
+        self.cutting = self.ranking = False
 
-    def on(self, attached: bool) -> None:
-        if attached == self.attached:
-            return
-        if attached:
-            self.shortener.attach()
-            self.handles = self.rankers()
-        else:
-            self.shortener.detach()
+    def on(self, cutting: bool, ranking: bool) -> None:
+        """Attach or remove the shortener's (``cutting``) and the rankers' (``ranking``) hooks."""
+        ranking = ranking and cutting
+        if ranking != self.ranking or (cutting and not self.cutting):
             for h in self.handles:
                 h.remove()
-            self.handles = []
-        self.attached = attached
+            self.handles, self.ranking = [], False
+        if cutting != self.cutting:
+            (self.shortener.attach if cutting else self.shortener.detach)()
+            self.cutting = cutting
+        if ranking and not self.ranking:
+            self.handles, self.ranking = self.rankers(), True
 
 
 @contextmanager
@@ -93,9 +94,9 @@ def apply(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path", 
         if input_ids is None:
             raise ScheduleError("reducers.apply needs input_ids (not only inputs_embeds) to find the visual tokens")
         decoding = compat.is_decode_step(kwargs)
-        # decode steps that change nothing run without layer hooks: a hooked module takes PyTorch's
-        # slower call path, which cost more than a shorter cache saves on small models
-        layer_hooks.on(not (decoding and planner.decodes_unchanged))
+        # decode steps rank nothing, and those that change nothing need no layer hooks at all: a hooked
+        # module takes PyTorch's slower call path, which cost more than a shorter cache saves on small models
+        layer_hooks.on(not (decoding and planner.decodes_unchanged), not decoding)
         if cut is not None:  # the language model's own pre-hook begins the planner on the shortened prompt
             cut.seen(input_ids, kwargs.get(compat.ATTENTION_MASK))
         else:
@@ -105,9 +106,9 @@ def apply(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path", 
     try:
         if cut is not None:
             handles += attach_input_cut(model, cut)
-        layer_hooks.on(True)
+        layer_hooks.on(True, True)
         yield planner
     finally:
-        layer_hooks.on(False)
+        layer_hooks.on(False, False)
         for h in handles:
             h.remove()

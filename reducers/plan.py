@@ -109,7 +109,8 @@ class Planner:
         self.recycling: dict[int, tuple[Tensor, Tensor]] = {}
         self.touched, self.steady, self.steady_entry = False, None, None
         self.cached: dict[int, tuple[Tensor, Tensor] | None] = {}
-        self.decode_cuts: dict[tuple[int, bool], Cut] = {}
+        self.decode_cuts: dict[tuple[int, bool], Cut] = {}  # this decode step's
+        self.appended_cuts: dict[int, Cut] = {}  # this generation's, by cache layout (Cut.appended)
         self.plain_decode: dict[int, bool] = {}
         self.prompt_tokens = self.seen = 0
         # per prompt: decode steps run, and whether every hooked layer ran each of them unmasked and uncut
@@ -176,6 +177,7 @@ class Planner:
             self.cached[layer], self.layer_tokens[layer] = None, (self.pos, ~self.pad)
         self.prompt_tokens = self.seen = n
         self.decoding, self.decode_steps, self.unchanged_decode = False, 0, True
+        self.appended_cuts = {}
 
     @property
     def query_position(self) -> int:
@@ -202,7 +204,7 @@ class Planner:
         if not masked and self._plain_decode(layer):
             return None
         self.unchanged_decode = False
-        return self._decode_cut(layer, hidden)
+        return self._decode_cut(layer, hidden, masked)
 
     @property
     def decodes_unchanged(self) -> bool:
@@ -276,11 +278,16 @@ class Planner:
         self.removed_at = self.removed_at.scatter(1, self.pos, torch.where(drop, torch.full_like(current, layer), current))
         return states
 
-    def _decode_cut(self, layer: int, hidden: Tensor) -> Cut | None:
+    def _decode_cut(self, layer: int, hidden: Tensor, masked: bool) -> Cut | None:
         entry = self.cached.get(layer)
         if entry is None:
             return None
         whole_skip = self.skips.get(layer) == "all"
+        if masked and not whole_skip:  # one Cut per cache layout for the whole generation
+            if id(entry) not in self.appended_cuts:
+                self.appended_cuts[id(entry)] = Cut(take=None, rows=None, row_keys=entry[0][:, :0], cols=entry[0],
+                                                    blocked=entry[1], appended=self.prompt_tokens)
+            return self.appended_cuts[id(entry)]
         memo = (id(entry), whole_skip)
         if memo not in self.decode_cuts:  # layers that share a cache layout share one Cut
             self.decode_cuts[memo] = self._new_decode_cut(entry, whole_skip, hidden)

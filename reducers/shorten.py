@@ -42,6 +42,10 @@ class Cut:
     and whether it is written (filler outputs are not).
     ``states`` [B, N, D] or None: incoming hidden states to use instead of the layer's input (a
     step that rewrites the states of the tokens it keeps: recycling).
+    ``appended`` or None: a decode cut kept for a whole generation: ``cols`` and ``blocked`` cover the
+    cached prompt keys only, and the mask's key columns from ``appended`` on (the generated tokens)
+    follow as the model gives them. ``prefix`` holds the prompt columns of the mask once gathered:
+    no decode step changes them, so each step pays one concatenation, not a gather per layer group.
     """
 
     take: Tensor | None
@@ -53,6 +57,8 @@ class Cut:
     put: Tensor | None = None
     write: Tensor | None = None
     states: Tensor | None = None
+    appended: int | None = None
+    prefix: Tensor | None = None
 
 
 Planner = Callable[[int, Tensor, bool], "Cut | None"]  # (layer, hidden states, a mask was passed) -> cut
@@ -77,6 +83,8 @@ def _cut_mask(mask: Tensor | None, cut: Cut, use_bool: bool, dtype: torch.dtype)
     """The layer's 4-D mask: HF's rows and key columns gathered per sample, filler keys
     blocked (each filler row keeps itself so no row is empty); None stays None when SDPA's
     causal flag still says everything."""
+    if cut.appended is not None and mask is not None:
+        return _appended_mask(mask, cut, use_bool, dtype)
     any_blocked = bool(cut.blocked.any())
     if mask is None and not any_blocked:
         return None
@@ -99,6 +107,18 @@ def _cut_mask(mask: Tensor | None, cut: Cut, use_bool: bool, dtype: torch.dtype)
         block = block.to(mask.device)
         mask = mask & ~block if mask.dtype == torch.bool else mask.masked_fill(block, torch.finfo(mask.dtype).min)
     return mask
+
+
+def _appended_mask(mask: Tensor, cut: Cut, use_bool: bool, dtype: torch.dtype) -> Tensor:
+    """A decode step's mask under an ``appended`` cut: the prompt columns gathered at the generation's
+    first step (and again only if the mask's rows, dtype or device change), then the generated ones."""
+    b = cut.cols.shape[0]
+    mask = mask.expand(b, *mask.shape[1:])
+    prefix = cut.prefix
+    if prefix is None or prefix.shape[1:3] != mask.shape[1:3] or prefix.dtype != mask.dtype or prefix.device != mask.device:
+        whole = Cut(take=None, rows=None, row_keys=torch.full_like(cut.cols[:, :1], -1), cols=cut.cols, blocked=cut.blocked)
+        prefix = cut.prefix = _cut_mask(mask[..., :cut.appended], whole, use_bool, dtype)
+    return torch.cat([prefix, mask[..., cut.appended:]], -1)
 
 
 def sliced_kwargs(cut: Cut, kwargs: dict[str, Any], dtype: torch.dtype, bool_mask: bool) -> dict[str, Any]:

@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # (file, text to replace, replacement, pytest arguments that must then fail)
 MUTATIONS = [
+    ("reducers/shorten.py", "cols=cut.cols, blocked=cut.blocked)", "cols=cut.cols, blocked=torch.zeros_like(cut.blocked))",
+     ["tests/test_reducers_apply.py", "tests/test_reducers_families.py", "-x"]),
     ("reducers/scores.py", "nearest = slots.gather(1, similarity.argmax(2))", "nearest = slots.gather(1, similarity.argmin(2))",
      ["tests/test_reducers_apply.py", "-x", "-k", "proportional_attention"]),
     ("probes/adapters.py", "if known is not None and known[0] == snapshot:", "if known is not None:",

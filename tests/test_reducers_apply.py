@@ -550,16 +550,18 @@ def test_hooks_are_removed_on_exit_and_on_error(models):
 @pytest.mark.parametrize("op", ["pdrop", "input_divprune", "skip_all"])
 def test_decode_steps_that_change_nothing_run_without_layer_hooks(models, op):
     """After a first decode step in which every hooked layer ran unmasked and uncut, the layer hooks
-    leave until the next prefill; a padded batch (masked) or a skipped layer keeps them; two
-    generations in one block equal two in separate blocks."""
+    leave until the next prefill; a padded batch (masked) or a skipped layer keeps them; the rankers'
+    hooks (inside the layers) are there in prefills only; two generations in one block equal two in
+    separate blocks."""
     model, processor = models["sdpa"]
     layers = adapters.decoder_layers(model)
     one, padded = encode(processor, tiny.sample_prompts("llava")[:1]), encode(processor, prompts())
     schedule = Schedule.for_model(model, STEPS[op])
-    hooked = []
+    hooked, ranking = [], []
 
     def count(module, args, kwargs):
         hooked.append(any(layer._forward_pre_hooks for layer in layers))
+        ranking.append(any(m._forward_hooks for layer in layers for m in layer.modules() if m is not layer))
 
     gen = dict(max_new_tokens=5, do_sample=False, eos_token_id=None)
     with torch.no_grad():
@@ -577,6 +579,7 @@ def test_decode_steps_that_change_nothing_run_without_layer_hooks(models, op):
     assert torch.equal(together[1], apart[1])
     steps = len(hooked) // 3  # a prefill and 4 decode steps per generation: whether the layers were hooked
     first, second, third = hooked[:steps], hooked[steps:2 * steps], hooked[2 * steps:]
+    assert ranking == ([True] + [False] * 4) * 3 if op == "pdrop" else not any(ranking)
     if op == "input_divprune":  # cut before the first layer: no layer needs a hook at all
         assert hooked == [False] * 15
         return
