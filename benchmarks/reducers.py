@@ -24,13 +24,15 @@ from torch import nn
 from attnflow import timing
 from attnflow.probes import adapters
 from attnflow.reducers.baselines import fastv, pdrop, published
-from attnflow.reducers.cost import Shape, predict
+from attnflow.reducers.cost import Shape, fixed_share, forward_ratio, predict
 from attnflow.reducers.schedule import Schedule, load_schedule
 from attnflow.reducers.speed import attainable, layer_widths, speed
 from attnflow.benchmarks import shapes
 from attnflow.benchmarks.machine import describe, gpu_name
 
-SPEEDUP_TARGET = 0.85  # measured prefill speedup >= 0.85 x the predicted FLOPs speedup; decode the same
+# measured prefill speedup >= 0.85 x the speedup the forward's FLOPs predict (the decoder layers' by the cost
+# model, the vision tower's and unembedding's as counted: reducers.cost.fixed_share); decode the same
+SPEEDUP_TARGET = 0.85
 DECODE_FLOOR = 1.0  # a decode step under a schedule is no slower than the unreduced model's
 # decode steps timed per generation: a schedule's first decode step carries its layer hooks and one sync
 # (later ones run without them when nothing is cut), a one-off that 8 tokens would weigh four times as much
@@ -56,6 +58,7 @@ def run_model(model: nn.Module, batch: dict[str, torch.Tensor], *, pad_token_id:
               for ids, am in zip(batch["input_ids"], batch["attention_mask"].bool())]
     shape = Shape.of(model)
     unreduced_s = timing.stats(timed["unreduced"]["prefill"], timed["unreduced"]["prefill"])["median_s"]
+    fixed = fixed_share(model, batch)
     widths = {name: layer_widths(model, s, batch) for name, s in configs.items() if s is not None}
     reachable = attainable(model, widths, batch, unreduced_s, repeats=10 * repeats)
     rows: dict[str, Any] = {}
@@ -63,6 +66,7 @@ def run_model(model: nn.Module, batch: dict[str, torch.Tensor], *, pad_token_id:
         pred = predict(s, shape, layout) if s is not None else {"flops_ratio": 1.0, "decode_flops_ratio": 1.0}
         row: dict[str, Any] = {"steps": s.steps if s is not None else [], "predicted_flops_ratio": pred["flops_ratio"],
                                "predicted_speedup": 1 / pred["flops_ratio"],
+                               "predicted_forward_speedup": 1 / forward_ratio(pred["flops_ratio"], fixed),
                                "predicted_decode_flops_ratio": pred["decode_flops_ratio"],
                                "predicted_decode_speedup": 1 / pred["decode_flops_ratio"]}
         for tag in ("", "cpu_"):
@@ -76,14 +80,16 @@ def run_model(model: nn.Module, batch: dict[str, torch.Tensor], *, pad_token_id:
         if s is not None:
             row["speedup_vs_predicted"] = row["prefill_speedup"] / row["predicted_speedup"]
             row["cpu_speedup_vs_predicted"] = row["cpu_prefill_speedup"] / row["predicted_speedup"]
-            row["target_met"] = row["speedup_vs_predicted"] >= SPEEDUP_TARGET
+            row["speedup_vs_forward"] = row["prefill_speedup"] / row["predicted_forward_speedup"]
+            row["target_met"] = row["speedup_vs_forward"] >= SPEEDUP_TARGET
             row["decode_vs_predicted"] = row["decode_speedup"] / row["predicted_decode_speedup"]
             row["decode_target_met"] = (row["decode_speedup"] >= DECODE_FLOOR
                                         and row["decode_vs_predicted"] >= SPEEDUP_TARGET)
             row["attainable_speedup"] = reachable[name]
             row["speedup_vs_attainable"] = row["prefill_speedup"] / reachable[name]
         rows[name] = row
-    return {"tokens": layout[0][0], "visual_tokens": layout[0][1], "new_tokens": new_tokens, "repeats": repeats,
+    return {"tokens": layout[0][0], "visual_tokens": layout[0][1], "fixed_share": fixed, "new_tokens": new_tokens,
+            "repeats": repeats,
             "backend": adapters.attn_implementation(model), "dtype": str(next(model.parameters()).dtype)[6:],
             "configs": rows}
 

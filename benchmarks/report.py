@@ -44,13 +44,15 @@ def probe_table(results: list[dict[str, Any]]) -> str:
 def reducer_table(results: list[dict[str, Any]]) -> str:
     """One row per (model, configuration)."""
     columns = [("device", TEXT), ("model", TEXT), ("tokens (visual)", NUM), ("config", TEXT),
-               ("predicted FLOPs ratio", NUM), ("predicted speedup", NUM), ("prefill speedup", NUM),
-               ("measured / predicted", NUM), ("attainable speedup", NUM), ("measured / attainable", NUM),
+               ("predicted FLOPs ratio", NUM), ("predicted speedup", NUM), ("predicted speedup, whole forward", NUM),
+               ("prefill speedup", NUM), ("measured / predicted", NUM), ("measured / whole-forward prediction", NUM),
+               ("attainable speedup", NUM), ("measured / attainable", NUM),
                ("prefill speedup (CPU time)", NUM), ("prefill min s", NUM),
                ("predicted decode speedup", NUM), ("decode speedup", NUM), ("decode ms/token (median)", NUM)]
     rows = [[r["device"], r["model"], f"{r['tokens']} ({r['visual_tokens']})", name,
-             _f(row["predicted_flops_ratio"], 3), _f(row["predicted_speedup"]), _f(row["prefill_speedup"]),
-             _f(row.get("speedup_vs_predicted")), _f(row.get("attainable_speedup")), _f(row.get("speedup_vs_attainable")),
+             _f(row["predicted_flops_ratio"], 3), _f(row["predicted_speedup"]), _f(row.get("predicted_forward_speedup")),
+             _f(row["prefill_speedup"]), _f(row.get("speedup_vs_predicted")), _f(row.get("speedup_vs_forward")),
+             _f(row.get("attainable_speedup")), _f(row.get("speedup_vs_attainable")),
              _f(row["cpu_prefill_speedup"]), _f(row["prefill_min_s"], 3),
              _f(row["predicted_decode_speedup"]), _f(row["decode_speedup"]),
              _f(1000 * row["decode_median_s_per_token"], 1)]
@@ -77,10 +79,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     for r in results["reducers"]:
         for name, row in r["configs"].items():
             if "target_met" in row:
-                rows.append({"target": f"{r['model']} {name}: prefill speedup >= {SPEEDUP_TARGET} x predicted ({r['device']})",
-                             "measured": f"{row['prefill_speedup']:.2f} vs {row['predicted_speedup']:.2f} "
-                                         f"predicted ({row['speedup_vs_predicted']:.2f}x; CPU time "
-                                         f"{row['cpu_speedup_vs_predicted']:.2f}x); attainable "
+                rows.append({"target": f"{r['model']} {name}: prefill speedup >= {SPEEDUP_TARGET} x predicted by the "
+                                       f"forward's FLOPs ({r['device']})",
+                             "measured": f"{row['prefill_speedup']:.2f} vs {row['predicted_forward_speedup']:.2f} "
+                                         f"predicted ({row['speedup_vs_forward']:.2f}x; by the decoder layers' "
+                                         f"FLOPs alone {row['predicted_speedup']:.2f}, {row['speedup_vs_predicted']:.2f}x, "
+                                         f"CPU time {row['cpu_speedup_vs_predicted']:.2f}x); attainable "
                                          f"{row['attainable_speedup']:.2f} (measured / attainable "
                                          f"{row['speedup_vs_attainable']:.2f})",
                              "met": row["target_met"]})

@@ -11,6 +11,11 @@ semantics exactly (``layer_counts``); the apply tests check them against what re
 A ``visual_exit_dynamic`` step's counts depend on each prompt's realised exit layer, known only
 after its prefill (``Planner.exit_layers``): ``predict`` takes those layers (``exits``) and is
 then the realised cost of the run, by the same formula.
+
+The ratio above counts the decoder layers only (the field's convention). A VLM's forward also runs
+its vision tower and projector, which no schedule shortens: ``fixed_share`` counts their share of a
+forward (torch.utils.flop_counter, attention included), and ``forward_ratio`` turns a decoder
+ratio into the whole forward's, the speedup a forward's FLOPs predict.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from attnflow.probes import adapters
 from attnflow.reducers.plan import kept_count
@@ -135,3 +141,31 @@ def prediction(schedule: Schedule, shape: Shape, layouts: list[tuple[int, int]])
     """The ``predicted`` section of a Schedule: its cost-model ratios on ``layouts``."""
     cost = predict(schedule, shape, layouts)
     return {k: cost[k] for k in PREDICTED}
+
+
+def _cpu_sdpa_flops(query: torch.Size, key: torch.Size, value: torch.Size, *args: object, out_shape: object = None,
+                    **kwargs: object) -> int:
+    """FLOPs of PyTorch's CPU flash attention, which torch.utils.flop_counter does not count itself."""
+    return sdpa_flop_count(query, key, value)
+
+
+def fixed_share(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
+    """The share of one unreduced forward of ``batch`` that lies outside the decoder layers (vision
+    tower, projector, unembedding), counted by torch.utils.flop_counter with attention included. A
+    schedule shortens the decoder layers only; the unembedding is counted as fixed although a forward
+    that returns every position's logits runs it on the shortened sequence (generate's prefill asks
+    for the last position's only)."""
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        model(**batch)
+    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    path = adapters.layers_path(model)
+    layers = sum(v for name, v in counts.items() if name.rsplit(".", 1)[0].endswith(path))
+    total = counts.get("Global", 0)
+    return (total - layers) / total if total else 0.0
+
+
+def forward_ratio(decoder_ratio: float, fixed: float) -> float:
+    """The whole forward's FLOPs ratio of a schedule whose decoder layers' ratio is ``decoder_ratio``,
+    when a ``fixed`` share of the forward (``fixed_share``) is outside them."""
+    return fixed + (1 - fixed) * decoder_ratio

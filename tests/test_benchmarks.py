@@ -77,6 +77,9 @@ def test_smoke_run_writes_consistent_results(tmp_path):
     assert red["visual_tokens"] == 36 and set(red["configs"]) == {"unreduced", "fastv", "pdrop", "divprune"}
     flops = {name: c["predicted_flops_ratio"] for name, c in red["configs"].items()}
     assert flops["unreduced"] == 1.0 and flops["divprune"] < flops["pdrop"] < flops["fastv"] < 1.0
+    assert 0 < red["fixed_share"] < 1  # the vision tower and unembedding: the whole forward's prediction is lower
+    assert all(1 < c["predicted_forward_speedup"] < c["predicted_speedup"]
+               for n, c in red["configs"].items() if n != "unreduced")
     assert all(math.isfinite(red["configs"][n]["attainable_speedup"]) and red["configs"][n]["attainable_speedup"] > 0
                for n in ("fastv", "pdrop", "divprune"))  # timed: its size is the benchmark's to report, not a test's
     decode = {n: red["configs"][n]["predicted_decode_speedup"] for n in ("fastv", "pdrop", "divprune")}
@@ -139,11 +142,13 @@ def test_schedule_targets_tell_a_gap_of_a_few_answers_from_a_significant_one():
             row("b_equal_flops", 0.95, [0.02, 0.08]), row("c_equal_flops", 0.8, [-0.14, -0.06])]
     result = {"model": "m", "calibration": 10, "heldout": 400, "seconds": {"derive": 1.0},
               "verdict": {"rows": rows, "unreduced": {"accuracy": 0.9, "accuracy_by_type": {"count": 0.8, "where": 1.0}}}, "attainable": {"b16": 2.0, "b1": 1.2},
-              "schedule": {"derived_from": {"fidelity": {"n_examples": 4},
+              "fixed_share": 0.2, "schedule": {"derived_from": {"fidelity": {"n_examples": 4},
                                             "validation": {"n_examples": 6, "accuracy_drop_upper": 0.009}}}}
     result["targets"] = t = schedules.targets(result, 0.6, 1.0)
     assert t["more_accurate_at_equal_flops"] == ["a_equal_flops", "b_equal_flops"]
     assert t["significantly_more_accurate_at_equal_flops"] == ["b_equal_flops"]
+    # a fifth of the forward is outside the decoder layers: halving them predicts 1 / 0.6, not 2
+    assert t["prefill_vs_predicted_b16"] == pytest.approx(0.75) and t["prefill_vs_forward_b16"] == pytest.approx(0.9)
     table = schedules.markdown([result])
     assert "| a_equal_flops | nothing removed | 0.500 | 90.25% | +0.25 | -0.4 to +1.2 |" in table
     assert "(by more than the paired 95% bound allows: b_equal_flops)" in table

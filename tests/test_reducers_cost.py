@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attnflow.reducers import Schedule, apply
-from attnflow.reducers.cost import Shape, layer_counts, predict
+from attnflow.reducers.cost import Shape, fixed_share, forward_ratio, layer_counts, predict
 from attnflow.toys import tiny
 
 LLAVA_7B = Shape(num_layers=32, hidden=4096, q_width=4096, kv_width=4096, mlp=11008, bytes_per_value=2)
@@ -62,3 +62,22 @@ def test_predicted_counts_are_what_ran(steps):
             ran = rows[b][real[b]]
             assert count.tokens == len(ran)
             assert count.visual == int(visual[b, ran].sum())
+
+
+def test_fixed_share_counts_what_lies_outside_the_decoder_layers():
+    """A text-only decoder's fixed share is its unembedding alone (2·n·d·V FLOPs) against L·2·F(n) in
+    the layers, F the cost model's multiply-accumulates: the counter (CPU attention included) and the
+    analytic layer formula agree; a VLM's vision tower and projector add to it."""
+    model, processor = tiny.build("llama")
+    batch = processor([tiny.sample_prompts("llama")[0]["prompt"]], return_tensors="pt")
+    n, shape = batch["input_ids"].shape[1], Shape.of(model)
+    head = 2 * n * shape.hidden * model.config.vocab_size
+    assert fixed_share(model, batch) == pytest.approx(head / (head + 2 * shape.num_layers * shape.layer_flops(n)),
+                                                      rel=1e-12)
+    vlm, vlm_processor = tiny.build("llava")
+    prompt = tiny.sample_prompts("llava")[0]
+    vlm_batch = vlm_processor(text=[prompt["prompt"]], images=[prompt["images"]], return_tensors="pt")
+    n, shape = vlm_batch["input_ids"].shape[1], Shape.of(vlm)
+    text_only = 2 * n * shape.hidden * vlm.config.text_config.vocab_size
+    assert fixed_share(vlm, vlm_batch) > text_only / (text_only + 2 * shape.num_layers * shape.layer_flops(n))
+    assert forward_ratio(0.4, 0.25) == pytest.approx(0.25 + 0.75 * 0.4)
