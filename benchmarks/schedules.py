@@ -15,6 +15,8 @@ and SparseVLM at their defaults and FastV, DART, DivPrune, random, pooling, Visi
 the per-prompt dynamic exit at the schedule's FLOPs, timed at batch 1 and at batch 16, beside the
 schedule's attainable prefill speedup (``reducers.speed.attainable``: its decoder layers timed alone
 at the widths it gives them, as if shortening cost nothing). Writes ``benchmarks/results/schedules-<model>.{json,md}`` atomically.
+``--reverify`` verifies and times the schedules already derived there again (timings taken while the
+machine was busy, taken again on a quiet one), without deriving them again.
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ from typing import Any
 import torch
 
 from attnflow.analyses import analyze
-from attnflow.fileio import write_json, write_text
+from attnflow.fileio import read_json, write_json, write_text
 from attnflow.models import default_inputs, load_model
 from attnflow.probes.inputs import load_examples
 from attnflow.probes.record import record
-from attnflow.reducers.cost import fixed_share, forward_ratio
 from attnflow.reducers.derive import Budget, Settings, derive
+from attnflow.reducers.schedule import Schedule, load_schedule
 from attnflow.reports.words import gap, steps_short
 from attnflow.reducers.fidelity import encode_batches
 from attnflow.reducers.speed import attainable, layer_widths
@@ -63,26 +65,41 @@ def run_model(name: str, n: int, drop: float, repeats: int) -> dict[str, Any]:
     """Derive on calibration prompts, verify on the held-out set; the verdict, schedule and timings."""
     torch.manual_seed(0)
     model, processor = load_model(name)
-    calib, heldout = calibration(name, n), load_examples(default_inputs(name))
+    calib = calibration(name, n)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     first = calib[:FINDINGS_PROMPTS]
     trace = record(model, first, processor=processor, batch_size=16, progress=False)
     findings = analyze(trace, model, first, processor=processor, batch_size=16)
     seconds["record_analyze"] = time.perf_counter() - t0
-    budget = Budget(max_accuracy_drop=drop / 100)
     t0 = time.perf_counter()
-    schedule = derive(findings.to_dict(), model, calib, processor, budget, settings=SETTINGS)
+    schedule = derive(findings.to_dict(), model, calib, processor, Budget(max_accuracy_drop=drop / 100),
+                      settings=SETTINGS)
     seconds["derive"] = time.perf_counter() - t0
+    return {"model": name, "calibration": n, "seconds": seconds, "schedule": schedule.to_dict(),
+            **verified(model, processor, name, schedule, drop, repeats, seconds)}
+
+
+def verified(model: torch.nn.Module, processor: Any, name: str, schedule: Schedule, drop: float, repeats: int,
+             seconds: dict[str, float]) -> dict[str, Any]:
+    """``schedule`` verified on ``name``'s held-out set, timed, with its attainable speedups (adds the
+    seconds it took to ``seconds``)."""
+    heldout = load_examples(default_inputs(name))
     t0 = time.perf_counter()
-    verdict = verify_schedule(model, schedule, heldout, processor, budget, batch_size=16, new_tokens=2,
-                              repeats=repeats)
+    verdict = verify_schedule(model, schedule, heldout, processor, Budget(max_accuracy_drop=drop / 100),
+                              batch_size=16, new_tokens=2, repeats=repeats)
     seconds["verify"] = time.perf_counter() - t0
-    return {"model": name, "calibration": n, "heldout": len(heldout), "seconds": seconds,
-            "schedule": schedule.to_dict(), "verdict": verdict.to_dict(),
-            "attainable": attainable_speedups(model, processor, schedule, heldout, verdict.unreduced, repeats),
-            "fixed_share": fixed_share(model, encode_batches(processor, heldout[:16], 16,
-                                                             next(model.parameters()).device)[0])}
+    return {"heldout": len(heldout), "verdict": verdict.to_dict(),
+            "attainable": attainable_speedups(model, processor, schedule, heldout, verdict.unreduced, repeats)}
+
+
+def reverify(path: Path, drop: float, repeats: int) -> dict[str, Any]:
+    """A saved result (``path``) verified and timed again with its derived schedule, not derived again:
+    timings taken while the machine was busy are taken again on a quiet one."""
+    saved, _ = read_json(path, ValueError, "bench-schedules result")
+    model, processor = load_model(saved["model"])
+    schedule = load_schedule(saved["schedule"])
+    return {**saved, **verified(model, processor, saved["model"], schedule, drop, repeats, saved["seconds"])}
 
 
 def attainable_speedups(model: torch.nn.Module, processor: Any, schedule: Any, examples: list[Any],
@@ -100,11 +117,11 @@ def attainable_speedups(model: torch.nn.Module, processor: Any, schedule: Any, e
 def targets(result: dict[str, Any], cut: float, loss: float) -> dict[str, Any]:
     """The issue's targets on the held-out verdict: FLOPs cut and accuracy loss, no method more accurate at
     equal FLOPs, measured prefill speedup against the FLOPs prediction at batch 1 and 16 (the decoder
-    layers', and the whole forward's: ``fixed_share`` of it is the vision tower's, projector's and unembedding's)."""
+    layers', and the whole forward's, with the vision tower, projector and unembedding that no schedule cuts)."""
     rows = {r["name"]: r for r in result["verdict"]["rows"]}
     ours = rows["schedule"]
     predicted = 1 / ours["flops_ratio"]
-    whole = 1 / forward_ratio(ours["flops_ratio"], result["fixed_share"])
+    whole = 1 / ours["forward_flops_ratio"]
     lost = 0.0 - 100 * ours["accuracy_delta"]  # points (0.0 - : no "-0.00")
     equal = {n: r for n, r in rows.items() if n.endswith("_equal_flops")}
     better = [n for n, r in equal.items() if r["accuracy"] > ours["accuracy"] + 1e-9]
@@ -114,7 +131,7 @@ def targets(result: dict[str, Any], cut: float, loss: float) -> dict[str, Any]:
             "significantly_more_accurate_at_equal_flops": [n for n, r in equal.items() if r["versus_schedule"][0] > 0],
             "prefill_vs_predicted_b16": (ours["prefill_speedup"] or 0) / predicted,
             "prefill_vs_predicted_b1": (ours["prefill_speedup_b1"] or 0) / predicted,
-            "fixed_share": result["fixed_share"], "predicted_forward_speedup": whole,
+            "fixed_share": result["verdict"]["unreduced"]["fixed_share"], "predicted_forward_speedup": whole,
             "prefill_vs_forward_b16": (ours["prefill_speedup"] or 0) / whole,
             "prefill_vs_forward_b1": (ours["prefill_speedup_b1"] or 0) / whole,
             "attainable_b16": result["attainable"]["b16"], "attainable_b1": result["attainable"]["b1"],
@@ -185,10 +202,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--reverify", action="store_true",
+                    help="verify and time the schedules already derived in --out again, without deriving them again")
     args = ap.parse_args(argv)
     for name in args.models:
         n, cut, loss = MODELS[name]
-        res = run_model(name, n, loss, args.repeats)
+        res = (reverify(args.out / f"schedules-{name}.json", loss, args.repeats) if args.reverify
+               else run_model(name, n, loss, args.repeats))
         res["targets"] = targets(res, cut, loss)
         write_json(args.out / f"schedules-{name}.json", res)
         write_text(args.out / f"schedules-{name}.md", markdown([res]))

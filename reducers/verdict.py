@@ -3,7 +3,8 @@
 JSON form (``attnflow_verdict: 1``): ``model`` (the schedule's model section), ``device``,
 ``backend``, ``dtype``, ``n_examples``, ``new_tokens``, ``repeats``, ``timing_batch``,
 ``unreduced`` (the reference's accuracy, per-type accuracy, prefill ms and decode ms per token on
-the timing batch and at batch size 1, visual tokens), ``rows`` (each Row's fields below, with
+the timing batch and at batch size 1, visual tokens, and ``fixed_share``: the share of its forward's
+FLOPs outside the decoder layers, which no schedule cuts, reducers.cost.fixed_share), ``rows`` (each Row's fields below, with
 ``versus_schedule`` the paired bounds on its accuracy gap to the row named ``schedule``) and ``pareto`` (the rows on the
 fidelity-vs-FLOPs front, cheapest first). Fidelity is task accuracy when the prompts carry
 answers, else next-token top-1 agreement.
@@ -54,6 +55,9 @@ class Row:
     # one-sided 95% (lower, upper) bounds on this row's accuracy minus the schedule's, paired over the
     # prompts (reducers.validation.paired_drop_bounds): a gap of a few answers is told from noise
     versus_schedule: list[float] | None = None
+    # the whole forward's FLOPs ratio: flops_ratio with the unreduced fixed_share (vision tower, projector,
+    # unembedding) added, which no schedule cuts (reducers.cost.forward_ratio); None in older verdicts
+    forward_flops_ratio: float | None = None
 
     @property
     def fidelity(self) -> float:

@@ -27,7 +27,7 @@ from attnflow.probes import adapters
 from attnflow.probes.inputs import as_examples
 from attnflow.reducers.apply import apply
 from attnflow.reducers.baselines import matched, published
-from attnflow.reducers.cost import Shape, predict
+from attnflow.reducers.cost import Shape, fixed_share, forward_ratio, predict
 from attnflow.reducers.dynamic import at_flops, realised
 from attnflow.reducers.fidelity import (
     answer_accuracy,
@@ -95,6 +95,7 @@ def verify(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path",
         timed = parallel.broadcast(timed)  # timed by rank 0 alone, the other ranks idle meanwhile
         times, times_b1 = timed[0], timed[-1]  # a timing batch of one prompt is timed once
     full_accuracy, full_by_type = answer_accuracy(full, examples)
+    fixed = fixed_share(model, timing_batch)
     rows = []
     reference = answers_right(runs["schedule"], examples)
     for name, s in schedules.items():
@@ -116,7 +117,8 @@ def verify(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path",
             prefill_ms_b1=u["prefill_ms"], decode_ms_per_token_b1=u["decode_ms_per_token"],
             prefill_speedup_b1=_ratio(u0["prefill_ms"], u["prefill_ms"]),
             decode_speedup_b1=_ratio(u0["decode_ms_per_token"], u["decode_ms_per_token"]),
-            versus_schedule=gap_bounds(answers_right(run, examples), reference)))
+            versus_schedule=gap_bounds(answers_right(run, examples), reference),
+            forward_flops_ratio=forward_ratio(cost["flops_ratio"], fixed)))
     mark_pareto(rows)
     return Verdict(model=sched.model, device=str(device), backend=adapters.attn_implementation(model),
                    dtype=str(next(model.parameters()).dtype).removeprefix("torch."), n_examples=len(examples),
@@ -126,7 +128,8 @@ def verify(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path",
                               "decode_ms_per_token": times["unreduced"]["decode_ms_per_token"],
                               "prefill_ms_b1": times_b1["unreduced"]["prefill_ms"],
                               "decode_ms_per_token_b1": times_b1["unreduced"]["decode_ms_per_token"],
-                              "visual_tokens": costs["schedule"]["visual_tokens"]},
+                              "visual_tokens": costs["schedule"]["visual_tokens"],
+                              "fixed_share": fixed},
                    rows=rows)
 
 

@@ -136,13 +136,14 @@ def test_schedule_targets_tell_a_gap_of_a_few_answers_from_a_significant_one():
     def row(name, accuracy, bounds):
         return {"name": name, "steps": [], "flops_ratio": 0.5, "accuracy": accuracy, "accuracy_delta": accuracy - 0.9,
                 "versus_schedule": bounds, "prefill_speedup": 1.5, "prefill_speedup_b1": 1.1, "decode_speedup": 1.0,
-                "accuracy_by_type": {"count": accuracy - 0.1, "where": 1.0}}
+                "accuracy_by_type": {"count": accuracy - 0.1, "where": 1.0}, "forward_flops_ratio": 0.6}
 
     rows = [row("schedule", 0.9, [-0.01, 0.01]), row("a_equal_flops", 0.9025, [-0.004, 0.012]),
             row("b_equal_flops", 0.95, [0.02, 0.08]), row("c_equal_flops", 0.8, [-0.14, -0.06])]
     result = {"model": "m", "calibration": 10, "heldout": 400, "seconds": {"derive": 1.0},
-              "verdict": {"rows": rows, "unreduced": {"accuracy": 0.9, "accuracy_by_type": {"count": 0.8, "where": 1.0}}}, "attainable": {"b16": 2.0, "b1": 1.2},
-              "fixed_share": 0.2, "schedule": {"derived_from": {"fidelity": {"n_examples": 4},
+              "verdict": {"rows": rows, "unreduced": {"accuracy": 0.9, "accuracy_by_type": {"count": 0.8, "where": 1.0},
+                                                      "fixed_share": 0.2}}, "attainable": {"b16": 2.0, "b1": 1.2},
+              "schedule": {"derived_from": {"fidelity": {"n_examples": 4},
                                             "validation": {"n_examples": 6, "accuracy_drop_upper": 0.009}}}}
     result["targets"] = t = schedules.targets(result, 0.6, 1.0)
     assert t["more_accurate_at_equal_flops"] == ["a_equal_flops", "b_equal_flops"]
@@ -168,3 +169,36 @@ def test_proportional_benchmark_compares_divprune_with_and_without_the_size_bias
     low, high = rows[(0.098, False)]["drop_bounds_points"]
     assert low <= rows[(0.098, False)]["drop_points"] <= high
     assert "| 9.8% | yes |" in proportional.markdown([res]) and "| 100.0% | no |" in proportional.markdown([res])
+
+
+def test_reverify_times_the_saved_schedule_again_without_deriving(tmp_path, monkeypatch):
+    """--reverify loads the saved result's model and schedule, verifies that schedule again, and keeps
+    the derivation's record (calibration, seconds of derive) beside the new verdict."""
+    from attnflow.benchmarks import schedules
+    from attnflow.fileio import write_json
+    from attnflow.models import load_model
+    from attnflow.reducers import Schedule
+
+    model, _ = load_model("toy-vlm")
+    steps = [{"op": "prune_visual", "layer": 0, "keep": 0.5, "by": "divprune"}]
+    saved = {"model": "toy-vlm", "calibration": 8000, "seconds": {"derive": 800.0, "verify": 40.0},
+             "schedule": Schedule.for_model(model, steps).to_dict(), "heldout": 1, "verdict": {"old": True}}
+    write_json(tmp_path / "schedules-toy-vlm.json", saved)
+    seen = {}
+
+    class Verdict:
+        unreduced = {"prefill_ms": 1.0}
+
+        def to_dict(self):
+            return {"new": True}
+
+    def fake_verify(model, schedule, heldout, processor, budget, **kwargs):
+        seen["steps"], seen["drop"], seen["heldout"] = schedule.steps, budget.max_accuracy_drop, len(heldout)
+        return Verdict()
+
+    monkeypatch.setattr(schedules, "verify_schedule", fake_verify)
+    monkeypatch.setattr(schedules, "attainable_speedups", lambda *a: {"b16": 2.0, "b1": 1.1})
+    out = schedules.reverify(tmp_path / "schedules-toy-vlm.json", 1.5, repeats=1)
+    assert seen["steps"] == Schedule.for_model(model, steps).steps and seen["drop"] == 0.015 and seen["heldout"] > 1
+    assert out["verdict"] == {"new": True} and out["heldout"] == seen["heldout"] and out["calibration"] == 8000
+    assert out["seconds"]["derive"] == 800.0 and out["seconds"]["verify"] != 40.0

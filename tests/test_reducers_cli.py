@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from attnflow.cli import app
@@ -37,6 +38,9 @@ def test_schedule_and_verify_commands(tmp_path, monkeypatch):
     data = json.loads(verdict.read_text())
     assert [r["name"] for r in data["rows"]][:4] == ["schedule", "fastv", "pdrop", "dart"]
     assert data["rows"][0]["steps"] == derived.steps
+    fixed = data["unreduced"]["fixed_share"]  # the vision tower, projector and unembedding: no schedule cuts them
+    assert 0 < fixed < 1 and all(r["forward_flops_ratio"] == pytest.approx(fixed + (1 - fixed) * r["flops_ratio"])
+                                 for r in data["rows"])
 
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
