@@ -22,7 +22,7 @@ from attnflow.models import load_model
 from attnflow.reducers import Schedule
 from attnflow.reducers.derive import Probe
 from attnflow.reducers.validation import paired_drop_bounds
-from attnflow.toys import scene_task, vqa_task
+from attnflow.benchmarks.schedules import task_prompts
 
 RESULTS = Path("benchmarks") / "results"
 SEED = 20_261_128
@@ -30,18 +30,10 @@ MODELS = ("toy-llava-scenes", "toy-idefics3-scenes", "toy-vlm")
 KEEPS = (0.098, 0.2, 0.4)
 
 
-def prompts(name: str, n: int) -> list[Any]:
-    """``n`` prompts of ``name``'s task from this benchmark's seed."""
-    if name == "toy-vlm":
-        return [e.as_input() for e in vqa_task.heldout_examples(n, SEED)]
-    family = "llava" if "llava" in name else "idefics3"
-    return [e.as_input() for e in scene_task.heldout_examples(n, SEED, family=family)]
-
-
 def run_model(name: str, n: int, keeps: tuple[float, ...] = KEEPS, batch_size: int = 16) -> dict[str, Any]:
     """Net accuracy drop (points, with 95% bounds) and mean KL of DivPrune at each keep, plain and proportional."""
     model, processor = load_model(name)
-    probe = Probe(model, processor, prompts(name, n), batch_size)
+    probe = Probe(model, processor, task_prompts(name, n, SEED), batch_size)
     rows = []
     for keep in keeps:
         for proportional in (False, True):

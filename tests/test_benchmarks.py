@@ -198,7 +198,24 @@ def test_reverify_times_the_saved_schedule_again_without_deriving(tmp_path, monk
 
     monkeypatch.setattr(schedules, "verify_schedule", fake_verify)
     monkeypatch.setattr(schedules, "attainable_speedups", lambda *a: {"b16": 2.0, "b1": 1.1})
+    monkeypatch.setattr(schedules, "fresh_drop", lambda model, processor, name, schedule: {"steps": schedule.steps})
     out = schedules.reverify(tmp_path / "schedules-toy-vlm.json", 1.5, repeats=1)
     assert seen["steps"] == Schedule.for_model(model, steps).steps and seen["drop"] == 0.015 and seen["heldout"] > 1
     assert out["verdict"] == {"new": True} and out["heldout"] == seen["heldout"] and out["calibration"] == 8000
     assert out["seconds"]["derive"] == 800.0 and out["seconds"]["verify"] != 40.0
+    assert out["fresh"] == {"steps": seen["steps"]}  # the same schedule measured on fresh prompts
+
+
+def test_fresh_drop_counts_answers_a_schedule_breaks_on_prompts_of_its_own_seed():
+    from attnflow.benchmarks import schedules
+    from attnflow.models import load_model
+    from attnflow.reducers import Schedule
+
+    model, processor = load_model("toy-vlm")
+    keep_all = schedules.fresh_drop(model, processor, "toy-vlm", Schedule.for_model(model, []), n=48)
+    assert keep_all["broken"] == keep_all["fixed"] == 0 and keep_all["kl"] < 1e-9 and keep_all["drop_points"] == 0
+    blind = Schedule.for_model(model, [{"op": "visual_exit", "layer": 1}])  # every visual token gone at layer 1
+    out = schedules.fresh_drop(model, processor, "toy-vlm", blind, n=48)
+    assert out["broken"] > 5 and out["drop_points"] == 100 * (out["broken"] - out["fixed"]) / 48
+    lo, hi = out["drop_bounds_points"]
+    assert 0 < lo < out["drop_points"] < hi and out["seed"] == schedules.FRESH_SEED
