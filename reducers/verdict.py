@@ -98,7 +98,7 @@ class Verdict:
                 "accuracy": r.accuracy, "accuracy_delta": r.accuracy_delta,
                 "prefill_speedup": r.prefill_speedup, "decode_speedup": r.decode_speedup,
                 "prefill_speedup_b1": r.prefill_speedup_b1, "decode_speedup_b1": r.decode_speedup_b1,
-                "device": self.device, "backend": self.backend, "n_examples": self.n_examples}
+                "forward_flops_ratio": r.forward_flops_ratio, "device": self.device, "backend": self.backend, "n_examples": self.n_examples}
 
 
 

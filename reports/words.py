@@ -194,7 +194,9 @@ def verified_sentence(schedule: dict[str, Any] | None) -> str:
     if ver.get("accuracy_delta") is not None:
         parts.append(f"accuracy change {100 * ver['accuracy_delta']:+.1f} points")
     if ver.get("prefill_speedup") is not None:
-        parts.append(f"prefill speedup {times(ver.get('prefill_speedup'))}× ({ver.get('device', 'measured')})")
+        predicted = ver.get("forward_flops_ratio")  # absent from schedules verified before 2026-11-28
+        whole = f"; the forward's FLOPs predict {times(1 / predicted)}×" if predicted else ""
+        parts.append(f"prefill speedup {times(ver.get('prefill_speedup'))}× ({ver.get('device', 'measured')}{whole})")
     budget = ((schedule or {}).get("derived_from") or {}).get("budget") or {}
     if "within_budget" in ver and budget:
         limits = ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in budget.items())

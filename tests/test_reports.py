@@ -207,3 +207,13 @@ def test_a_schedule_over_budget_on_verification_gets_a_warning(vlm):
     assert not any("outside its fidelity budget" in a for a in actions(run))
     over = {**run.schedule, "verified": {**run.schedule["verified"], "within_budget": False}}
     assert any("passed validation but is outside its fidelity budget" in a for a in actions(replace(run, schedule=over)))
+
+
+def test_verified_sentence_sets_the_speedup_beside_what_the_forwards_flops_predict():
+    from attnflow.reports import words
+
+    ver = {"n_examples": 100, "held_out": True, "accuracy_delta": -0.01, "prefill_speedup": 1.5, "device": "cpu"}
+    plain = words.verified_sentence({"verified": ver})
+    assert "prefill speedup 1.50× (cpu)" in plain and "predict" not in plain  # a schedule verified before the field
+    both = words.verified_sentence({"verified": {**ver, "forward_flops_ratio": 0.5}})
+    assert "prefill speedup 1.50× (cpu; the forward's FLOPs predict 2.00×)" in both
