@@ -65,7 +65,8 @@ def task_prompts(name: str, n: int, seed: int) -> list[Any]:
     return [e.as_input() for e in scene_task.heldout_examples(n, seed, family=family)]
 
 
-def fresh_drop(model: torch.nn.Module, processor: Any, name: str, schedule: Schedule, n: int = FRESH_PROMPTS) -> dict[str, Any]:
+def fresh_drop(model: torch.nn.Module, processor: Any, name: str, schedule: Schedule,
+               n: int = FRESH_PROMPTS) -> dict[str, Any]:
     """``schedule``'s net accuracy drop on ``n`` fresh prompts of the task (FRESH_SEED), with its one-sided 95%
     bounds (Tango's, as validation uses) and the mean next-token KL: the bundled held-out sets (300-400
     prompts) measure a loss near one point to about ±1 point, these to about ±0.35."""
@@ -73,8 +74,9 @@ def fresh_drop(model: torch.nn.Module, processor: Any, name: str, schedule: Sche
     losses = probe.losses(schedule, 0, len(probe.batches))
     broken, fixed = int(losses.broken.sum()), int(losses.fixed.sum())
     low, high = paired_drop_bounds(broken, fixed, n)
-    return {"prompts": n, "seed": FRESH_SEED, "broken": broken, "fixed": fixed, "drop_points": 100 * (broken - fixed) / n,
-            "drop_bounds_points": [100 * low, 100 * high], "kl": float(losses.kl.mean())}
+    return {"prompts": n, "seed": FRESH_SEED, "broken": broken, "fixed": fixed,
+            "drop_points": 100 * (broken - fixed) / n, "drop_bounds_points": [100 * low, 100 * high],
+            "kl": float(losses.kl.mean())}
 
 
 def run_model(name: str, n: int, drop: float, repeats: int) -> dict[str, Any]:
@@ -180,9 +182,9 @@ def markdown(results: list[dict[str, Any]]) -> str:
         fresh = res.get("fresh")
         if fresh:
             lo, hi = fresh["drop_bounds_points"]
-            out += ["", f"On {fresh['prompts']} fresh prompts (seed {fresh['seed']}, drawn by nothing else here): net drop "
-                        f"{fresh['drop_points']:.2f} points (one-sided 95% bounds {lo:.2f} to {hi:.2f}; {fresh['broken']} "
-                        f"answers broken, {fresh['fixed']} fixed), mean next-token KL {fresh['kl']:.4f}."]
+            out += ["", f"On {fresh['prompts']} fresh prompts (seed {fresh['seed']}, drawn by nothing else here): "
+                        f"net drop {fresh['drop_points']:.2f} points (one-sided 95% bounds {lo:.2f} to {hi:.2f}; "
+                        f"{fresh['broken']} answers broken, {fresh['fixed']} fixed), mean next-token KL {fresh['kl']:.4f}."]
         out += ["", *by_type(v), "", f"Targets: FLOPs cut {100 * t['flops_cut']:.1f}% ({'met' if t['flops_cut_ok'] else 'MISSED'}), "
                 f"accuracy loss {t['accuracy_loss_points']:.2f} points ({'met' if t['loss_ok'] else 'MISSED'}), "
                 f"more accurate at equal FLOPs: {', '.join(t['more_accurate_at_equal_flops']) or 'none'} "

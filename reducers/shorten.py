@@ -111,13 +111,15 @@ def _cut_mask(mask: Tensor | None, cut: Cut, use_bool: bool, dtype: torch.dtype)
 
 def _appended_mask(mask: Tensor, cut: Cut, use_bool: bool, dtype: torch.dtype) -> Tensor:
     """A decode step's mask under an ``appended`` cut: the prompt columns gathered at the generation's
-    first step (and again only if the mask's rows, dtype or device change), then the generated ones."""
+    first step (and again only if the mask's head or row count changes), then the generated ones."""
     b = cut.cols.shape[0]
     mask = mask.expand(b, *mask.shape[1:])
     prefix = cut.prefix
-    if prefix is None or prefix.shape[1:3] != mask.shape[1:3] or prefix.dtype != mask.dtype or prefix.device != mask.device:
-        whole = Cut(take=None, rows=None, row_keys=torch.full_like(cut.cols[:, :1], -1), cols=cut.cols, blocked=cut.blocked)
-        prefix = cut.prefix = _cut_mask(mask[..., :cut.appended], whole, use_bool, dtype)
+    if prefix is None or prefix.shape[1:3] != mask.shape[1:3]:
+        # the prompt columns as any cut gathers them; a row key (-1) that is no column: every filler key blocked
+        cached = Cut(take=None, rows=None, row_keys=torch.full_like(cut.cols[:, :1], -1), cols=cut.cols,
+                     blocked=cut.blocked)
+        prefix = cut.prefix = _cut_mask(mask[..., :cut.appended], cached, use_bool, dtype)
     return torch.cat([prefix, mask[..., cut.appended:]], -1)
 
 

@@ -4,7 +4,8 @@ JSON form (``attnflow_verdict: 1``): ``model`` (the schedule's model section), `
 ``backend``, ``dtype``, ``n_examples``, ``new_tokens``, ``repeats``, ``timing_batch``,
 ``unreduced`` (the reference's accuracy, per-type accuracy, prefill ms and decode ms per token on
 the timing batch and at batch size 1, visual tokens, and ``fixed_share``: the share of its forward's
-FLOPs outside the decoder layers, which no schedule cuts, reducers.cost.fixed_share), ``rows`` (each Row's fields below, with
+FLOPs outside the decoder layers, which no schedule cuts, reducers.cost.fixed_share), ``rows`` (each
+Row's fields below, with
 ``versus_schedule`` the paired bounds on its accuracy gap to the row named ``schedule``) and ``pareto`` (the rows on the
 fidelity-vs-FLOPs front, cheapest first). Fidelity is task accuracy when the prompts carry
 answers, else next-token top-1 agreement.
@@ -98,7 +99,8 @@ class Verdict:
                 "accuracy": r.accuracy, "accuracy_delta": r.accuracy_delta,
                 "prefill_speedup": r.prefill_speedup, "decode_speedup": r.decode_speedup,
                 "prefill_speedup_b1": r.prefill_speedup_b1, "decode_speedup_b1": r.decode_speedup_b1,
-                "forward_flops_ratio": r.forward_flops_ratio, "device": self.device, "backend": self.backend, "n_examples": self.n_examples}
+                "forward_flops_ratio": r.forward_flops_ratio,
+                "device": self.device, "backend": self.backend, "n_examples": self.n_examples}
 
 
 

@@ -189,7 +189,8 @@ def verification_section(run: Run, figures: dict[str, dict[str, Any]]) -> dict[s
                      "1.00", "1.00", "1.00"]]
                    + [[words.config_name(r["name"]), words.pct(r["flops_ratio"], 1),
                        words.pct(r.get("forward_flops_ratio"), 1),
-                       words.pct(r["kv_bytes_ratio"], 1), r["prefill_ms"], words.times(r["prefill_speedup"]), r["decode_ms_per_token"],
+                       words.pct(r["kv_bytes_ratio"], 1), r["prefill_ms"], words.times(r["prefill_speedup"]),
+                       r["decode_ms_per_token"],
                        words.times(r["decode_speedup"]), words.times(r.get("prefill_speedup_b1")),
                        words.times(r.get("decode_speedup_b1"))] for r in rows])
     tables = [fidelity, speed]
