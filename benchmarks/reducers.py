@@ -60,13 +60,16 @@ def run_model(model: nn.Module, batch: dict[str, torch.Tensor], *, pad_token_id:
     unreduced_s = timing.stats(timed["unreduced"]["prefill"], timed["unreduced"]["prefill"])["median_s"]
     fixed = fixed_share(model, batch)
     widths = {name: layer_widths(model, s, batch) for name, s in configs.items() if s is not None}
-    reachable = attainable(model, widths, batch, unreduced_s, repeats=10 * repeats)
+    # the decoder layers timed alone: 10 rounds per speed round at batch 1, fewer (at least 3) for a batch whose
+    # layer calls take seconds
+    reachable = attainable(model, widths, batch, unreduced_s, repeats=max(3, 10 * repeats // len(batch["input_ids"])))
     rows: dict[str, Any] = {}
     for name, s in configs.items():
-        pred = predict(s, shape, layout) if s is not None else {"flops_ratio": 1.0, "decode_flops_ratio": 1.0}
+        pred = predict(s, shape, layout) if s is not None else {"flops_ratio": 1.0, "decode_flops_ratio": 1.0,
+                                                                          "scoring_flops_ratio": 0.0}
         row: dict[str, Any] = {"steps": s.steps if s is not None else [], "predicted_flops_ratio": pred["flops_ratio"],
                                "predicted_speedup": 1 / pred["flops_ratio"],
-                               "predicted_forward_speedup": 1 / forward_ratio(pred["flops_ratio"], fixed),
+                               "predicted_forward_speedup": 1 / forward_ratio(pred, fixed),
                                "predicted_decode_flops_ratio": pred["decode_flops_ratio"],
                                "predicted_decode_speedup": 1 / pred["decode_flops_ratio"]}
         for tag in ("", "cpu_"):
@@ -128,12 +131,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=DECODE_TOKENS)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=1, help="the LLaVA-shaped prompt repeated in one batch")
     parser.add_argument("--toy-vlm", action="store_true", help="the trained toy VLM instead of the LLaVA shape")
     parser.add_argument("--schedule", type=Path, help="the toy VLM's derived schedule (JSON)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = (run_toy_vlm(repeats=args.repeats, new_tokens=args.new_tokens, schedule_path=args.schedule)
-           if args.toy_vlm else run_llava_shaped(tokens=args.tokens, repeats=args.repeats, new_tokens=args.new_tokens))
+           if args.toy_vlm else run_llava_shaped(tokens=args.tokens, repeats=args.repeats, new_tokens=args.new_tokens,
+                                  batch_size=args.batch_size))
     print(json.dumps({**out, "machine": describe()}))
 
 

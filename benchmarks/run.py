@@ -39,6 +39,7 @@ class Plan:
     probe_runs: tuple[tuple[int, int, int], ...]  # (tokens, repeats, warm-up rounds)
     reducer_tokens: int
     reducer_repeats: int
+    reducer_batches: tuple[tuple[int, int], ...]  # on the CPU: (batch size, rounds) of the LLaVA-shaped prompt
     soak_recordings: int
     soak_settle: int
     memory: bool = True  # peak memory per method (on the CPU: a fresh process each)
@@ -47,8 +48,10 @@ class Plan:
 # rounds of the reducer table: a decode step's ratio moves by 10% between spells of this shared machine,
 # and the median of 5 per-round ratios followed them (0.95-1.05 for one schedule in two runs)
 REDUCER_REPEATS = 15
-FULL = Plan(shapes.CPU_SHAPE, ((600, 5, 1), (2400, 3, 1)), 600, REDUCER_REPEATS, 1000, 50)
-SMOKE = Plan(shapes.SMOKE_SHAPE, ((40, 1, 0),), 40, 1, 4, 2, memory=False)
+# batch 16 of 600 tokens: 5 s an unreduced prefill here, so 3 rounds (each far steadier than a 0.3 s one)
+FULL = Plan(shapes.CPU_SHAPE, ((600, 5, 1), (2400, 3, 1)), 600, REDUCER_REPEATS, ((1, REDUCER_REPEATS), (16, 3)),
+            1000, 50)
+SMOKE = Plan(shapes.SMOKE_SHAPE, ((40, 1, 0),), 40, 1, ((1, 1),), 4, 2, memory=False)
 GPU_TOKENS = (600, 2400, 4096, 8192)
 GPU_BATCHES = (1, 16)  # reducer rows: one prompt (launch-bound on a GPU) and a batch that fills it
 
@@ -102,8 +105,8 @@ def run(plan: Plan, out: Path, threads: int, command: str) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": machine, "command": command, "method": METHOD, "notes": []}
     results["probe"] = [probe.run(t, repeats=r, warmup=w, shape=plan.shape, threads=threads,
                                   measure_memory=plan.memory) for t, r, w in plan.probe_runs]
-    results["reducers"] = [reducers.run_llava_shaped(tokens=plan.reducer_tokens, shape=plan.shape,
-                                                     repeats=plan.reducer_repeats)]
+    results["reducers"] = [reducers.run_llava_shaped(tokens=plan.reducer_tokens, shape=plan.shape, repeats=rounds,
+                                                     batch_size=batch) for batch, rounds in plan.reducer_batches]
     toy = None if plan is SMOKE else _toy_vlm()
     if toy is not None:
         results["reducers"].append(toy)

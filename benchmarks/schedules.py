@@ -136,7 +136,10 @@ def attainable_speedups(model: torch.nn.Module, processor: Any, schedule: Any, e
 def targets(result: dict[str, Any], cut: float, loss: float) -> dict[str, Any]:
     """The issue's targets on the held-out verdict: FLOPs cut and accuracy loss, no method more accurate at
     equal FLOPs, measured prefill speedup against the FLOPs prediction at batch 1 and 16 (the decoder
-    layers', and the whole forward's, with the vision tower, projector and unembedding that no schedule cuts)."""
+    layers', and the whole forward's, with the vision tower, projector and unembedding that no schedule cuts).
+    The loss is judged twice: observed on the bundled held-out set (300-400 prompts, about ±1 point at
+    95%), and by the one-sided 95% upper bound of the net drop on the fresh prompts (``fresh_drop``),
+    the stricter reading when they are many."""
     rows = {r["name"]: r for r in result["verdict"]["rows"]}
     ours = rows["schedule"]
     predicted = 1 / ours["flops_ratio"]
@@ -144,8 +147,11 @@ def targets(result: dict[str, Any], cut: float, loss: float) -> dict[str, Any]:
     lost = 0.0 - 100 * ours["accuracy_delta"]  # points (0.0 - : no "-0.00")
     equal = {n: r for n, r in rows.items() if n.endswith("_equal_flops")}
     better = [n for n, r in equal.items() if r["accuracy"] > ours["accuracy"] + 1e-9]
+    fresh_upper = result["fresh"]["drop_bounds_points"][1] if result.get("fresh") else None
     return {"flops_cut": 1 - ours["flops_ratio"], "flops_cut_ok": 1 - ours["flops_ratio"] >= cut,
             "accuracy_loss_points": lost, "loss_ok": lost <= loss + 1e-9,
+            "fresh_drop_upper_points": fresh_upper,
+            "fresh_loss_ok": None if fresh_upper is None else fresh_upper <= loss + 1e-9,
             "more_accurate_at_equal_flops": better,
             "significantly_more_accurate_at_equal_flops": [n for n, r in equal.items() if r["versus_schedule"][0] > 0],
             "prefill_vs_predicted_b16": (ours["prefill_speedup"] or 0) / predicted,
@@ -186,7 +192,10 @@ def markdown(results: list[dict[str, Any]]) -> str:
                         f"net drop {fresh['drop_points']:.2f} points (one-sided 95% bounds {lo:.2f} to {hi:.2f}; "
                         f"{fresh['broken']} answers broken, {fresh['fixed']} fixed), mean next-token KL {fresh['kl']:.4f}."]
         out += ["", *by_type(v), "", f"Targets: FLOPs cut {100 * t['flops_cut']:.1f}% ({'met' if t['flops_cut_ok'] else 'MISSED'}), "
-                f"accuracy loss {t['accuracy_loss_points']:.2f} points ({'met' if t['loss_ok'] else 'MISSED'}), "
+                f"accuracy loss {t['accuracy_loss_points']:.2f} points ({'met' if t['loss_ok'] else 'MISSED'})"
+                + ("" if t.get("fresh_loss_ok") is None else
+                   f", on the fresh prompts at most {t['fresh_drop_upper_points']:.2f} at 95% "
+                   f"({'met' if t['fresh_loss_ok'] else 'MISSED'})") + ", "
                 f"more accurate at equal FLOPs: {', '.join(t['more_accurate_at_equal_flops']) or 'none'} "
                 f"(by more than the paired 95% bound allows: "
                 f"{', '.join(t['significantly_more_accurate_at_equal_flops']) or 'none'}); "

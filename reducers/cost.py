@@ -15,7 +15,8 @@ then the realised cost of the run, by the same formula.
 The ratio above counts the decoder layers only (the field's convention). A VLM's forward also runs
 its vision tower and projector, which no schedule shortens: ``fixed_share`` counts their share of a
 forward (torch.utils.flop_counter, attention included), and ``forward_ratio`` turns a decoder
-ratio into the whole forward's, the speedup a forward's FLOPs predict.
+ratio, with the schedule's own scoring added (``scoring_flops``: DivPrune's pairwise distances, which
+the field's formula leaves out), into the whole forward's, the speedup a forward's FLOPs predict.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from attnflow.probes import adapters
 from attnflow.reducers.plan import kept_count
+from attnflow.reducers.scores import recycle_counts
 from attnflow.reducers.schedule import Schedule, ScheduleError
 
 PREDICTED = ("flops_ratio", "visual_tokens_equivalent", "kv_bytes_ratio", "decode_flops_ratio")
@@ -109,20 +111,52 @@ def layer_counts(schedule: Schedule, n_tokens: int, n_visual: int, exit_layer: i
     return out
 
 
+def scoring_flops(schedule: Schedule, shape: Shape, n_tokens: int, n_visual: int,
+                  exit_layer: int | None = None) -> float:
+    """Multiply-accumulates a schedule's own scoring adds to one prompt's forward, its terms quadratic in
+    the tokens: DivPrune's pairwise cosine distances R²·d among a step's R candidates (arXiv 2503.02175),
+    recycling's density-peaks distances P²·d among its P pooled tokens (arXiv 2410.04417), proportional
+    attention's similarities n·k·d of a layer-0 step's n tokens to its k kept visual ones (arXiv
+    2210.09461). Scores linear in the tokens (attention rows, DART's pivots, [CLS] attention, pooling,
+    random) cost less than one layer's projections and are not counted. The field's FLOPs ratios leave
+    scoring out (FastV's formula); a forward's prediction (``forward_ratio``) includes it."""
+    sinks = sum(1 for i in schedule.protect["visual_sinks"] if i < n_visual)
+    removable = n_visual - sinks
+    if exit_layer is None:
+        exit_layer = next((s["layer"] for s in schedule.steps_of("visual_exit")), None)
+    left, macs = removable, 0.0
+    for step in sorted(schedule.steps_of("prune_visual"), key=lambda s: s["layer"]):
+        if exit_layer is not None and step["layer"] >= exit_layer:
+            break
+        kept = int(kept_count(step["keep"], torch.tensor(removable)))
+        if step.get("by") == "divprune":
+            macs += left * left * shape.hidden
+        if step.get("recycle"):
+            pooled = recycle_counts(left, kept)[1]
+            macs += pooled * pooled * shape.hidden
+        if step.get("proportional"):
+            macs += (n_tokens - (removable - left)) * (sinks + kept) * shape.hidden
+        left = kept
+    return macs
+
+
 def predict(schedule: Schedule, shape: Shape, prompts: list[tuple[int, int]],
             exits: list[int] | None = None) -> dict[str, float]:
     """Predicted cost of ``schedule`` over ``prompts`` [(n_tokens, n_visual)], relative to the
     unreduced model: FLOPs ratio, T_eq, KV-cache bytes (mean per prompt) and their ratio, and
-    the per-token decode FLOPs ratio of the first generated token. A schedule with a
+    the per-token decode FLOPs ratio of the first generated token, and the schedule's own scoring
+    (``scoring_flops``) relative to the unreduced decoder layers. A schedule with a
     ``visual_exit_dynamic`` step needs ``exits``, each prompt's realised exit layer: the
     result is then the realised cost of that run."""
     if exits is not None and len(exits) != len(prompts):
         raise ValueError(f"{len(exits)} exit layers for {len(prompts)} prompts")
     L = shape.num_layers
-    flops = full = kv = kv_full = dec = dec_full = t_eq = 0.0
+    flops = full = kv = kv_full = dec = dec_full = t_eq = scoring = 0.0
     for i, (n, v) in enumerate(prompts):
-        counts = layer_counts(schedule, n, v, None if exits is None else exits[i])
+        exit_layer = None if exits is None else exits[i]
+        counts = layer_counts(schedule, n, v, exit_layer)
         flops += sum(shape.layer_flops(c.tokens) for c in counts)
+        scoring += scoring_flops(schedule, shape, n, v, exit_layer)
         full += L * shape.layer_flops(n)
         kv += sum(c.tokens for c in counts)
         kv_full += L * n
@@ -134,7 +168,7 @@ def predict(schedule: Schedule, shape: Shape, prompts: list[tuple[int, int]],
     return {"flops_ratio": flops / full, "visual_tokens_equivalent": t_eq / m,
             "visual_tokens": sum(v for _, v in prompts) / m,
             "kv_bytes": kv * per_token / m, "kv_bytes_full": kv_full * per_token / m,
-            "kv_bytes_ratio": kv / kv_full, "decode_flops_ratio": dec / dec_full}
+            "kv_bytes_ratio": kv / kv_full, "decode_flops_ratio": dec / dec_full, "scoring_flops_ratio": scoring / full}
 
 
 def prediction(schedule: Schedule, shape: Shape, layouts: list[tuple[int, int]]) -> dict[str, float]:
@@ -165,7 +199,8 @@ def fixed_share(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
     return (total - layers) / total if total else 0.0
 
 
-def forward_ratio(decoder_ratio: float, fixed: float) -> float:
-    """The whole forward's FLOPs ratio of a schedule whose decoder layers' ratio is ``decoder_ratio``,
-    when a ``fixed`` share of the forward (``fixed_share``) is outside them."""
-    return fixed + (1 - fixed) * decoder_ratio
+def forward_ratio(cost: dict[str, float], fixed: float) -> float:
+    """The whole forward's FLOPs ratio of a schedule of ``predict``'s ``cost`` (its decoder layers' ratio
+    and its scoring's), when a ``fixed`` share of the unreduced forward (``fixed_share``) lies outside
+    the decoder layers."""
+    return fixed + (1 - fixed) * (cost["flops_ratio"] + cost["scoring_flops_ratio"])

@@ -70,7 +70,7 @@ class InputCut:
         self.bias: Tensor | None = None  # [B, N'] log size of each reduced slot (proportional), None: all zero
         self.cls: list[Tensor] = []  # per vision-tower call: [images, tokens] [CLS] attention
         self.keys: list[Tensor] = []  # per vision-tower call: [images, tokens, dh] unit head-mean keys (merge)
-        self.last_position = torch.empty(0)  # [B] the prompt's last original position
+        self.offset = torch.empty(0)  # [B, 1] original position of a decode query minus its cache index
 
     def seen(self, input_ids: Tensor, attention_mask: Tensor | None) -> None:
         """The outer model's forward arguments (the only place the token ids are)."""
@@ -134,7 +134,8 @@ class InputCut:
         positions = kwargs.get(compat.POSITION_IDS)
         if positions is None:
             positions = (real.long().cumsum(-1) - 1).clamp_min(0)
-        self.last_position = positions.reshape(-1, b, n)[0, :, -1] if positions.dim() == 3 else positions[..., -1]
+        last = positions.reshape(-1, b, n)[0, :, -1] if positions.dim() == 3 else positions[..., -1]
+        self.offset = (last + 1 - take.shape[1])[:, None]  # generated tokens follow the prompt's last position
         out = {**kwargs, INPUTS_EMBEDS: gather_seq(embeds, take, 1), compat.POSITION_IDS: gather_seq(positions, take, -1),
                compat.ATTENTION_MASK: self._lm_mask(take.shape[1], 0, embeds.dtype)}
         modality = np.where(filler.cpu().numpy(), "pad", np.take_along_axis(spans.modality, take.cpu().numpy(), 1))
@@ -143,16 +144,17 @@ class InputCut:
                               "patch_col": cols.gather(1, take), "origin": take}, shortened=n - take.shape[1])
         return out
 
-    def _lm_mask(self, n_queries: int, cached: int, dtype: torch.dtype) -> Tensor:
+    def _lm_mask(self, n_queries: int, cached: int, dtype: torch.dtype) -> Tensor | None:
         """The language model's mask for ``n_queries`` new tokens after ``cached`` ones: the 4-D one of
         the module's ``_mask`` over the kept layout (and the tokens generated since), additive with the
-        size bias added to its columns when there is one; without filler or bias a 2-D mask of ones,
-        from which the model builds its own causal mask at no extra cost (not None: transformers would
-        then read the gathered, gapped position ids as packed sequences)."""
+        size bias added to its columns when there is one; without filler or bias the model builds its own
+        causal mask at no extra cost: from a 2-D mask of ones in a prefill (not None: transformers would
+        then read the gathered, gapped position ids as packed sequences), from none in a decode step (it
+        reads packed sequences only without a cache, and would check a mask of ones every step)."""
         b, dev = self.valid.shape[0], self.valid.device
         generated = cached + n_queries - self.valid.shape[1]
         if self.plain:
-            return torch.ones(b, cached + n_queries, dtype=torch.long, device=dev)
+            return None if cached else torch.ones(b, n_queries, dtype=torch.long, device=dev)
         keys = torch.cat([self.valid, torch.ones(b, generated, dtype=torch.bool, device=dev)], 1)
         if self.bias is None:
             return _mask(keys, n_queries, cached, self.bool_mask, dtype)
@@ -163,13 +165,13 @@ class InputCut:
         if self.valid.numel() == 0:
             raise ScheduleError("a decode step arrived without a prefill under this schedule: "
                                 "run the whole generation inside `with reducers.apply(...)`")
-        b, q = embeds.shape[:2]
+        q = embeds.shape[1]
         cached = compat.forward_cache(kwargs).get_seq_length()
-        new = cached + q - self.valid.shape[1]  # generated tokens so far, this step's included
         out = {**kwargs, compat.ATTENTION_MASK: self._lm_mask(q, cached, embeds.dtype)}
-        if kwargs.get(compat.POSITION_IDS) is None:
-            out[compat.POSITION_IDS] = self.last_position[:, None] + new - q + 1 + torch.arange(q, device=embeds.device)
-        self.planner.begin(torch.zeros(b, q, dtype=torch.long, device=embeds.device), None, True)
+        if kwargs.get(compat.POSITION_IDS) is None:  # one op per step: decode steps are a few ms on small models
+            out[compat.POSITION_IDS] = (self.offset + cached if q == 1
+                                        else self.offset + cached + torch.arange(q, device=embeds.device))
+        self.planner.decode_step(q)
         return out
 
 

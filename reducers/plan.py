@@ -124,17 +124,7 @@ class Planner:
         ``patch_row``, ``patch_col`` and ``origin`` of a prompt shortened by ``shortened`` tokens before
         the first layer (it keeps its tokens' original ones, and spares a second reading of the ids)."""
         if decoding:
-            if self.removed_at is None:
-                raise ScheduleError("a decode step arrived without a prefill under this schedule: "
-                                    "run the whole generation inside `with reducers.apply(...)`")
-            if self.sliding and self.touched:
-                raise ScheduleError(f"decoding with a KV cache under a schedule is not supported for models with "
-                                    f"{'/'.join(self.sliding)} layers: their cache keeps a window of entries, not "
-                                    "of positions. Run full forwards (use_cache=False) instead")
-            self.decoding = True
-            self.decode_steps += 1
-            self.seen += input_ids.shape[1]
-            self.decode_cuts = {}
+            self.decode_step(input_ids.shape[1])
             return
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ScheduleError("reducers.apply needs a 2-D attention_mask (or none)")
@@ -178,6 +168,20 @@ class Planner:
         self.prompt_tokens = self.seen = n
         self.decoding, self.decode_steps, self.unchanged_decode = False, 0, True
         self.appended_cuts = {}
+
+    def decode_step(self, new_tokens: int) -> None:
+        """Start a decode step of ``new_tokens`` tokens after the prefill (and the steps before)."""
+        if self.removed_at is None:
+            raise ScheduleError("a decode step arrived without a prefill under this schedule: "
+                                "run the whole generation inside `with reducers.apply(...)`")
+        if self.sliding and self.touched:
+            raise ScheduleError(f"decoding with a KV cache under a schedule is not supported for models with "
+                                f"{'/'.join(self.sliding)} layers: their cache keeps a window of entries, not "
+                                "of positions. Run full forwards (use_cache=False) instead")
+        self.decoding = True
+        self.decode_steps += 1
+        self.seen += new_tokens
+        self.decode_cuts = {}
 
     @property
     def query_position(self) -> int:

@@ -56,9 +56,13 @@ class Row:
     # one-sided 95% (lower, upper) bounds on this row's accuracy minus the schedule's, paired over the
     # prompts (reducers.validation.paired_drop_bounds): a gap of a few answers is told from noise
     versus_schedule: list[float] | None = None
-    # the whole forward's FLOPs ratio: flops_ratio with the unreduced fixed_share (vision tower, projector,
-    # unembedding) added, which no schedule cuts (reducers.cost.forward_ratio); None in older verdicts
+    # the whole forward's FLOPs ratio: flops_ratio with the schedule's own scoring and the unreduced fixed_share
+    # (vision tower, projector, unembedding) added, which no schedule cuts (reducers.cost.forward_ratio); None
+    # in older verdicts
     forward_flops_ratio: float | None = None
+    # the schedule's own scoring (DivPrune's distances, recycling's clustering) against the unreduced decoder
+    # layers' FLOPs (reducers.cost.scoring_flops); None in verdicts before 2026-11-28
+    scoring_flops_ratio: float | None = None
 
     @property
     def fidelity(self) -> float:

@@ -118,7 +118,7 @@ def verify(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path",
             prefill_speedup_b1=_ratio(u0["prefill_ms"], u["prefill_ms"]),
             decode_speedup_b1=_ratio(u0["decode_ms_per_token"], u["decode_ms_per_token"]),
             versus_schedule=gap_bounds(answers_right(run, examples), reference),
-            forward_flops_ratio=forward_ratio(cost["flops_ratio"], fixed)))
+            forward_flops_ratio=forward_ratio(cost, fixed), scoring_flops_ratio=cost["scoring_flops_ratio"]))
     mark_pareto(rows)
     return Verdict(model=sched.model, device=str(device), backend=adapters.attn_implementation(model),
                    dtype=str(next(model.parameters()).dtype).removeprefix("torch."), n_examples=len(examples),

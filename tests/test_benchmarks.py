@@ -146,6 +146,7 @@ def test_schedule_targets_tell_a_gap_of_a_few_answers_from_a_significant_one():
               "schedule": {"derived_from": {"fidelity": {"n_examples": 4},
                                             "validation": {"n_examples": 6, "accuracy_drop_upper": 0.009}}}}
     result["targets"] = t = schedules.targets(result, 0.6, 1.0)
+    assert t["fresh_loss_ok"] is None  # no fresh prompts measured
     assert t["more_accurate_at_equal_flops"] == ["a_equal_flops", "b_equal_flops"]
     assert t["significantly_more_accurate_at_equal_flops"] == ["b_equal_flops"]
     # a fifth of the forward is outside the decoder layers: halving them predicts 1 / 0.6, not 2
@@ -154,6 +155,12 @@ def test_schedule_targets_tell_a_gap_of_a_few_answers_from_a_significant_one():
     assert "| a_equal_flops | nothing removed | 0.500 | 90.25% | +0.25 | -0.4 to +1.2 |" in table
     assert "(by more than the paired 95% bound allows: b_equal_flops)" in table
     assert "| configuration | count | where |" in table and "| c_equal_flops | -10.0 | +0.0 |" in table
+    # the held-out set loses no point, but the upper bound on fresh prompts exceeds the budget: missed
+    result["fresh"] = {"prompts": 3200, "seed": 7, "broken": 40, "fixed": 20, "drop_points": 0.63,
+                       "drop_bounds_points": [0.3, 1.02], "kl": 0.01}
+    result["targets"] = t = schedules.targets(result, 0.6, 1.0)
+    assert t["loss_ok"] and t["fresh_drop_upper_points"] == 1.02 and t["fresh_loss_ok"] is False
+    assert "on the fresh prompts at most 1.02 at 95% (MISSED)" in schedules.markdown([result])
 
 
 def test_proportional_benchmark_compares_divprune_with_and_without_the_size_bias():

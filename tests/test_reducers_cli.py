@@ -39,8 +39,10 @@ def test_schedule_and_verify_commands(tmp_path, monkeypatch):
     assert [r["name"] for r in data["rows"]][:4] == ["schedule", "fastv", "pdrop", "dart"]
     assert data["rows"][0]["steps"] == derived.steps
     fixed = data["unreduced"]["fixed_share"]  # the vision tower, projector and unembedding: no schedule cuts them
-    assert 0 < fixed < 1 and all(r["forward_flops_ratio"] == pytest.approx(fixed + (1 - fixed) * r["flops_ratio"])
-                                 for r in data["rows"])
+    assert 0 < fixed < 1 and all(r["forward_flops_ratio"] == pytest.approx(
+        fixed + (1 - fixed) * (r["flops_ratio"] + r["scoring_flops_ratio"])) for r in data["rows"])
+    scoring = {r["name"]: r["scoring_flops_ratio"] for r in data["rows"]}
+    assert scoring["fastv"] == 0 and scoring["divprune"] > 0  # DivPrune's pairwise distances count
 
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")

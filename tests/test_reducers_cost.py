@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from attnflow.reducers import Schedule, apply
 from attnflow.reducers.cost import Shape, fixed_share, forward_ratio, layer_counts, predict
+from attnflow.reducers.scores import cosine_distance, recycle_counts
 from attnflow.toys import tiny
 
 LLAVA_7B = Shape(num_layers=32, hidden=4096, q_width=4096, kv_width=4096, mlp=11008, bytes_per_value=2)
@@ -80,4 +82,29 @@ def test_fixed_share_counts_what_lies_outside_the_decoder_layers():
     n, shape = vlm_batch["input_ids"].shape[1], Shape.of(vlm)
     text_only = 2 * n * shape.hidden * vlm.config.text_config.vocab_size
     assert fixed_share(vlm, vlm_batch) > text_only / (text_only + 2 * shape.num_layers * shape.layer_flops(n))
-    assert forward_ratio(0.4, 0.25) == pytest.approx(0.25 + 0.75 * 0.4)
+    assert forward_ratio({"flops_ratio": 0.4, "scoring_flops_ratio": 0.01}, 0.25) == pytest.approx(0.25 + 0.75 * 0.41)
+
+
+def test_scoring_counts_the_quadratic_scores_that_the_field_formula_leaves_out():
+    """DivPrune's pairwise distances cost R²·d multiply-accumulates, as torch's counter counts the
+    distance it computes; recycling adds its pool's P²·d, proportional attention n·k·d; attention-row
+    scores add nothing; the decoder ratio (the field's) stays without them."""
+    shape = Shape(num_layers=2, hidden=64, q_width=64, kv_width=64, mlp=128, bytes_per_value=4)
+    n, v = 40, 32
+    full = shape.num_layers * shape.layer_flops(n)
+
+    def cost(**step):
+        steps = [{"op": "prune_visual", "layer": 0, "keep": 0.25, **step}]
+        return predict(Schedule(model={"model_type": "llava", "fingerprint": "sha256:x", "num_layers": 2},
+                                steps=steps), shape, [(n, v)])
+
+    with FlopCounterMode(display=False) as counter:
+        cosine_distance(torch.randn(1, v, shape.hidden))
+    divprune = cost(by="divprune")
+    assert divprune["scoring_flops_ratio"] * full == pytest.approx(counter.get_total_flops() / 2)  # FLOPs = 2·MACs
+    pooled = recycle_counts(v, 8)[1]
+    assert cost(by="divprune", recycle=True)["scoring_flops_ratio"] * full == pytest.approx((v * v + pooled ** 2) * 64)
+    assert cost(by="pool", proportional=True)["scoring_flops_ratio"] * full == pytest.approx(n * 8 * 64)
+    assert predict(paper_schedule([{"op": "prune_visual", "layer": 2, "keep": 0.5}]), LLAVA_7B,
+                   [PROMPT])["scoring_flops_ratio"] == 0
+    assert divprune["flops_ratio"] == cost(by="pool")["flops_ratio"]
