@@ -211,6 +211,9 @@ def summarize(out: str | Path) -> str:
                 acc = "" if fid.get("accuracy_delta") is None else f", accuracy {100 * fid['accuracy_delta']:+.1f} pts"
                 lines.append(f"{where.format(fid['n_examples'])}: agreement {_num(fid.get('agreement'), '.3f')}, "
                              f"KL {_num(fid.get('kl'), '.4f')}{acc}")
+        tail = words.tail_sentence(derived.get("validation") or {})
+        if tail:
+            lines.append("note:" + tail)
     else:
         lines.append(f"schedule: none ({run.why_missing('schedule', 'schedule.json')})")
     lines.append(f"report: {out / 'report.pdf'}")

@@ -76,10 +76,12 @@ from attnflow.reducers.validation import (
     bootstrap_mean_bounds,
     bootstrap_mean_upper,
     drop_allowed,
+    flip_floor,
     min_prompts,
     paired_drop_bounds,
     sequential,
     split,
+    tail_prompts,
     tolerated,
     wilson_lower,
     wilson_upper,
@@ -339,6 +341,18 @@ class Probe:
         right, broken, fixed = (np.array([[a, a and not b, b and not a] for a, b in scored], dtype=bool)
                                 .reshape(-1, 3).T if any(r is not None for r in self.right) else (None, None, None))
         return Losses(kl.numpy(), agree.numpy(), broken, fixed, right)
+
+
+def _flip_tail(budget: Budget, checker: Probe, confidence: float) -> dict[str, float]:
+    """Under a KL budget, what the validation prompts cannot see: the least KL a flipped answer costs on
+    them on average (``flip_kl_floor``, reducers.validation.flip_floor of the unreduced top-1
+    probabilities) and the validation prompts that would bound such flips' share of the mean KL within
+    the budget (``kl_tail_prompts``); nothing under other budgets."""
+    if not budget.max_kl:  # none, or zero: no flip is ever within it
+        return {}
+    top = checker.full.first_logits.float().softmax(-1).amax(-1).double().numpy()
+    floor = float(flip_floor(top).mean())
+    return {"flip_kl_floor": floor, "kl_tail_prompts": tail_prompts(budget.max_kl, floor, confidence)}
 
 
 @dataclass
@@ -712,7 +726,8 @@ def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
                                           "visual_sinks": sinks, "skip_candidates": candidates},
                              "searched": searched, "fidelity": {**figures["search"], "n_examples": len(probe.examples)},
                              "validation": {**figures["validation"], "n_examples": len(held), "in_sample": in_sample,
-                                            "confidence": cfg.confidence, "bounds": BOUNDS_METHOD},
+                                            "confidence": cfg.confidence, "bounds": BOUNDS_METHOD,
+                                            **_flip_tail(budget, checker, cfg.confidence)},
                              "trials": search.trials}
     schedule.predicted = prediction(schedule, Shape.of(model), probe.layouts + checker.layouts)
     return schedule

@@ -9,7 +9,10 @@ its loss on a separate validation part lies within the budget:
   (right unreduced, wrong reduced) less the share it fixes, bounded above by Tango's score
   interval for a difference of paired proportions (Tango 1998; ``paired_drop_bounds``);
 - next-token top-1 agreement: bounded below by the one-sided Wilson interval;
-- next-token KL: the mean bounded above by a seeded percentile bootstrap of the prompts.
+- next-token KL: the mean bounded above by a seeded percentile bootstrap of the prompts. A bootstrap
+  resamples the prompts at hand, so it cannot see flipped answers rarer than about one in n, and each
+  flip costs at least ``flip_floor`` nats (close to log 2 for a confident model): ``tail_prompts`` says
+  how many validation prompts a KL budget needs before flips too rare to show cannot break it.
 
 With no answer changed the net bound is the Wilson zero-loss bound z²/(n + z²) (Wilson 1927), so a
 budget ``b`` can only ever be met with at least ``min_prompts(b)`` validation prompts (268 for one
@@ -161,6 +164,28 @@ def tolerated(budget: float, n: int, confidence: float = CONFIDENCE) -> int:
     while k + 1 <= n and wilson_upper(k + 1, n, confidence) <= budget + 1e-12:
         k += 1
     return k
+
+
+def flip_floor(top: np.ndarray) -> np.ndarray:
+    """Per prompt, the least next-token KL(p || q) in nats of a reduced distribution q whose top-1 token
+    differs from p's, given p's top-1 probability ``top``: KL(Bern(p₁) || Bern(½)) = log 2 − H(p₁) for
+    p₁ > ½, else 0. (Merging every other token, KL(p || q) ≥ KL(Bern(p₁) || Bern(q₁)) by data processing,
+    and a flip means q₁ ≤ ½.) A confident model pays close to log 2 = 0.69 nats for every flipped answer:
+    the tail of the mean KL that a few prompts cannot see."""
+    p = np.clip(np.asarray(top, dtype=np.float64), 0.5, 1.0)
+    q = 1 - p
+    return p * np.log(2 * p) + np.where(q > 0, q * np.log(np.where(q > 0, 2 * q, 1.0)), 0.0)
+
+
+def tail_prompts(max_kl: float, floor: float, confidence: float = CONFIDENCE) -> int:
+    """The fewest validation prompts with which seeing no flip bounds what flips add to the mean KL within
+    ``max_kl``: the Wilson zero-loss bound z²/(n + z²) on the flip share, times the ``floor`` a flip costs
+    at least (``flip_floor``, averaged over prompts), is within ``max_kl`` from n = z²(floor / max_kl − 1).
+    Fewer leave room for flips too rare to show that would break the budget held out; the bootstrap bound
+    on the mean KL cannot see them (it resamples only the prompts at hand)."""
+    if max_kl <= 0:
+        raise ValueError(f"a KL budget must be positive, got {max_kl}")
+    return max(1, math.ceil(_z(confidence) ** 2 * (floor / max_kl - 1) - 1e-9))
 
 
 def min_prompts(budget: float, confidence: float = CONFIDENCE) -> int:

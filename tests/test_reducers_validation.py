@@ -3,6 +3,7 @@ and a derivation whose search prompts accept what its validation prompts reject.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from statistics import NormalDist
 
@@ -17,9 +18,11 @@ from attnflow.reducers.derive import Budget, Losses, derive
 from attnflow.reducers.validation import (
     bootstrap_mean_upper,
     drop_allowed,
+    flip_floor,
     min_prompts,
     paired_drop_bounds,
     split,
+    tail_prompts,
     tolerated,
     wilson_lower,
     wilson_upper,
@@ -237,3 +240,23 @@ def test_the_sequential_search_test_by_hand():
     assert kl.searched(kl.search_check(Losses(np.full(20, 0.02), np.ones(20, bool), None), n), final=False) is False
     assert sequential(0.1, 0.2, 0.2) is True and sequential(0.2, 0.3, 0.1) is False
     assert sequential(0.1, 0.3, 0.2) is None
+
+
+def test_a_flip_costs_at_least_the_floor_and_the_tail_needs_its_prompts():
+    """The floor by hand (0 at p1 <= 1/2, log 2 - H(0.9) at 0.9, log 2 at 1); every random pair of
+    next-token distributions whose top-1 differs has a KL at least the floor of p's top-1 (tight at
+    q1 = 1/2 on two tokens); tail_prompts is the first n whose zero-flip Wilson bound times the floor
+    is within the budget."""
+    h = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))
+    assert flip_floor(np.array([0.3, 0.5, 0.9, 1.0])) == pytest.approx([0, 0, math.log(2) - h, math.log(2)])
+    gen = torch.Generator().manual_seed(0)
+    p = (3 * torch.randn(4000, 6, generator=gen)).softmax(-1).double()
+    q = (3 * torch.randn(4000, 6, generator=gen)).softmax(-1).double()
+    flipped = p.argmax(-1) != q.argmax(-1)
+    kl = (p * (p / q).log()).sum(-1)
+    floor = torch.from_numpy(flip_floor(p.amax(-1).numpy()))
+    assert flipped.sum() > 1000 and bool((kl[flipped] >= floor[flipped] - 1e-12).all())
+    assert flip_floor(np.array([0.8]))[0] == pytest.approx(0.8 * math.log(1.6) + 0.2 * math.log(0.4))  # vs (1/2, 1/2)
+    n = tail_prompts(0.01, 0.64)
+    assert n == math.ceil(Z * Z * 63) and wilson_upper(0, n) * 0.64 <= 0.01 < wilson_upper(0, n - 1) * 0.64
+    assert tail_prompts(0.5, 0.3) == 1  # a budget above what any flip costs needs no prompt for its tail
