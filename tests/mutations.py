@@ -63,6 +63,15 @@ MUTATIONS = [
      "decode[clock].append((times[-1] - times[0]) / (new_tokens + 1))", ["tests/test_reducers_speed.py"]),
     ("reducers/speed.py", "for i, w in enumerate(ws))", "for i, w in enumerate(ws[1:]))",
      ["tests/test_benchmarks.py", "-k", "attainable"]),
+    ("reducers/cost.py", "macs += left * left * shape.hidden", "macs += left * kept * shape.hidden",
+     ["tests/test_reducers_cost.py", "-k", "scoring"]),
+    ("reducers/cost.py", '(cost["flops_ratio"] + cost["scoring_flops_ratio"])', '(cost["flops_ratio"])',
+     ["tests/test_reducers_cost.py", "tests/test_reducers_cli.py", "-x"]),
+    ("reducers/derive.py", "softmax(-1).amax(-1)", "softmax(-1).mean(-1)", ["tests/test_reducers_derive.py", "-k", "flips"]),
+    ("reducers/validation.py", "p = np.clip(np.asarray(top, dtype=np.float64), 0.5, 1.0)",
+     "p = np.clip(np.asarray(top, dtype=np.float64), 0.55, 1.0)", ["tests/test_reducers_validation.py", "-k", "flip"]),
+    ("benchmarks/schedules.py", '"fresh_loss_ok": None if fresh_upper is None else fresh_upper <= loss + 1e-9',
+     '"fresh_loss_ok": None if fresh_upper is None else True', ["tests/test_benchmarks.py", "-k", "targets"]),
 ]
 
 
