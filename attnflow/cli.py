@@ -249,6 +249,7 @@ def schedule(
     from attnflow.models import default_inputs, load_model
     from attnflow.reducers.derive import Budget, derive
     from attnflow.reducers.verify import verify_schedule
+    from attnflow.reports import words
 
     from attnflow.analyses.findings import Findings
 
@@ -270,6 +271,9 @@ def schedule(
     console.print(f"wrote {out}: {len(result.steps)} step(s), predicted FLOPs ratio {pred['flops_ratio']:.3f}, "
                   f"verified KL {ver['kl']:.4g}, agreement {ver['agreement']:.3f}"
                   + ("" if ver["within_budget"] else " (outside the budget: nothing smaller fits it)"))
+    tail = words.tail_sentence(result.derived_from.get("validation") or {})
+    if tail:
+        console.print("note:" + tail)
 
 
 @app.command()
