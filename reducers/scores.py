@@ -299,11 +299,13 @@ def recycle_counts(n_candidates: int, n_keep: int) -> tuple[int, int, int]:
 
 def rank_depth(n_candidates: Tensor, n_keep: Tensor, recycling: bool) -> Tensor:
     """How many candidates a greedy order (farthest points, DART's round robin) must rank for a step
-    keeping ``n_keep`` [B] of ``n_candidates`` [B]: the kept ones, and with ``recycling`` the pool after
-    them (``recycle_counts``; at most ``n_keep`` plus 30% of the candidates, plus one)."""
+    keeping ``n_keep`` [B] of ``n_candidates`` [B]: the kept ones, and with ``recycling`` the selected
+    ones and the pool after them (``recycle_counts``), no more: a greedy order's first picks do not
+    depend on how many follow, and each pick is a host step at batch size 1."""
     if not recycling:
         return n_keep
-    return torch.minimum(n_candidates, n_keep + (RECYCLE_SHARE * n_candidates.double()).long() + 1)
+    depth = [sum(recycle_counts(n, k)[:2]) for n, k in zip(n_candidates.tolist(), n_keep.tolist())]
+    return torch.tensor(depth, dtype=n_keep.dtype, device=n_keep.device)
 
 
 def density_peaks(x: Tensor, valid: Tensor, clusters: Tensor) -> tuple[Tensor, Tensor]:

@@ -479,6 +479,24 @@ def test_density_peaks_and_recycling_counts_by_hand():
     assert recycle_counts(100, 0) == (0, 0, 0)
 
 
+def test_recycling_ranks_only_as_deep_as_it_reads():
+    """The greedy order is ranked to the selected tokens and the pool after them (291 + 86 of 576 at
+    keep 300), and recycling then keeps and merges exactly what a full ranking would give it."""
+    from attnflow.reducers.scores import divprune_scores, rank_depth, recycle, recycle_counts
+
+    g = torch.Generator().manual_seed(1)
+    states = torch.randn(2, 60, 8, generator=g)
+    candidates = torch.ones(2, 60, dtype=torch.bool)
+    candidates[1, 50:] = False  # the second sample has 50 candidates
+    n_keep = torch.tensor([20, 11])
+    depth = rank_depth(candidates.sum(1), n_keep, True)
+    assert depth.tolist() == [sum(recycle_counts(60, 20)[:2]), sum(recycle_counts(50, 11)[:2])]
+    assert rank_depth(torch.tensor([576]), torch.tensor([300]), True).tolist() == [291 + 86]
+    shallow = recycle(divprune_scores(states, candidates, int(depth.max())), candidates, n_keep, states)
+    full = recycle(divprune_scores(states, candidates, 60), candidates, n_keep, states)
+    assert torch.equal(shallow[0], full[0]) and torch.equal(shallow[1], full[1])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", ["recycle", "input_recycle"])
 def test_recycling_keeps_cluster_centres_holding_their_clusters_mean(models, backend, op):
