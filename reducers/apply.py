@@ -99,8 +99,10 @@ def apply(model: nn.Module, schedule: "Schedule | dict[str, Any] | str | Path", 
         layer_hooks.on(not (decoding and planner.decodes_unchanged), not decoding)
         if cut is not None:  # the language model's own pre-hook begins the planner on the shortened prompt
             cut.seen(input_ids, kwargs.get(compat.ATTENTION_MASK))
+        elif decoding:
+            planner.decode_step(input_ids.shape[1])
         else:
-            planner.begin(input_ids, kwargs.get(compat.ATTENTION_MASK), decoding)
+            planner.begin(input_ids, kwargs.get(compat.ATTENTION_MASK))
 
     handles = [model.register_forward_pre_hook(begin, with_kwargs=True)]
     try:

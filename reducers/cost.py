@@ -74,12 +74,17 @@ class LayerCount:
     bypassed: bool = False
 
 
+def _removable(schedule: Schedule, n_visual: int) -> tuple[int, int]:
+    """(protected sinks, removable visual tokens) of a prompt with ``n_visual`` visual tokens."""
+    sinks = sum(1 for i in schedule.protect["visual_sinks"] if i < n_visual)
+    return sinks, n_visual - sinks
+
+
 def layer_counts(schedule: Schedule, n_tokens: int, n_visual: int, exit_layer: int | None = None) -> list[LayerCount]:
     """Per layer, how many of a prompt's ``n_tokens`` real tokens (``n_visual`` visual) the
     schedule lets the layer process; ``exit_layer``: the prompt's realised exit layer under a
     ``visual_exit_dynamic`` step (required for one, refused otherwise)."""
-    sinks = sum(1 for i in schedule.protect["visual_sinks"] if i < n_visual)
-    removable = n_visual - sinks
+    sinks, removable = _removable(schedule, n_visual)
     dynamic = schedule.steps_of("visual_exit_dynamic")
     if dynamic:
         start, stop = dynamic[0]["from"], dynamic[0]["to"] or schedule.num_layers
@@ -120,8 +125,7 @@ def scoring_flops(schedule: Schedule, shape: Shape, n_tokens: int, n_visual: int
     2210.09461). Scores linear in the tokens (attention rows, DART's pivots, [CLS] attention, pooling,
     random) cost less than one layer's projections and are not counted. The field's FLOPs ratios leave
     scoring out (FastV's formula); a forward's prediction (``forward_ratio``) includes it."""
-    sinks = sum(1 for i in schedule.protect["visual_sinks"] if i < n_visual)
-    removable = n_visual - sinks
+    sinks, removable = _removable(schedule, n_visual)
     if exit_layer is None:
         exit_layer = next((s["layer"] for s in schedule.steps_of("visual_exit")), None)
     left, macs = removable, 0.0

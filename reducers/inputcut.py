@@ -139,7 +139,7 @@ class InputCut:
         out = {**kwargs, INPUTS_EMBEDS: gather_seq(embeds, take, 1), compat.POSITION_IDS: gather_seq(positions, take, -1),
                compat.ATTENTION_MASK: self._lm_mask(take.shape[1], 0, embeds.dtype)}
         modality = np.where(filler.cpu().numpy(), "pad", np.take_along_axis(spans.modality, take.cpu().numpy(), 1))
-        planner.begin(ids.to(dev).gather(1, take), self.valid.long(), False,
+        planner.begin(ids.to(dev).gather(1, take), self.valid.long(),
                       labels={"modality": modality, "visual_index": index.gather(1, take), "patch_row": rows.gather(1, take),
                               "patch_col": cols.gather(1, take), "origin": take}, shortened=n - take.shape[1])
         return out

@@ -117,15 +117,12 @@ class Planner:
         self.decode_steps, self.unchanged_decode = 0, True
 
     # ---- prompt bookkeeping -------------------------------------------------------------
-    def begin(self, input_ids: Tensor, attention_mask: Tensor | None, decoding: bool,
+    def begin(self, input_ids: Tensor, attention_mask: Tensor | None,
               labels: dict[str, Tensor] | None = None, shortened: int = 0) -> None:
-        """Start a forward: a prefill labels the prompt's tokens; a decode step extends it.
+        """Start a prefill: label the prompt's tokens (a decode step starts with ``decode_step``).
         ``labels`` gives the per-position ``modality`` (read from the ids otherwise), ``visual_index``,
         ``patch_row``, ``patch_col`` and ``origin`` of a prompt shortened by ``shortened`` tokens before
         the first layer (it keeps its tokens' original ones, and spares a second reading of the ids)."""
-        if decoding:
-            self.decode_step(input_ids.shape[1])
-            return
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ScheduleError("reducers.apply needs a 2-D attention_mask (or none)")
         if attention_mask is not None and not bool(attention_mask[:, -1].all()):

@@ -168,8 +168,9 @@ def verification_section(run: Run, figures: dict[str, dict[str, Any]]) -> dict[s
                   f"{verdict['device']} ({verdict['backend']}, {verdict['dtype']}); wall-clock times are medians of "
                   f"{verdict['repeats']} interleaved repeats on a batch of {verdict['timing_batch']} and on the first "
                   "prompt alone (B=1), in one process. "
-                  "FLOPs are the cost model's prediction for the prefill's decoder layers; forward FLOPs add what "
-                  "lies outside them (vision tower, projector, unembedding), which no schedule cuts: the "
+                  "FLOPs are the cost model's prediction for the prefill's decoder layers; forward FLOPs add the "
+                  "schedule's own scoring (DivPrune's pairwise distances, recycling's clustering) and what lies "
+                  "outside the layers (vision tower, projector, unembedding), which no schedule cuts: the "
                   "prefill speedup its FLOPs predict is 1 / forward FLOPs. \"vs schedule\" bounds each row's accuracy "
                   "minus the schedule's at 95% on each side, paired prompt by prompt (Tango's interval): an interval "
                   "that holds 0 is a gap these prompts cannot tell from noise."]

@@ -23,7 +23,7 @@ MUTATIONS = [
      ["tests/test_reducers_schedule.py", "-k", "changed_in_place"]),
     ("reducers/cost.py", "2 * n * n * self.q_width", "6 * n * n * self.q_width",
      ["tests/test_reducers_derive.py", "-k", "self_consistent"]),
-    ("reports/words.py", 'return f"prune visual tokens {where}', 'return "WRONG" or f"prune visual tokens {where}',
+    ("reports/words.py", 'return (f"prune visual tokens {where}', 'return ("WRONG" or f"prune visual tokens {where}',
      ["tests/test_reports.py", "-k", "vlm_report"]),
     ("reducers/apply.py", "decoding = compat.is_decode_step(kwargs)", "decoding = False", ["tests/test_reducers_apply.py", "-x"]),
     ("attnflow/fileio.py", "_share(Path(tmp), 0o666)", "pass", ["tests/test_fileio.py"]),
