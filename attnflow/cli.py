@@ -244,12 +244,14 @@ def schedule(
     batch_size: int = typer.Option(8, min=1),
     load: Optional[dict] = None,
 ) -> None:
-    """Derive a pruning schedule from FINDINGS under a fidelity budget (default --max-kl 0.01), verified."""
+    """Derive a pruning schedule from FINDINGS under a fidelity budget (default: the tightest the inputs
+    can certify, as `attnflow run` picks it), verified."""
     ensure_writable(out)
     from attnflow.models import default_inputs, load_model
-    from attnflow.reducers.derive import Budget, derive
+    from attnflow.pipeline import default_budget
+    from attnflow.probes.inputs import load_examples
+    from attnflow.reducers.derive import derive
     from attnflow.reducers.verify import verify_schedule
-    from attnflow.reports import words
 
     from attnflow.analyses.findings import Findings
 
@@ -260,8 +262,9 @@ def schedule(
         raise typer.BadParameter("the findings do not name their model: pass --model", param_hint="--model")
     inputs = inputs or (Path(provenance["inputs_path"]) if provenance.get("inputs_path") else default_inputs(model))
     m, processor = load_model(model, **load)
-    budget = Budget(max_kl=max_kl, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop)
-    result = derive(findings, m, inputs, processor, budget)
+    examples = load_examples(inputs)
+    budget = default_budget(examples, max_kl, min_agreement, max_accuracy_drop)
+    result = derive(findings, m, examples, processor, budget)
     verify_schedule(m, result, inputs, processor, budget, batch_size=batch_size, baselines=False, repeats=1,
                     new_tokens=4)
     if not parallel.world().main:
@@ -271,9 +274,6 @@ def schedule(
     console.print(f"wrote {out}: {len(result.steps)} step(s), predicted FLOPs ratio {pred['flops_ratio']:.3f}, "
                   f"verified KL {ver['kl']:.4g}, agreement {ver['agreement']:.3f}"
                   + ("" if ver["within_budget"] else " (outside the budget: nothing smaller fits it)"))
-    tail = words.tail_sentence(result.derived_from.get("validation") or {})
-    if tail:
-        console.print("note:" + tail)
 
 
 @app.command()

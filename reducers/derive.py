@@ -80,8 +80,8 @@ from attnflow.reducers.validation import (
     min_prompts,
     paired_drop_bounds,
     sequential,
+    kl_flip_share,
     split,
-    tail_prompts,
     tolerated,
     wilson_lower,
     wilson_upper,
@@ -90,7 +90,12 @@ from attnflow.reducers.validation import (
 BOUNDS_METHOD = ("one-sided Tango score, paired (net accuracy drop), one-sided Wilson score (agreement), "
                  "percentile bootstrap of the mean (KL)")
 DEFAULT_MAX_KL = 0.01  # nats; used when a budget names no bound
+DEFAULT_MIN_AGREEMENT = 0.95  # attnflow run's budget when its validation prompts are too few for KL 0.01
 BUDGET_KEYS = ("max_kl", "min_agreement", "max_accuracy_drop")
+
+
+class TooFewPrompts(ScheduleError):
+    """A budget the validation prompts are too few to certify, whatever the schedule."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,16 @@ class Budget:
 
     def to_dict(self) -> dict[str, float]:
         return {k: getattr(self, k) for k in BUDGET_KEYS if getattr(self, k) is not None}
+
+    def with_flips(self, floor: float) -> "Budget":
+        """This budget with what a KL bound implies when a flipped answer costs at least ``floor`` nats
+        (reducers.validation.kl_flip_share): a top-1 agreement of at least one minus the flip share the
+        mean KL leaves room for, certified by Wilson's bound beside the bootstrap's, which cannot see
+        flips rarer than about one in its prompts. Unchanged without a KL bound or when a flip fits it."""
+        share = kl_flip_share(self.max_kl, floor) if self.max_kl else None
+        if share is None:
+            return self
+        return replace(self, min_agreement=max(self.min_agreement or 0.0, 1 - share))
 
     def bounds(self, losses: "Losses", confidence: float = CONFIDENCE) -> dict[str, float]:
         """One-sided ``confidence`` bounds (reducers.validation) on what the budget limits: the mean KL
@@ -192,13 +207,28 @@ class Budget:
         """The fewest validation prompts with which the budget is certified for a reduction that loses
         nothing (``reducers.validation.min_prompts``; the net accuracy drop's bound with no answer
         changed is the Wilson zero-loss bound); fewer could certify only a reduction that fixes
-        answers, which ``derive`` cannot count on."""
+        answers, which ``derive`` cannot count on. A KL bound counts through ``with_flips``."""
         shares = [b for b in (self.max_accuracy_drop, None if self.min_agreement is None else 1 - self.min_agreement)
                   if b is not None]
         if any(b <= 0 for b in shares):
             raise ScheduleError("a budget of zero accuracy drop (or agreement 1) can never be certified on a sample "
                                 "of prompts: allow a small loss")
         return max([min_prompts(b, confidence) for b in shares if b < 1], default=1)
+
+    def check_prompts(self, n: int, total: int, confidence: float = CONFIDENCE, floor: float | None = None) -> None:
+        """Raise TooFewPrompts unless ``n`` validation prompts (of ``total`` inputs) can certify this budget
+        (``prompts_needed``), with a KL bound's flips when a flip costs ``floor`` nats (``with_flips``)."""
+        needed = self.prompts_needed(confidence)
+        flips = needed if floor is None else self.with_flips(floor).prompts_needed(confidence)
+        if n >= max(needed, flips):
+            return
+        why = "" if flips <= needed else (
+            f": a flipped answer costs at least {floor:.2f} nats of KL here, so a mean KL of {self.max_kl:g} allows "
+            f"at most {kl_flip_share(self.max_kl, floor):.2%} of answers to flip, and ruling out flips too rare to "
+            "show takes that many prompts")
+        raise TooFewPrompts(f"budget {self.to_dict()} needs at least {max(needed, flips)} validation prompts to be "
+                            f"certified at {confidence:.0%} (got {n} of {total} inputs){why}; give more inputs or a "
+                            "larger budget")
 
     def holds(self, measured: dict[str, Any]) -> bool:
         """Whether ``measured`` (kl, agreement, accuracy_delta) is within the budget."""
@@ -343,16 +373,11 @@ class Probe:
         return Losses(kl.numpy(), agree.numpy(), broken, fixed, right)
 
 
-def _flip_tail(budget: Budget, checker: Probe, confidence: float) -> dict[str, float]:
-    """Under a KL budget, what the validation prompts cannot see: the least KL a flipped answer costs on
-    them on average (``flip_kl_floor``, reducers.validation.flip_floor of the unreduced top-1
-    probabilities) and the validation prompts that would bound such flips' share of the mean KL within
-    the budget (``kl_tail_prompts``); nothing under other budgets."""
-    if not budget.max_kl:  # none, or zero: no flip is ever within it
-        return {}
+def flip_kl_floor(checker: Probe) -> float:
+    """The least next-token KL a flipped answer costs on ``checker``'s prompts, on average
+    (reducers.validation.flip_floor of the unreduced model's top-1 probabilities)."""
     top = checker.full.first_logits.float().softmax(-1).amax(-1).double().numpy()
-    floor = float(flip_floor(top).mean())
-    return {"flip_kl_floor": floor, "kl_tail_prompts": tail_prompts(budget.max_kl, floor, confidence)}
+    return float(flip_floor(top).mean())
 
 
 @dataclass
@@ -693,16 +718,17 @@ def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
             held, in_sample = examples, True
     else:
         held = as_examples(validation)
-    needed = budget.prompts_needed(cfg.confidence)
-    if not examples or len(held) < needed:
-        raise ScheduleError(f"budget {budget.to_dict()} needs at least {needed} validation prompts to be certified at "
-                            f"{cfg.confidence:.0%} (got {len(held)} of {len(examples) + len(held)} inputs): give more "
-                            "inputs, a larger budget, or a KL budget")
+    total = len(examples) + len(held)
+    budget.check_prompts(len(held) if examples else 0, total, cfg.confidence)  # before running the model
+    checker = Probe(model, processor, held, cfg.batch_size)
+    floor = flip_kl_floor(checker) if budget.max_kl else None
+    budget.check_prompts(len(held), total, cfg.confidence, floor)
+    judged = budget if floor is None else budget.with_flips(floor)  # what search and validation hold a schedule to
     num_layers = info["num_layers"]
     probe = Probe(model, processor, examples[:cfg.max_examples], cfg.batch_size, cfg.first_block)
     sinks, sink_why = visual_sink_indices(data, probe.examples, processor, model)
     protect = {"visual_sinks": sinks}
-    search = _Search(model, probe, budget, protect, cfg.confidence, len(held))
+    search = _Search(model, probe, judged, protect, cfg.confidence, len(held))
     exit_layer, exit_why = exit_evidence(data, num_layers)
     curve = ((data.get("exit") or {}).get("curves") or {}).get("observational")
     prune_layer, prune_why = first_prune_layer(curve, num_layers, cfg.fade)
@@ -710,8 +736,11 @@ def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
     search.reasons += [exit_why, prune_why, sink_why, f"redundancy candidates (most redundant first): {candidates}"]
     if in_sample:
         search.reasons.append("one input only: nothing to hold out, so the validation figures are in-sample")
+    if judged != budget:
+        search.reasons.append(f"a flipped answer costs at least {floor:.3f} nats of KL on the validation prompts, so "
+                              f"the KL budget of {budget.max_kl:g} also holds top-1 agreement to at least "
+                              f"{judged.min_agreement:.4f} (Wilson), which the bootstrap of the mean cannot see")
     cand = _greedy(search, Candidate(exit_layer), prune_layer, num_layers, cfg.coverage, candidates)
-    checker = Probe(model, processor, held, cfg.batch_size)
     searched = cand.steps()
     cand = _validated(search, checker, cand, num_layers, cfg.shares)
     schedule = search.schedule(cand)
@@ -727,7 +756,8 @@ def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
                              "searched": searched, "fidelity": {**figures["search"], "n_examples": len(probe.examples)},
                              "validation": {**figures["validation"], "n_examples": len(held), "in_sample": in_sample,
                                             "confidence": cfg.confidence, "bounds": BOUNDS_METHOD,
-                                            **_flip_tail(budget, checker, cfg.confidence)},
+                                            **({} if floor is None else {"flip_kl_floor": floor}),
+                                            **({} if judged == budget else {"implied_min_agreement": judged.min_agreement})},
                              "trials": search.trials}
     schedule.predicted = prediction(schedule, Shape.of(model), probe.layouts + checker.layouts)
     return schedule

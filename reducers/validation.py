@@ -11,8 +11,9 @@ its loss on a separate validation part lies within the budget:
 - next-token top-1 agreement: bounded below by the one-sided Wilson interval;
 - next-token KL: the mean bounded above by a seeded percentile bootstrap of the prompts. A bootstrap
   resamples the prompts at hand, so it cannot see flipped answers rarer than about one in n, and each
-  flip costs at least ``flip_floor`` nats (close to log 2 for a confident model): ``tail_prompts`` says
-  how many validation prompts a KL budget needs before flips too rare to show cannot break it.
+  flip costs at least ``flip_floor`` nats (close to log 2 for a confident model): a mean-KL budget b
+  therefore also allows at most a share b / floor of flipped answers (``kl_flip_share``), which
+  ``derive`` certifies as a top-1 agreement bound beside the bootstrap's.
 
 With no answer changed the net bound is the Wilson zero-loss bound z²/(n + z²) (Wilson 1927), so a
 budget ``b`` can only ever be met with at least ``min_prompts(b)`` validation prompts (268 for one
@@ -177,15 +178,15 @@ def flip_floor(top: np.ndarray) -> np.ndarray:
     return p * np.log(2 * p) + np.where(q > 0, q * np.log(np.where(q > 0, 2 * q, 1.0)), 0.0)
 
 
-def tail_prompts(max_kl: float, floor: float, confidence: float = CONFIDENCE) -> int:
-    """The fewest validation prompts with which seeing no flip bounds what flips add to the mean KL within
-    ``max_kl``: the Wilson zero-loss bound z²/(n + z²) on the flip share, times the ``floor`` a flip costs
-    at least (``flip_floor``, averaged over prompts), is within ``max_kl`` from n = z²(floor / max_kl − 1).
-    Fewer leave room for flips too rare to show that would break the budget held out; the bootstrap bound
-    on the mean KL cannot see them (it resamples only the prompts at hand)."""
+def kl_flip_share(max_kl: float, floor: float) -> float | None:
+    """The largest share of flipped top-1 answers a mean next-token KL of ``max_kl`` leaves room for when
+    each flip costs at least ``floor`` nats (``flip_floor``, averaged over prompts): ``max_kl / floor``;
+    None when a flip fits within the budget (``floor <= max_kl``). Certified as an agreement of at least
+    one minus it, it bounds the flips too rare for a bootstrap of the mean to show; on the zero-flip
+    Wilson bound that takes ``min_prompts`` of it, z²(floor / max_kl − 1), validation prompts."""
     if max_kl <= 0:
         raise ValueError(f"a KL budget must be positive, got {max_kl}")
-    return max(1, math.ceil(_z(confidence) ** 2 * (floor / max_kl - 1) - 1e-9))
+    return max_kl / floor if floor > max_kl else None
 
 
 def min_prompts(budget: float, confidence: float = CONFIDENCE) -> int:

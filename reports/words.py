@@ -224,19 +224,19 @@ def in_sample_sentence(schedule: dict[str, Any] | None) -> str:
         text += (f" Validation, on {where}: {_fidelity_words(val)}{churn}; "
                  f"{pct(val['confidence'])} bounds {', '.join(bounds)} "
                  f"({'within' if val['within_budget'] else 'OUTSIDE'} the budget).")
-        text += tail_sentence(val)
+        text += flips_sentence(val)
     return text
 
 
-def tail_sentence(val: dict[str, Any]) -> str:
-    """Under a KL budget certified on fewer validation prompts than its flip tail needs
-    (reducers.validation.tail_prompts), what those prompts could not rule out; else ''."""
-    needed = val.get("kl_tail_prompts")
-    if needed is None or val["n_examples"] >= needed:
+def flips_sentence(val: dict[str, Any]) -> str:
+    """Under a KL budget whose flips derive also certified (reducers.derive.Budget.with_flips), what that
+    added; else ''."""
+    implied = val.get("implied_min_agreement")
+    if implied is None:
         return ""
-    return (f" A flipped answer costs at least {num(val['flip_kl_floor'], 2)} nats of KL here on average, and "
-            f"{val['n_examples']} prompts cannot rule out flips rare enough to go unseen that would break the KL "
-            f"budget held out: that takes {needed} validation prompts (or an accuracy or agreement budget).")
+    return (f" A flipped answer costs at least {num(val['flip_kl_floor'], 2)} nats of KL here on average, so the "
+            f"KL budget also held top-1 agreement to at least {pct(implied, 1)}: a bootstrap of the mean cannot "
+            "see flips rarer than about one in its prompts.")
 
 
 def _fidelity_words(fid: dict[str, Any]) -> str:

@@ -2,6 +2,7 @@
 its refusal to overwrite, its atomicity when interrupted, and the CLI's help and errors."""
 
 import json
+import math
 
 import pytest
 from pypdf import PdfReader
@@ -93,3 +94,24 @@ def test_bad_arguments_get_a_clear_message(args, message, tmp_path):
     result = runner.invoke(app, args + (["--out", str(tmp_path / "x")] if args[0] == "run" else []))
     assert result.exit_code == 2 and message in result.output
     assert "Traceback" not in result.output
+
+
+def test_the_default_budget_is_the_tightest_the_validation_prompts_can_certify():
+    """Half of the inputs validate: one accuracy point from 268 of them (answers needed), KL 0.01 from 185
+    (its flips certified as at least 98.56% agreement: a flip may cost up to log 2 nats), 95% agreement
+    from 52; below that KL 0.01, which derive certifies only where flips cost little. A budget asked for
+    is kept as it is."""
+    from attnflow.probes.inputs import Example
+    from attnflow.reducers.derive import Budget
+
+    def pick(n: int, answers: bool = True) -> dict:
+        return pipeline.default_budget([Example(f"q{i}", answer="a" if answers else None) for i in range(n)],
+                                       None, None, None).to_dict()
+
+    assert pick(536) == {"max_accuracy_drop": 0.01} and pick(535) == {"max_kl": 0.01}
+    assert pick(536, answers=False) == {"max_kl": 0.01}
+    assert Budget(max_kl=0.01).with_flips(math.log(2)).prompts_needed() == 185
+    assert pick(370) == {"max_kl": 0.01} and pick(369) == {"min_agreement": 0.95}
+    assert pick(104) == {"min_agreement": 0.95} and pick(103) == {"max_kl": 0.01}
+    asked = pipeline.default_budget([Example("q", answer="a")] * 600, 0.2, None, None)
+    assert asked.to_dict() == {"max_kl": 0.2}

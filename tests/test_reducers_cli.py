@@ -10,7 +10,6 @@ from typer.testing import CliRunner
 from attnflow.cli import app
 from attnflow.models import default_inputs, load_model
 from attnflow.reducers import Schedule, load_schedule
-from attnflow.reports import words
 
 
 def test_schedule_and_verify_commands(tmp_path, monkeypatch):
@@ -31,8 +30,6 @@ def test_schedule_and_verify_commands(tmp_path, monkeypatch):
     derived = load_schedule(out)
     assert derived.derived_from["budget"] == {"max_kl": 0.05}
     assert derived.verified["kl"] <= 0.05 and "flops_ratio" in derived.predicted
-    tail = words.tail_sentence(derived.derived_from["validation"])  # said when its validation prompts are too few
-    assert ("note:" + tail in " ".join(result.output.split())) if tail else "note:" not in result.output
 
     verdict = tmp_path / "verdict.json"
     result = runner.invoke(app, ["verify", "--model", "toy-llava", "--schedule", str(out), "--out", str(verdict),

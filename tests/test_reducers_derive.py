@@ -15,10 +15,11 @@ import torch
 from attnflow.models import default_inputs, load_model
 from attnflow.probes.inputs import Example, encode, load_examples
 from attnflow.reducers import Schedule, ScheduleError
-from attnflow.reducers.derive import Budget, Settings, derive, first_prune_layer, visual_sink_indices
+from attnflow.reducers.derive import (Budget, Settings, TooFewPrompts, derive, first_prune_layer,
+                                     visual_sink_indices)
 from attnflow.reducers.verdict import Row, mark_pareto
 from attnflow.reducers.fidelity import Generated, answers_right
-from attnflow.reducers.validation import flip_floor, paired_drop_bounds, tail_prompts
+from attnflow.reducers.validation import flip_floor, min_prompts, paired_drop_bounds
 from attnflow.reducers.verify import gap_bounds, verify, verify_schedule
 from attnflow.reports import words
 from attnflow.toys import planted, tiny
@@ -47,7 +48,7 @@ def test_derive_finds_the_planted_exit_whatever_the_findings_claim(exit_vlm, cla
     derived = schedule.derived_from
     assert derived["budget"] == {"max_kl": 1e-3}
     val = derived["validation"]  # the random planted model is never sure of a token: a flip may cost nothing
-    assert val["flip_kl_floor"] == 0 and val["kl_tail_prompts"] == 1 and not words.tail_sentence(val)
+    assert val["flip_kl_floor"] == 0 and "implied_min_agreement" not in val and not words.flips_sentence(val)
     assert derived["evidence"]["exit_layer"] == claimed
     assert any(f"exit layer {claimed} by the knockout criterion" in r for r in derived["reasons"])
     tried = {json.dumps(t["steps"]): t["within_budget"] for t in derived["trials"]}
@@ -281,24 +282,33 @@ def test_the_search_judges_close_trials_on_more_prompts(toy_vlm):
     result = schedule.derived_from["searched"]
     assert any(t["steps"] == result and t["within_budget"] for t in searched) and schedule.steps != result
     assert any("fixed-sequence test" in r for r in schedule.derived_from["reasons"])
-    assert "kl_tail_prompts" not in schedule.derived_from["validation"]  # an accuracy budget has no KL tail
+    assert "flip_kl_floor" not in schedule.derived_from["validation"]  # an accuracy budget has no KL tail
 
 
-def test_a_kl_budget_records_the_flips_its_validation_prompts_cannot_see(toy_vlm):
-    """The trained toy VLM is sure of its answers, so a flipped one costs close to log 2 nats: the floor
-    derive records is the mean of reducers.validation.flip_floor over the validation prompts' unreduced
-    top-1 probabilities, each computed here from a forward of that prompt alone, and 32 prompts are far
-    from the ~170 that a KL budget of 0.01 needs for its tail, which the report then says."""
+def test_a_kl_budget_certifies_the_flips_its_bootstrap_cannot_see(toy_vlm):
+    """The trained toy VLM is sure of its answers, so a flipped one costs close to log 2 nats (the mean of
+    reducers.validation.flip_floor over the validation prompts' unreduced top-1 probabilities, each
+    computed here from a forward of that prompt alone): a KL budget of 0.01 then allows about 1.5% flips,
+    which 32 validation prompts cannot certify (derive says how many it takes before searching); one of
+    0.1 allows about 16%, which they can, and every validation trial is judged by that agreement bound
+    as well as by the bootstrap's bound on the mean."""
     model, processor, examples = toy_vlm
     search, held = examples[:16], examples[-32:]
-    schedule = derive(findings_claiming(3, 6), model, search, processor, Budget(max_kl=0.01), validation=held)
-    val = schedule.derived_from["validation"]
     with torch.no_grad():
         top = [model(**encode(processor, [ex])).logits[0, -1].softmax(-1).max().item() for ex in held]
-    assert val["flip_kl_floor"] == pytest.approx(float(flip_floor(np.array(top)).mean()), rel=1e-5)
-    assert val["flip_kl_floor"] > 0.6 and val["kl_tail_prompts"] == tail_prompts(0.01, val["flip_kl_floor"]) > 150
-    sentence = words.in_sample_sentence(schedule.to_dict())
-    assert "32 prompts cannot rule out flips" in sentence and f"takes {val['kl_tail_prompts']} validation" in sentence
+    floor = float(flip_floor(np.array(top)).mean())
+    assert floor > 0.6
+    with pytest.raises(TooFewPrompts, match=f"needs at least {min_prompts(0.01 / floor)} validation prompts.*"
+                                            "flipped answer costs at least"):
+        derive(findings_claiming(3, 6), model, search, processor, Budget(max_kl=0.01), validation=held)
+    schedule = derive(findings_claiming(3, 6), model, search, processor, Budget(max_kl=0.1), validation=held)
+    val = schedule.derived_from["validation"]
+    assert val["flip_kl_floor"] == pytest.approx(floor, rel=1e-5)
+    assert val["implied_min_agreement"] == pytest.approx(1 - 0.1 / floor, rel=1e-5)
+    trials = [t for t in schedule.derived_from["trials"] if t["part"] == "validation"]
+    assert trials and all(t["within_budget"] == (t["kl_upper"] <= 0.1 and t["agreement_lower"] >= val["implied_min_agreement"])
+                          for t in trials)
+    assert "also held top-1 agreement to at least" in words.in_sample_sentence(schedule.to_dict())
 
 
 def test_the_smallest_keep_is_refined_between_the_last_step_within_budget_and_the_first_over():

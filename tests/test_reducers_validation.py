@@ -19,10 +19,10 @@ from attnflow.reducers.validation import (
     bootstrap_mean_upper,
     drop_allowed,
     flip_floor,
+    kl_flip_share,
     min_prompts,
     paired_drop_bounds,
     split,
-    tail_prompts,
     tolerated,
     wilson_lower,
     wilson_upper,
@@ -153,15 +153,15 @@ def test_validation_rejects_what_the_search_prompts_accept():
     model, processor = load_model("toy-vlm")
     examples = load_examples(default_inputs("toy-vlm"))
     colour = [e for e in examples if e.qtype == "color_of_shape"][:16]
-    late = [e for e in examples if e.qtype in ("where", "count")][:16]
-    schedule = derive(findings_claiming(3, 6), model, colour, processor, Budget(max_kl=0.05), validation=late)
+    late = [e for e in examples if e.qtype in ("where", "count")][:24]
+    schedule = derive(findings_claiming(3, 6), model, colour, processor, Budget(max_kl=0.1), validation=late)
     trials = schedule.derived_from["trials"]
     result = schedule.derived_from["searched"]
     assert result and any(t["part"] == "search" and t["steps"] == result and t["within_budget"] for t in trials)
     rejected = [t for t in trials if t["part"] == "validation" and not t["within_budget"]]
     assert len(rejected) == 1 and schedule.steps != result
     validation = schedule.derived_from["validation"]
-    assert validation["within_budget"] and validation["kl_upper"] <= 0.05 and validation["n_examples"] == 16
+    assert validation["within_budget"] and validation["kl_upper"] <= 0.1 and validation["n_examples"] == 24
     assert schedule.derived_from["fidelity"]["n_examples"] == 16
     assert schedule.derived_from["reasons"][-1].endswith(f"the sequence stops at {schedule.steps or 'no reduction'}")
 
@@ -242,11 +242,11 @@ def test_the_sequential_search_test_by_hand():
     assert sequential(0.1, 0.3, 0.2) is None
 
 
-def test_a_flip_costs_at_least_the_floor_and_the_tail_needs_its_prompts():
+def test_a_flip_costs_at_least_the_floor_and_a_kl_budget_caps_the_flips():
     """The floor by hand (0 at p1 <= 1/2, log 2 - H(0.9) at 0.9, log 2 at 1); every random pair of
     next-token distributions whose top-1 differs has a KL at least the floor of p's top-1 (tight at
-    q1 = 1/2 on two tokens); tail_prompts is the first n whose zero-flip Wilson bound times the floor
-    is within the budget."""
+    q1 = 1/2 on two tokens); a KL budget b caps the flip share at b / floor, which min_prompts certifies
+    from the first n whose zero-flip Wilson bound times the floor is within the budget."""
     h = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))
     assert flip_floor(np.array([0.3, 0.5, 0.9, 1.0])) == pytest.approx([0, 0, math.log(2) - h, math.log(2)])
     gen = torch.Generator().manual_seed(0)
@@ -257,6 +257,29 @@ def test_a_flip_costs_at_least_the_floor_and_the_tail_needs_its_prompts():
     floor = torch.from_numpy(flip_floor(p.amax(-1).numpy()))
     assert flipped.sum() > 1000 and bool((kl[flipped] >= floor[flipped] - 1e-12).all())
     assert flip_floor(np.array([0.8]))[0] == pytest.approx(0.8 * math.log(1.6) + 0.2 * math.log(0.4))  # vs (1/2, 1/2)
-    n = tail_prompts(0.01, 0.64)
+    assert kl_flip_share(0.01, 0.64) == pytest.approx(0.01 / 0.64)
+    n = min_prompts(kl_flip_share(0.01, 0.64))
     assert n == math.ceil(Z * Z * 63) and wilson_upper(0, n) * 0.64 <= 0.01 < wilson_upper(0, n - 1) * 0.64
-    assert tail_prompts(0.5, 0.3) == 1  # a budget above what any flip costs needs no prompt for its tail
+    assert kl_flip_share(0.5, 0.3) is None  # a budget above what any flip costs caps no flip
+
+
+def test_a_kl_budget_rejects_flips_its_bootstrap_lets_through():
+    """3 of 40 prompts flip at 0.64 nats each (the rest cost nothing): the mean KL is 0.048 and its
+    bootstrap bound about 0.09, within 0.1; but a flip costing at least 0.64 nats, 0.1 allows at most
+    15.6% flips, and Wilson's bound on 3 in 40 is 17.3%: with_flips rejects what the bootstrap accepts.
+    Two flips (Wilson 14.0%) pass both; without a KL bound, or with a floor below it, nothing changes."""
+    def losses(flips: int) -> Losses:
+        kl = np.r_[np.full(flips, 0.64), np.zeros(40 - flips)]
+        return Losses(kl, kl == 0, None)
+
+    plain = Budget(max_kl=0.1)
+    judged = plain.with_flips(0.64)
+    assert judged.max_kl == 0.1 and judged.min_agreement == pytest.approx(1 - 0.1 / 0.64)
+    assert wilson_upper(3, 40) == pytest.approx(0.173, abs=1e-3) and wilson_upper(2, 40) == pytest.approx(0.140, abs=1e-3)
+    three = plain.bounds(losses(3))
+    assert three["kl_upper"] < 0.1 and plain.certified(three)
+    assert not judged.certified(judged.bounds(losses(3)))
+    assert judged.certified(judged.bounds(losses(2)))
+    assert judged.prompts_needed() == min_prompts(0.1 / 0.64) == 15
+    assert plain.with_flips(0.05) == plain and Budget(min_agreement=0.9).with_flips(0.64) == Budget(min_agreement=0.9)
+    assert Budget(max_kl=0.1, min_agreement=0.9).with_flips(0.64).min_agreement == 0.9  # the stricter holds
