@@ -208,10 +208,12 @@ def summarize(out: str | Path) -> str:
         pred = sched.get("predicted") or {}
         acc = "" if v.get("accuracy_delta") is None else f", accuracy {100 * v['accuracy_delta']:+.1f} pts"
         where = "held-out" if v.get("held_out") else "in-sample"
+        derived = sched.get("derived_from") or {}
+        within = "" if "within_budget" not in v else (
+            f"; {'within' if v['within_budget'] else 'OUTSIDE'} the budget ({words.budget_words(derived.get('budget') or {})})")
         lines.append(f"verified ({where}, {v.get('n_examples')} prompts): agreement {_num(v.get('agreement'), '.3f')}, "
                      f"KL {_num(v.get('kl'), '.4f')}{acc}; FLOPs x{_num(pred.get('flops_ratio'), '.2f')}, "
-                     f"prefill speedup x{_num(v.get('prefill_speedup'), '.2f')}")
-        derived = sched.get("derived_from") or {}
+                     f"prefill speedup x{_num(v.get('prefill_speedup'), '.2f')}{within}")
         for key, where in (("fidelity", "in-sample ({} prompts it was searched on)"),
                            ("validation", "validation ({} other prompts it was accepted on)")):
             fid = derived.get(key) or {}

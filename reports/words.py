@@ -199,8 +199,7 @@ def verified_sentence(schedule: dict[str, Any] | None) -> str:
         parts.append(f"prefill speedup {times(ver.get('prefill_speedup'))}× ({ver.get('device', 'measured')}{whole})")
     budget = ((schedule or {}).get("derived_from") or {}).get("budget") or {}
     if "within_budget" in ver and budget:
-        limits = ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in budget.items())
-        parts.append(("within" if ver["within_budget"] else "OUTSIDE") + f" the budget ({limits})")
+        parts.append(("within" if ver["within_budget"] else "OUTSIDE") + f" the budget ({budget_words(budget)})")
     return f"Verified{' ' + where if where else ''}: " + ", ".join(parts) + "."
 
 
@@ -226,6 +225,11 @@ def in_sample_sentence(schedule: dict[str, Any] | None) -> str:
                  f"({'within' if val['within_budget'] else 'OUTSIDE'} the budget).")
         text += flips_sentence(val)
     return text
+
+
+def budget_words(budget: dict[str, float]) -> str:
+    """A schedule's budget (derived_from.budget) in words: ``min agreement 0.95``."""
+    return ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in budget.items())
 
 
 def flips_sentence(val: dict[str, Any]) -> str:

@@ -70,6 +70,13 @@ MUTATIONS = [
     ("reducers/derive.py", "softmax(-1).amax(-1)", "softmax(-1).mean(-1)", ["tests/test_reducers_derive.py", "-k", "flips"]),
     ("reducers/validation.py", "p = np.clip(np.asarray(top, dtype=np.float64), 0.5, 1.0)",
      "p = np.clip(np.asarray(top, dtype=np.float64), 0.55, 1.0)", ["tests/test_reducers_validation.py", "-k", "flip"]),
+    ("reducers/derive.py", "judged = budget if floor is None else budget.with_flips(floor)", "judged = budget",
+     ["tests/test_reducers_derive.py", "-k", "flips"]),
+    ("reducers/derive.py", "if n >= max(needed, flips):", "if n >= needed:", ["tests/test_reducers_derive.py", "-k", "flips"]),
+    ("reducers/validation.py", "return max_kl / floor if floor > max_kl else None",
+     "return max_kl / floor if floor > 2 * max_kl else None", ["tests/test_reducers_validation.py", "-k", "flip"]),
+    ("attnflow/pipeline.py", "kl.with_flips(math.log(2)), Budget(", "kl, Budget(",
+     ["tests/test_pipeline.py", "-k", "default_budget"]),
     ("benchmarks/schedules.py", '"fresh_loss_ok": None if fresh_upper is None else fresh_upper <= loss + 1e-9',
      '"fresh_loss_ok": None if fresh_upper is None else True', ["tests/test_benchmarks.py", "-k", "targets"]),
 ]

@@ -115,3 +115,15 @@ def test_the_default_budget_is_the_tightest_the_validation_prompts_can_certify()
     assert pick(104) == {"min_agreement": 0.95} and pick(103) == {"max_kl": 0.01}
     asked = pipeline.default_budget([Example("q", answer="a")] * 600, 0.2, None, None)
     assert asked.to_dict() == {"max_kl": 0.2}
+
+
+def test_a_run_whose_prompts_cannot_certify_its_budget_keeps_its_trace_and_says_why(tmp_path):
+    """24 prompts of the confident toy VLM leave 6 to validate, far from the ~180 its default KL budget
+    needs for its flips: the schedule and verification are skipped with derive's reason, the rest stands."""
+    out = tmp_path / "few"
+    result = runner.invoke(app, ["run", "--model", "toy-vlm", "--limit", "24", "--out", str(out), *FAST])
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir()} == {"trace.nc", "findings.json", "run.json", "report.pdf", "figures"}
+    skipped = json.loads((out / "run.json").read_text())["skipped"]
+    assert skipped["schedule"] == skipped["verify"] and "validation prompts to be certified" in skipped["schedule"]
+    assert "flipped answer costs at least" in " ".join(result.output.split())

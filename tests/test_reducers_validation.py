@@ -281,5 +281,6 @@ def test_a_kl_budget_rejects_flips_its_bootstrap_lets_through():
     assert not judged.certified(judged.bounds(losses(3)))
     assert judged.certified(judged.bounds(losses(2)))
     assert judged.prompts_needed() == min_prompts(0.1 / 0.64) == 15
+    assert plain.with_flips(0.15).min_agreement == pytest.approx(1 / 3)  # a flip above the budget: capped
     assert plain.with_flips(0.05) == plain and Budget(min_agreement=0.9).with_flips(0.64) == Budget(min_agreement=0.9)
     assert Budget(max_kl=0.1, min_agreement=0.9).with_flips(0.64).min_agreement == 0.9  # the stricter holds
