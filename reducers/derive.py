@@ -77,10 +77,10 @@ from attnflow.reducers.validation import (
     bootstrap_mean_upper,
     drop_allowed,
     flip_floor,
+    kl_flip_share,
     min_prompts,
     paired_drop_bounds,
     sequential,
-    kl_flip_share,
     split,
     tolerated,
     wilson_lower,
@@ -701,7 +701,9 @@ def derive(findings: Any, model: nn.Module, inputs: Any, processor: Any,
     per question type; or the ``validation`` prompts when given): a search fits its prompts, so its
     own measurement flatters it. The search's result, scaled down to a rising share of its cut, is
     tested safest first, each by whether its one-sided confidence bounds lie within ``budget``, up to
-    the first rejected (``_validated``). ``derived_from`` says why each step was chosen and what was measured on each part;
+    the first rejected (``_validated``). A KL budget also holds the share of flipped answers to what it
+    allows (``Budget.with_flips``, the flip cost measured on the validation prompts); a budget the
+    validation prompts are too few to certify is refused before any search (``TooFewPrompts``). ``derived_from`` says why each step was chosen and what was measured on each part;
     ``predicted`` holds its cost-model figures."""
     cfg = settings or Settings()
     budget = Budget.of(budget or Budget())
