@@ -80,8 +80,10 @@ from attnflow.reducers.validation import (
     kl_flip_share,
     min_prompts,
     paired_drop_bounds,
+    round_up,
     sequential,
     split,
+    tightest_share,
     tolerated,
     wilson_lower,
     wilson_upper,
@@ -228,7 +230,17 @@ class Budget:
             "show takes that many prompts")
         raise TooFewPrompts(f"budget {self.to_dict()} needs at least {max(needed, flips)} validation prompts to be "
                             f"certified at {confidence:.0%} (got {n} of {total} inputs){why}; give more inputs or a "
-                            "larger budget")
+                            f"larger budget{self._within_reach(n, confidence, floor)}")
+
+    def _within_reach(self, n: int, confidence: float, floor: float | None) -> str:
+        """The tightest budgets of this budget's kinds that ``n`` validation prompts certify, in words ('': none)."""
+        if n <= 0:
+            return ""
+        share = tightest_share(n, confidence)
+        kinds = [f"max_accuracy_drop {share:g}"] if self.max_accuracy_drop is not None else []
+        kinds += [f"min_agreement {1 - share:g}"] if self.min_agreement is not None or self.max_kl else []
+        kinds += [f"max_kl {round_up(floor * share):g}"] if self.max_kl and floor else []
+        return f" ({n} prompts certify at best {' or '.join(kinds)})" if kinds else ""
 
     def holds(self, measured: dict[str, Any]) -> bool:
         """Whether ``measured`` (kl, agreement, accuracy_delta) is within the budget."""

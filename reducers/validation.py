@@ -197,3 +197,18 @@ def min_prompts(budget: float, confidence: float = CONFIDENCE) -> int:
         raise ValueError(f"a loss budget must lie in (0, 1), got {budget}")
     z2 = _z(confidence) ** 2
     return math.ceil(z2 * (1 - budget) / budget - 1e-9)
+
+
+def tightest_share(n: int, confidence: float = CONFIDENCE) -> float:
+    """The smallest loss share ``n`` prompts can certify, with zero losses: z²/(n + z²), rounded up to
+    two significant digits (``min_prompts`` of it is at most ``n``)."""
+    if n <= 0:
+        raise ValueError(f"need at least one prompt, got {n}")
+    z2 = _z(confidence) ** 2
+    return round_up(z2 / (n + z2))
+
+
+def round_up(x: float, digits: int = 2) -> float:
+    """``x`` > 0 rounded up to ``digits`` significant digits."""
+    step = 10.0 ** (math.floor(math.log10(x)) - digits + 1)
+    return round(math.ceil(x / step - 1e-9) * step, 12)

@@ -5,6 +5,7 @@ test of the search's result scaled down; the Verdict's fidelity and cost are sel
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -299,8 +300,13 @@ def test_a_kl_budget_certifies_the_flips_its_bootstrap_cannot_see(toy_vlm):
     floor = float(flip_floor(np.array(top)).mean())
     assert floor > 0.6
     with pytest.raises(TooFewPrompts, match=f"needs at least {min_prompts(0.01 / floor)} validation prompts.*"
-                                            "flipped answer costs at least"):
+                                            "flipped answer costs at least") as refused:
         derive(findings_claiming(3, 6), model, search, processor, Budget(max_kl=0.01), validation=held)
+    # and it names the tightest budgets 32 prompts do certify: each needs at most 32, a notch tighter more
+    reach = re.search(r"32 prompts certify at best min_agreement ([\d.]+) or max_kl ([\d.]+)\)", str(refused.value))
+    agreement, kl = float(reach[1]), float(reach[2])
+    assert Budget(min_agreement=agreement).prompts_needed() <= 32 < Budget(min_agreement=agreement + 0.01).prompts_needed()
+    assert Budget(max_kl=kl).with_flips(floor).prompts_needed() <= 32 < Budget(max_kl=0.9 * kl).with_flips(floor).prompts_needed()
     schedule = derive(findings_claiming(3, 6), model, search, processor, Budget(max_kl=0.1), validation=held)
     val = schedule.derived_from["validation"]
     assert val["flip_kl_floor"] == pytest.approx(floor, rel=1e-5)

@@ -284,3 +284,14 @@ def test_a_kl_budget_rejects_flips_its_bootstrap_lets_through():
     assert plain.with_flips(0.15).min_agreement == pytest.approx(1 / 3)  # a flip above the budget: capped
     assert plain.with_flips(0.05) == plain and Budget(min_agreement=0.9).with_flips(0.64) == Budget(min_agreement=0.9)
     assert Budget(max_kl=0.1, min_agreement=0.9).with_flips(0.64).min_agreement == 0.9  # the stricter holds
+
+
+def test_the_tightest_share_n_prompts_certify_is_within_their_reach():
+    """tightest_share(n), z²/(n + z²) rounded up to two digits, needs at most n prompts, and a share a
+    hundredth of its size smaller than that needs more (for n from 1 to 400)."""
+    from attnflow.reducers.validation import round_up, tightest_share
+
+    for n in range(1, 401):
+        share = tightest_share(n)
+        assert min_prompts(share) <= n < min_prompts(Z * Z / (n + Z * Z) * 0.99)
+    assert (round_up(0.0123), round_up(0.5), round_up(0.01), round_up(0.0999)) == (0.013, 0.5, 0.01, 0.1)
