@@ -295,3 +295,29 @@ def test_the_tightest_share_n_prompts_certify_is_within_their_reach():
         share = tightest_share(n)
         assert min_prompts(share) <= n < min_prompts(Z * Z / (n + Z * Z) * 0.99)
     assert (round_up(0.0123), round_up(0.5), round_up(0.01), round_up(0.0999)) == (0.013, 0.5, 0.01, 0.1)
+
+
+def test_how_often_a_kl_budget_accepts_a_schedule_over_it():
+    """Exact acceptance probabilities over the binomial number of flipped answers among n validation
+    prompts, each prompt costing 0.002 nats unflipped: flips at the floor (0.6 nats) in 2% of prompts put
+    the mean KL at 0.014, over a 0.01 budget. The bootstrap alone accepts it whenever no flip shows,
+    13% of the time on 100 prompts (above its nominal 5%); certifying the flips (with_flips) refuses 100
+    prompts outright and accepts on 200 only 1.8% of the time. Flips that cost more than the floor stay a
+    blind spot: at 2 nats in 0.5% of prompts (mean 0.012) 200 prompts still accept 37% of the time."""
+    from scipy.stats import binom
+
+    def accepted(budget: Budget, n: int, p: float, cost: float) -> float:
+        chance = 0.0
+        for k in range(n + 1):
+            kl = np.r_[np.full(k, cost), np.full(n - k, 0.002)]
+            if budget.certified(budget.bounds(Losses(kl, kl < cost, None))):
+                chance += binom.pmf(k, n, p)
+        return chance
+
+    plain = Budget(max_kl=0.01)
+    judged = plain.with_flips(0.6)
+    assert 0.02 * 0.6 + 0.98 * 0.002 > 0.01 and 0.005 * 2 + 0.995 * 0.002 > 0.01
+    assert accepted(plain, 100, 0.02, 0.6) == pytest.approx(0.98 ** 100) and 0.98 ** 100 > 0.13
+    assert judged.prompts_needed() > 100 and accepted(judged, 100, 0.02, 0.6) == 0
+    assert accepted(judged, 200, 0.02, 0.6) == pytest.approx(0.98 ** 200) and 0.98 ** 200 < 0.05
+    assert accepted(judged, 200, 0.005, 2.0) == pytest.approx(0.995 ** 200) and 0.995 ** 200 > 0.36
