@@ -39,32 +39,34 @@ DECODE_FLOOR = 1.0  # a decode step under a schedule is no slower than the unred
 DECODE_TOKENS = 32
 
 
-def _configs(schedule: Schedule | None, model: nn.Module) -> dict[str, Schedule | None]:
-    configs: dict[str, Schedule | None] = {"unreduced": None, "fastv": fastv(model, keep=0.5, layer=2),
-                                           "pdrop": pdrop(model), "divprune": published(model)["divprune"]}
+def configs(schedule: Schedule | None, model: nn.Module) -> dict[str, Schedule | None]:
+    """The benchmark's configurations: unreduced, FastV (K=2, 50%), PDrop, DivPrune at its default and
+    ``schedule`` when given."""
+    out: dict[str, Schedule | None] = {"unreduced": None, "fastv": fastv(model, keep=0.5, layer=2),
+                                       "pdrop": pdrop(model), "divprune": published(model)["divprune"]}
     if schedule is not None:
-        configs["schedule"] = schedule
-    return configs
+        out["schedule"] = schedule
+    return out
 
 
 def run_model(model: nn.Module, batch: dict[str, torch.Tensor], *, pad_token_id: int,
               schedule: Schedule | None = None, repeats: int = 5, new_tokens: int = DECODE_TOKENS,
               device: str = "cpu") -> dict[str, Any]:
     """Measured prefill and decode speedups of each configuration next to its predicted ratios."""
-    configs = _configs(schedule, model)
-    timed = speed(model, configs, batch, new_tokens=new_tokens, repeats=repeats, pad=pad_token_id)
+    chosen = configs(schedule, model)
+    timed = speed(model, chosen, batch, new_tokens=new_tokens, repeats=repeats, pad=pad_token_id)
     image = adapters.image_token_id(model)
     layout = [(int(am.sum()), int(((ids == image) & am).sum()))
               for ids, am in zip(batch["input_ids"], batch["attention_mask"].bool())]
     shape = Shape.of(model)
     unreduced_s = timing.stats(timed["unreduced"]["prefill"], timed["unreduced"]["prefill"])["median_s"]
     fixed = fixed_share(model, batch)
-    widths = {name: layer_widths(model, s, batch) for name, s in configs.items() if s is not None}
+    widths = {name: layer_widths(model, s, batch) for name, s in chosen.items() if s is not None}
     # the decoder layers timed alone: 10 rounds per speed round at batch 1, fewer (at least 3) for a batch whose
     # layer calls take seconds
     reachable = attainable(model, widths, batch, unreduced_s, repeats=max(3, 10 * repeats // len(batch["input_ids"])))
     rows: dict[str, Any] = {}
-    for name, s in configs.items():
+    for name, s in chosen.items():
         pred = predict(s, shape, layout) if s is not None else {"flops_ratio": 1.0, "decode_flops_ratio": 1.0,
                                                                           "scoring_flops_ratio": 0.0}
         row: dict[str, Any] = {"steps": s.steps if s is not None else [], "predicted_flops_ratio": pred["flops_ratio"],

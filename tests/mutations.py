@@ -77,6 +77,8 @@ MUTATIONS = [
      "return max_kl / floor if floor > 2 * max_kl else None", ["tests/test_reducers_validation.py", "-k", "flip"]),
     ("attnflow/pipeline.py", "kl.with_flips(math.log(2)), Budget(", "kl, Budget(",
      ["tests/test_pipeline.py", "-k", "default_budget"]),
+    ("benchmarks/prefill_profile.py", "if name in SYNC_OPS or any(", "if name in SYNC_OPS and any(",
+     ["tests/test_benchmarks.py", "-k", "host_syncs"]),
     ("benchmarks/schedules.py", '"fresh_loss_ok": None if fresh_upper is None else fresh_upper <= loss + 1e-9',
      '"fresh_loss_ok": None if fresh_upper is None else True', ["tests/test_benchmarks.py", "-k", "targets"]),
 ]

@@ -226,3 +226,29 @@ def test_fresh_drop_counts_answers_a_schedule_breaks_on_prompts_of_its_own_seed(
     assert out["broken"] > 5 and out["drop_points"] == 100 * (out["broken"] - out["fixed"]) / 48
     lo, hi = out["drop_bounds_points"]
     assert 0 < lo < out["drop_points"] < hi and out["seed"] == schedules.FRESH_SEED
+
+
+def test_host_syncs_counts_each_read_of_a_device_value_and_restores_torch():
+    """A scalar read, a list, a boolean index, a copy to the host and a nonzero: five reads; nothing
+    counted outside the block, and Tensor.cpu is torch's own again after it."""
+    from attnflow.benchmarks.prefill_profile import host_syncs
+
+    x = torch.arange(5)
+    cpu = torch.Tensor.cpu
+    with host_syncs() as syncs:
+        x + 1
+        int(x.sum()), x.tolist(), x[x > 2], x.cpu(), torch.nonzero(x)
+        assert syncs() == 5
+    assert torch.Tensor.cpu is cpu
+
+
+def test_prefill_profile_counts_what_each_reducer_adds():
+    """On the smoke shape (CPU: no kernel timing): every configuration prefills, and FastV's ranking and cut
+    read device values that the unreduced forward does not."""
+    from attnflow.benchmarks import prefill_profile
+
+    out = prefill_profile.run(shapes.SMOKE_SHAPE, tokens=40, rounds=2)
+    rows = out["configs"]
+    assert set(rows) == {"unreduced", "fastv", "pdrop", "divprune"} and rows["unreduced"]["speedup"] == 1
+    assert all(r["busy"] is None and r["wall_s"] > 0 for r in rows.values())
+    assert min(rows[name]["syncs"] for name in ("fastv", "pdrop", "divprune")) > rows["unreduced"]["syncs"]
