@@ -22,6 +22,7 @@ the field's formula leaves out), into the whole forward's, the speedup a forward
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -80,6 +81,13 @@ def _removable(schedule: Schedule, n_visual: int) -> tuple[int, int]:
     return sinks, n_visual - sinks
 
 
+def _stages(schedule: Schedule, removable: int) -> list[tuple[dict[str, Any], int]]:
+    """The prune steps in layer order, each with the removable tokens it keeps (of ``removable``, as the
+    planner counts them: reducers.plan.kept_count)."""
+    steps = sorted(schedule.steps_of("prune_visual"), key=lambda s: s["layer"])
+    return [(s, int(kept_count(s["keep"], torch.tensor(removable)))) for s in steps]
+
+
 def layer_counts(schedule: Schedule, n_tokens: int, n_visual: int, exit_layer: int | None = None) -> list[LayerCount]:
     """Per layer, how many of a prompt's ``n_tokens`` real tokens (``n_visual`` visual) the
     schedule lets the layer process; ``exit_layer``: the prompt's realised exit layer under a
@@ -96,14 +104,14 @@ def layer_counts(schedule: Schedule, n_tokens: int, n_visual: int, exit_layer: i
         raise ScheduleError("exit_layer is the realised layer of a visual_exit_dynamic step; this schedule has none")
     else:
         exit_layer = next((s["layer"] for s in schedule.steps_of("visual_exit")), None)
-    prunes = sorted((s["layer"], s["keep"]) for s in schedule.steps_of("prune_visual"))
+    stages = _stages(schedule, removable)
     skips = {layer: s["tokens"] for s in schedule.steps_of("skip_layers") for layer in s["layers"]}
     out = []
     for layer in range(schedule.num_layers):
         left = removable
-        for k, keep in prunes:
-            if k <= layer:
-                left = int(kept_count(keep, torch.tensor(removable)))
+        for step, kept in stages:
+            if step["layer"] <= layer:
+                left = kept
         if exit_layer is not None and layer >= exit_layer:
             left = 0
         tokens, visual = n_tokens - (removable - left), sinks + left
@@ -129,10 +137,9 @@ def scoring_flops(schedule: Schedule, shape: Shape, n_tokens: int, n_visual: int
     if exit_layer is None:
         exit_layer = next((s["layer"] for s in schedule.steps_of("visual_exit")), None)
     left, macs = removable, 0.0
-    for step in sorted(schedule.steps_of("prune_visual"), key=lambda s: s["layer"]):
+    for step, kept in _stages(schedule, removable):
         if exit_layer is not None and step["layer"] >= exit_layer:
             break
-        kept = int(kept_count(step["keep"], torch.tensor(removable)))
         if step.get("by") == "divprune":
             macs += left * left * shape.hidden
         if step.get("recycle"):
